@@ -1,0 +1,32 @@
+//! Ligo fabric eBPF programs, one source file per attach point:
+//!
+//! - [`node_egress`]: TC egress on a node's uplink: remap the destination of
+//!   packets bound for a peer view and encapsulate them toward the gateway.
+//! - [`gateway`]: TC ingress on a gateway's interfaces: forward fabric frames
+//!   from local nodes to peer gateways and back, rewriting outer headers only.
+//! - [`node_ingress`]: XDP on a node's uplink: decapsulate, remap the source
+//!   by the sending peer's rule, pass to the stack for delivery.
+//!
+//! Shared pieces: [`maps`] (the map definitions), [`counters`] (per-peer
+//! traffic and drop accounting). The packet logic itself lives in
+//! `ligo-fabric-common`, where it is unit-tested on the host.
+#![no_std]
+#![no_main]
+
+mod counters;
+mod gateway;
+mod maps;
+mod node_egress;
+mod node_ingress;
+mod noop;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never run.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

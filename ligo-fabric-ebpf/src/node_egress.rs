@@ -1,0 +1,117 @@
+//! TC egress on a node's uplink. Routes installed by the daemon steer packets
+//! for peer views out of the uplink toward the gateway; this program remaps
+//! their destination from our view to the peer's real prefix and wraps them
+//! in VXLAN toward the gateway (VNI = peer id).
+
+use aya_ebpf::{
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+    },
+    helpers::bpf_get_hash_recalc,
+    macros::classifier,
+    programs::TcContext,
+    EbpfContext,
+};
+use ligo_fabric_common::{
+    headers::{
+        encap_header, ipv4, vxlan_source_port, EncapParams, ENCAP_LEN, ETH_HDR_LEN, ETH_P_IPV4,
+        IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN, TCP_CHECKSUM, UDP_CHECKSUM,
+    },
+    maps::{Direction, Role},
+    DropReason,
+};
+
+use crate::{
+    counters::{count_drop, count_peer_traffic},
+    maps::{config, lpm_key, PEER_VIEWS},
+};
+
+/// `BPF_ADJ_ROOM_ENCAP_L2(len)`: the inner L2 header length, for GSO.
+const ENCAP_L2_ETH_LEN: u64 = (ETH_HDR_LEN as u64) << 56;
+const ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+    | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
+    | BPF_F_ADJ_ROOM_FIXED_GSO) as u64
+    | ENCAP_L2_ETH_LEN;
+
+#[classifier]
+pub fn node_egress(ctx: TcContext) -> i32 {
+    match try_node_egress(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count_drop(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+fn try_node_egress(ctx: &TcContext) -> Result<i32, DropReason> {
+    const PASS: Result<i32, DropReason> = Ok(TC_ACT_OK as i32);
+    let Some(cfg) = config() else { return PASS };
+    if cfg.role() != Role::Node {
+        return PASS;
+    }
+    let Ok(ethertype) = ctx.load::<[u8; 2]>(12) else { return PASS };
+    if ethertype != ETH_P_IPV4 {
+        return PASS;
+    }
+    let Ok(ip) = ctx.load::<[u8; IPV4_HDR_LEN]>(ETH_HDR_LEN) else { return PASS };
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    if ip[0] >> 4 != 4 || ihl < IPV4_HDR_LEN {
+        return PASS;
+    }
+    let dst = [ip[16], ip[17], ip[18], ip[19]];
+    let Some(view) = PEER_VIEWS.get(&lpm_key(dst)) else { return PASS };
+    let (peer_id, view_to_real) = (view.peer_id, view.view_to_real);
+    let real_dst = view_to_real.apply(dst);
+
+    // Destination rewrite. The helpers update checksums correctly whether the
+    // skb carries a full checksum or CHECKSUM_PARTIAL (pseudo-header only).
+    let (old, new) = (u32::from_ne_bytes(dst) as u64, u32::from_ne_bytes(real_dst) as u64);
+    let first_fragment = u16::from_be_bytes([ip[ipv4::FRAG], ip[ipv4::FRAG + 1]])
+        & ipv4::FRAG_OFFSET_MASK
+        == 0;
+    let l4 = ETH_HDR_LEN + ihl;
+    let l4_update = match ip[ipv4::PROTOCOL] {
+        IPPROTO_TCP if first_fragment => Some((l4 + TCP_CHECKSUM, BPF_F_PSEUDO_HDR as u64)),
+        IPPROTO_UDP if first_fragment => Some((
+            l4 + UDP_CHECKSUM,
+            (BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0) as u64,
+        )),
+        _ => None,
+    };
+    if let Some((at, flags)) = l4_update {
+        ctx.l4_csum_replace(at, old, new, flags | 4)
+            .map_err(|_| DropReason::TruncatedInnerPacket)?;
+    }
+    ctx.l3_csum_replace(ETH_HDR_LEN + ipv4::CHECKSUM, old, new, 4)
+        .map_err(|_| DropReason::RewriteFailed)?;
+    ctx.store(ETH_HDR_LEN + ipv4::DST, &real_dst, 0)
+        .map_err(|_| DropReason::RewriteFailed)?;
+
+    // Encapsulation: grow room after the MAC header and write outer IPv4,
+    // UDP, VXLAN and the inner Ethernet header (a copy of the original, whose
+    // destination MAC is the gateway's: the steering route goes via it).
+    let inner_ip_len = ctx.len().saturating_sub(ETH_HDR_LEN as u32);
+    let macs = ctx.load::<[u8; 12]>(0).map_err(|_| DropReason::RewriteFailed)?;
+    // SAFETY: the context pointer is the live __sk_buff of this invocation.
+    let flow_hash = unsafe { bpf_get_hash_recalc(ctx.as_ptr().cast()) };
+    ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
+        .map_err(|_| DropReason::RewriteFailed)?;
+    let header = encap_header(&EncapParams {
+        outer_src: cfg.underlay_ip,
+        outer_dst: cfg.gateway_ip,
+        src_port: vxlan_source_port(flow_hash),
+        dst_port: u16::from_be_bytes(cfg.fabric_port),
+        vni: peer_id,
+        inner_ip_len,
+        inner_dst_mac: [macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]],
+        inner_src_mac: [macs[6], macs[7], macs[8], macs[9], macs[10], macs[11]],
+    });
+    ctx.store(ETH_HDR_LEN, &header, 0)
+        .map_err(|_| DropReason::RewriteFailed)?;
+    count_peer_traffic(peer_id, Direction::ToPeer, inner_ip_len);
+    Ok(TC_ACT_OK as i32)
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh machine of its kind
+# (Debian 12, root): Rust toolchains, bpf-linker, Debian packages, scapy.
+# Idempotent: each step is skipped when what it installs already answers.
+set -euo pipefail
+
+USERSPACE_TOOLCHAIN=1.99.0
+EBPF_TOOLCHAIN=nightly-2026-06-25
+BPF_LINKER_VERSION=0.13.0
+DEBIAN_PACKAGES=(llvm-22-dev libpolly-22-dev iproute2 iperf3 tshark iputils-ping
+  bpftool nftables ethtool procps)
+
+log() { echo "bootstrap: $*" >&2; }
+
+have_toolchain() { rustup toolchain list | grep -q "^$1"; }
+
+if ! have_toolchain "$USERSPACE_TOOLCHAIN"; then
+  log "installing Rust $USERSPACE_TOOLCHAIN"
+  rustup toolchain install "$USERSPACE_TOOLCHAIN" --profile minimal --component clippy,rustfmt
+fi
+if ! have_toolchain "$EBPF_TOOLCHAIN" || ! rustup component list --toolchain "$EBPF_TOOLCHAIN" --installed | grep -q rust-src; then
+  log "installing Rust $EBPF_TOOLCHAIN with rust-src (for the eBPF target)"
+  rustup toolchain install "$EBPF_TOOLCHAIN" --profile minimal --component rust-src
+fi
+
+missing=()
+for p in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! bpf-linker --version >/dev/null 2>&1; then
+  log "building bpf-linker $BPF_LINKER_VERSION against LLVM 22 (about 4 minutes)"
+  PATH=/usr/lib/llvm-22/bin:$PATH cargo +"$USERSPACE_TOOLCHAIN" install --locked \
+    "bpf-linker@$BPF_LINKER_VERSION" --no-default-features --features llvm-22
+fi
+
+if ! python3 -c 'import scapy' 2>/dev/null; then
+  log "installing scapy (independent packet library for tests)"
+  python3 -m pip install --quiet --disable-pip-version-check scapy
+fi
