@@ -1,0 +1,435 @@
+//! The daemon's configuration file (TOML) and its validation.
+//!
+//! Validation is complete before anything is applied: a config either turns
+//! into a [`ValidConfig`] or into a [`ConfigError`] naming the field and the
+//! problem.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, net::SocketAddrV4, path::PathBuf};
+
+use ipnetwork::Ipv4Network;
+use ligo_fabric_common::maps::{MAX_NODE_SLICES, MAX_PEERS, MAX_PEER_VIEWS};
+use serde::Deserialize;
+
+/// Default UDP port of fabric frames. Chosen to collide with no common CNI:
+/// Flannel/Cilium VXLAN 8472, Calico 4789, Geneve 6081/6091.
+pub const DEFAULT_FABRIC_PORT: u16 = 4799;
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ligo";
+/// VNIs are 24 bits; 0 is reserved as "no peer".
+const MAX_CLUSTER_ID: u32 = 0x00ff_ffff;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub cluster_id: u32,
+    /// This cluster's real pod CIDRs.
+    pub pod_cidrs: Vec<String>,
+    #[serde(default)]
+    pub fabric_port: Option<u16>,
+    /// bpffs directory where maps are pinned (one per daemon).
+    #[serde(default)]
+    pub pin_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub node: Option<NodeSection>,
+    #[serde(default)]
+    pub gateway: Option<GatewaySection>,
+    #[serde(default)]
+    pub peers: Vec<PeerSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Interface toward the gateway (the node's underlay NIC).
+    pub uplink: String,
+    pub underlay_ip: Ipv4Addr,
+    pub gateway_ip: Ipv4Addr,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    pub underlay_interface: String,
+    pub underlay_ip: Ipv4Addr,
+    pub public_interface: String,
+    pub public_ip: Ipv4Addr,
+    #[serde(default)]
+    pub node_slices: Vec<NodeSliceSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSliceSection {
+    pub node_ip: Ipv4Addr,
+    pub pod_cidr: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    /// The peer's cluster id (also the VNI that names it on the wire).
+    pub id: u32,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The peer's real pod CIDR.
+    pub pod_cidr: String,
+    /// Our view of it; defaults to the real CIDR when that collides with
+    /// nothing.
+    #[serde(default)]
+    pub view_cidr: Option<String>,
+    /// The peer gateway's public `ip:port` (gateway role).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+}
+
+/// A configuration error: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleConfig {
+    Node {
+        uplink: String,
+        underlay_ip: Ipv4Addr,
+        gateway_ip: Ipv4Addr,
+    },
+    Gateway {
+        underlay_interface: String,
+        underlay_ip: Ipv4Addr,
+        public_interface: String,
+        public_ip: Ipv4Addr,
+        /// Local node pod CIDR slices -> owning node.
+        node_slices: BTreeMap<Ipv4Network, Ipv4Addr>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub id: u32,
+    pub name: String,
+    pub pod_cidr: Ipv4Network,
+    pub view_cidr: Ipv4Network,
+    pub endpoint: Option<SocketAddrV4>,
+}
+
+/// A configuration that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidConfig {
+    pub cluster_id: u32,
+    pub pod_cidrs: Vec<Ipv4Network>,
+    pub fabric_port: u16,
+    pub pin_dir: PathBuf,
+    pub role: RoleConfig,
+    /// Peers by id.
+    pub peers: BTreeMap<u32, PeerConfig>,
+}
+
+/// Parses and validates a TOML configuration.
+pub fn parse(text: &str) -> Result<ValidConfig, ConfigError> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| {
+        let field = e
+            .span()
+            .map(|s| format!("line {}", text[..s.start].matches('\n').count() + 1))
+            .unwrap_or_else(|| "config".into());
+        err(field, e.message().to_string())
+    })?;
+    validate(file)
+}
+
+fn parse_network(field: &str, text: &str) -> Result<Ipv4Network, ConfigError> {
+    let net: Ipv4Network = text
+        .parse()
+        .map_err(|e| err(field, format!("{text:?} is not an IPv4 CIDR ({e})")))?;
+    if net.ip() != net.network() {
+        return Err(err(
+            field,
+            format!(
+                "{text} has host bits set; did you mean {}/{}?",
+                net.network(),
+                net.prefix()
+            ),
+        ));
+    }
+    Ok(net)
+}
+
+fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
+    a.contains(b.network()) || b.contains(a.network())
+}
+
+pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
+    if file.cluster_id == 0 || file.cluster_id > MAX_CLUSTER_ID {
+        return Err(err(
+            "cluster_id",
+            format!("{} is outside 1..={MAX_CLUSTER_ID} (it is sent as a 24-bit VNI)", file.cluster_id),
+        ));
+    }
+    if file.pod_cidrs.is_empty() {
+        return Err(err("pod_cidrs", "at least one local pod CIDR is required"));
+    }
+    let mut pod_cidrs = Vec::new();
+    for (i, text) in file.pod_cidrs.iter().enumerate() {
+        let field = format!("pod_cidrs[{i}]");
+        let net = parse_network(&field, text)?;
+        if let Some(j) = pod_cidrs.iter().position(|o| overlaps(*o, net)) {
+            return Err(err(field, format!("{net} overlaps pod_cidrs[{j}]")));
+        }
+        pod_cidrs.push(net);
+    }
+    let fabric_port = file.fabric_port.unwrap_or(DEFAULT_FABRIC_PORT);
+    if fabric_port == 0 {
+        return Err(err("fabric_port", "0 is not a usable UDP port"));
+    }
+
+    let role = match (file.node, file.gateway) {
+        (Some(node), None) => RoleConfig::Node {
+            uplink: non_empty("node.uplink", node.uplink)?,
+            underlay_ip: node.underlay_ip,
+            gateway_ip: node.gateway_ip,
+        },
+        (None, Some(gw)) => {
+            let mut node_slices = BTreeMap::new();
+            if gw.node_slices.len() > MAX_NODE_SLICES as usize {
+                return Err(err(
+                    "gateway.node_slices",
+                    format!("{} entries exceed the map capacity of {MAX_NODE_SLICES}", gw.node_slices.len()),
+                ));
+            }
+            for (i, slice) in gw.node_slices.iter().enumerate() {
+                let field = format!("gateway.node_slices[{i}].pod_cidr");
+                let net = parse_network(&field, &slice.pod_cidr)?;
+                if !pod_cidrs.iter().any(|p| p.contains(net.network()) && p.prefix() <= net.prefix()) {
+                    return Err(err(field, format!("{net} is not inside any of pod_cidrs")));
+                }
+                if let Some(other) = node_slices.keys().find(|o| overlaps(**o, net)) {
+                    return Err(err(field, format!("{net} overlaps the slice {other}")));
+                }
+                node_slices.insert(net, slice.node_ip);
+            }
+            RoleConfig::Gateway {
+                underlay_interface: non_empty("gateway.underlay_interface", gw.underlay_interface)?,
+                underlay_ip: gw.underlay_ip,
+                public_interface: non_empty("gateway.public_interface", gw.public_interface)?,
+                public_ip: gw.public_ip,
+                node_slices,
+            }
+        }
+        (Some(_), Some(_)) => {
+            return Err(err("node/gateway", "set exactly one of [node] and [gateway], not both"))
+        }
+        (None, None) => return Err(err("node/gateway", "one of [node] or [gateway] is required")),
+    };
+    let is_gateway = matches!(role, RoleConfig::Gateway { .. });
+
+    if file.peers.len() > MAX_PEERS as usize || file.peers.len() > MAX_PEER_VIEWS as usize {
+        return Err(err(
+            "peers",
+            format!("{} peers exceed the map capacity of {MAX_PEERS}", file.peers.len()),
+        ));
+    }
+    let mut peers: BTreeMap<u32, PeerConfig> = BTreeMap::new();
+    for (i, p) in file.peers.into_iter().enumerate() {
+        let field = |name: &str| format!("peers[{i}].{name}");
+        if p.id == 0 || p.id > MAX_CLUSTER_ID {
+            return Err(err(field("id"), format!("{} is outside 1..={MAX_CLUSTER_ID}", p.id)));
+        }
+        if p.id == file.cluster_id {
+            return Err(err(field("id"), format!("{} is this cluster's own id", p.id)));
+        }
+        if peers.contains_key(&p.id) {
+            return Err(err(field("id"), format!("duplicate peer id {}", p.id)));
+        }
+        let pod_cidr = parse_network(&field("pod_cidr"), &p.pod_cidr)?;
+        let view_text = p.view_cidr.as_deref().unwrap_or(&p.pod_cidr);
+        let view_field = if p.view_cidr.is_some() { field("view_cidr") } else { field("pod_cidr") };
+        let view_cidr = parse_network(&view_field, view_text)?;
+        if view_cidr.prefix() != pod_cidr.prefix() {
+            return Err(err(
+                view_field,
+                format!(
+                    "prefix length /{} differs from the peer's pod_cidr /{}: a view must be the same size as the CIDR it stands for",
+                    view_cidr.prefix(),
+                    pod_cidr.prefix()
+                ),
+            ));
+        }
+        if let Some(local) = pod_cidrs.iter().find(|l| overlaps(**l, view_cidr)) {
+            let hint = if p.view_cidr.is_none() {
+                "; set view_cidr to a free block of the same size"
+            } else {
+                ""
+            };
+            return Err(err(
+                view_field,
+                format!("view {view_cidr} collides with the local pod CIDR {local}{hint}"),
+            ));
+        }
+        if let Some(other) = peers.values().find(|o| overlaps(o.view_cidr, view_cidr)) {
+            return Err(err(
+                view_field,
+                format!("view {view_cidr} overlaps the view {} of peer {}", other.view_cidr, other.id),
+            ));
+        }
+        let endpoint = match p.endpoint {
+            Some(text) => Some(text.parse::<SocketAddrV4>().map_err(|_| {
+                err(field("endpoint"), format!("{text:?} is not an IPv4 address:port"))
+            })?),
+            None if is_gateway => {
+                return Err(err(field("endpoint"), "required on a gateway (the peer gateway's public ip:port)"))
+            }
+            None => None,
+        };
+        if let Some(ep) = endpoint {
+            if ep.port() == 0 {
+                return Err(err(field("endpoint"), "port 0 is not usable"));
+            }
+            if let Some(other) = peers.values().find(|o| o.endpoint.map(|e| *e.ip()) == Some(*ep.ip())) {
+                return Err(err(
+                    field("endpoint"),
+                    format!("{} is already the endpoint of peer {}: peers are told apart by endpoint address", ep.ip(), other.id),
+                ));
+            }
+        }
+        peers.insert(
+            p.id,
+            PeerConfig {
+                id: p.id,
+                name: p.name.unwrap_or_else(|| format!("cluster-{}", p.id)),
+                pod_cidr,
+                view_cidr,
+                endpoint,
+            },
+        );
+    }
+
+    Ok(ValidConfig {
+        cluster_id: file.cluster_id,
+        pod_cidrs,
+        fabric_port,
+        pin_dir: file.pin_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+        role,
+        peers,
+    })
+}
+
+fn non_empty(field: &str, value: String) -> Result<String, ConfigError> {
+    if value.trim().is_empty() {
+        return Err(err(field, "must not be empty"));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = r#"
+cluster_id = 1
+pod_cidrs = ["10.244.0.0/16"]
+[node]
+uplink = "eth0"
+underlay_ip = "192.0.2.11"
+gateway_ip = "192.0.2.1"
+[[peers]]
+id = 2
+pod_cidr = "10.244.0.0/16"
+view_cidr = "10.245.0.0/16"
+"#;
+
+    const GATEWAY: &str = r#"
+cluster_id = 1
+pod_cidrs = ["10.244.0.0/16"]
+fabric_port = 4800
+[gateway]
+underlay_interface = "eth0"
+underlay_ip = "192.0.2.1"
+public_interface = "eth1"
+public_ip = "203.0.113.1"
+node_slices = [
+  { node_ip = "192.0.2.11", pod_cidr = "10.244.1.0/24" },
+  { node_ip = "192.0.2.12", pod_cidr = "10.244.2.0/24" },
+]
+[[peers]]
+id = 2
+pod_cidr = "10.100.16.0/20"
+view_cidr = "10.200.32.0/20"
+endpoint = "203.0.113.2:4800"
+"#;
+
+    #[test]
+    fn valid_node_and_gateway_configs_parse() {
+        let node = parse(NODE).unwrap();
+        assert_eq!(node.fabric_port, DEFAULT_FABRIC_PORT);
+        assert_eq!(node.peers[&2].view_cidr, "10.245.0.0/16".parse().unwrap());
+        let gw = parse(GATEWAY).unwrap();
+        let RoleConfig::Gateway { node_slices, .. } = &gw.role else { panic!("not a gateway") };
+        assert_eq!(node_slices.len(), 2);
+        assert_eq!(gw.peers[&2].endpoint, Some("203.0.113.2:4800".parse().unwrap()));
+    }
+
+    #[test]
+    fn view_defaults_to_real_cidr_when_free() {
+        let text = NODE.replace("pod_cidr = \"10.244.0.0/16\"\nview_cidr = \"10.245.0.0/16\"", "pod_cidr = \"10.100.16.0/20\"");
+        let cfg = parse(&text).unwrap();
+        assert_eq!(cfg.peers[&2].view_cidr, cfg.peers[&2].pod_cidr);
+    }
+
+    /// Each invalid input must name the offending field and say what is wrong.
+    #[test]
+    fn invalid_configs_name_the_field_and_the_problem() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (NODE, "view_cidr = \"10.245.0.0/16\"", "view_cidr = \"10.245.0.0/20\"", "peers[0].view_cidr: prefix length /20 differs"),
+            (NODE, "view_cidr = \"10.245.0.0/16\"", "view_cidr = \"10.244.0.0/16\"", "peers[0].view_cidr: view 10.244.0.0/16 collides with the local pod CIDR"),
+            (NODE, "view_cidr = \"10.245.0.0/16\"\n", "", "peers[0].pod_cidr: view 10.244.0.0/16 collides with the local pod CIDR 10.244.0.0/16; set view_cidr"),
+            (NODE, "view_cidr = \"10.245.0.0/16\"", "view_cidr = \"10.245.1.0/16\"", "peers[0].view_cidr: 10.245.1.0/16 has host bits set; did you mean 10.245.0.0/16?"),
+            (NODE, "id = 2", "id = 1", "peers[0].id: 1 is this cluster's own id"),
+            (NODE, "cluster_id = 1", "cluster_id = 16777216", "cluster_id: 16777216 is outside"),
+            (NODE, "uplink = \"eth0\"", "uplink = \"eth0\"\nmtu = 1", "unknown field `mtu`"),
+            (NODE, "underlay_ip = \"192.0.2.11\"", "underlay_ip = \"192.0.2.311\"", "invalid IPv4 address"),
+            (NODE, "[node]", "[gateway]", "line 7: unknown field `gateway_ip`"),
+            (NODE, "pod_cidrs = [\"10.244.0.0/16\"]", "pod_cidrs = []", "pod_cidrs: at least one"),
+            (GATEWAY, "endpoint = \"203.0.113.2:4800\"", "endpoint = \"peer-gw:4800\"", "peers[0].endpoint: \"peer-gw:4800\" is not an IPv4 address:port"),
+            (GATEWAY, "endpoint = \"203.0.113.2:4800\"\n", "", "peers[0].endpoint: required on a gateway"),
+            (GATEWAY, "10.244.2.0/24", "10.244.1.128/25", "gateway.node_slices[1].pod_cidr: 10.244.1.128/25 overlaps the slice 10.244.1.0/24"),
+            (GATEWAY, "10.244.2.0/24", "10.99.2.0/24", "gateway.node_slices[1].pod_cidr: 10.99.2.0/24 is not inside any of pod_cidrs"),
+        ];
+        for (base, from, to, expected) in cases {
+            assert!(base.contains(from), "test case base lacks {from:?}");
+            let text = base.replacen(from, to, 1);
+            let error = parse(&text).expect_err(&format!("accepted: {to:?}")).to_string();
+            assert!(error.contains(expected), "for {to:?}: got {error:?}, want {expected:?}");
+        }
+    }
+
+    #[test]
+    fn duplicate_peer_ids_and_overlapping_views_are_refused() {
+        let dup = format!("{NODE}\n[[peers]]\nid = 2\npod_cidr = \"10.1.0.0/16\"\n");
+        assert_eq!(parse(&dup).unwrap_err().to_string(), "peers[1].id: duplicate peer id 2");
+        let overlap = format!("{NODE}\n[[peers]]\nid = 3\npod_cidr = \"10.244.0.0/17\"\nview_cidr = \"10.245.128.0/17\"\n");
+        let e = parse(&overlap).unwrap_err().to_string();
+        assert!(e.starts_with("peers[1].view_cidr: view 10.245.128.0/17 overlaps the view 10.245.0.0/16 of peer 2"), "{e}");
+    }
+
+    #[test]
+    fn both_roles_are_refused() {
+        let text = format!("{NODE}\n[gateway]\nunderlay_interface=\"a\"\nunderlay_ip=\"1.1.1.1\"\npublic_interface=\"b\"\npublic_ip=\"2.2.2.2\"\n");
+        assert!(parse(&text).unwrap_err().to_string().starts_with("node/gateway: set exactly one"));
+    }
+}

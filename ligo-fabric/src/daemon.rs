@@ -1,0 +1,200 @@
+//! `ligo-fabric run`: load and attach the programs, keep maps and routes
+//! equal to the configuration, reload on SIGHUP or when the file changes,
+//! and remove everything it installed on SIGTERM/SIGINT.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::Ebpf;
+use futures::TryStreamExt;
+use netlink_packet_route::link::LinkAttribute;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{self, RoleConfig, ValidConfig},
+    desired::{desired_state, ENCAP_OVERHEAD},
+    fabric_maps::{remove_pins, FabricMaps},
+    programs,
+    routes::RouteManager,
+};
+
+/// How often the config file's modification time is checked.
+const CONFIG_POLL: Duration = Duration::from_secs(1);
+
+pub fn read_config(path: &Path) -> Result<ValidConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    config::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+}
+
+fn ifindex(name: &str, field: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(name).with_context(|| {
+        format!("{field}: no interface named {name:?} in this network namespace")
+    })
+}
+
+/// Interface indexes the programs and routes need: (underlay, public).
+fn resolve_interfaces(role: &RoleConfig) -> Result<(u32, u32)> {
+    match role {
+        RoleConfig::Node { uplink, .. } => Ok((ifindex(uplink, "node.uplink")?, 0)),
+        RoleConfig::Gateway { underlay_interface, public_interface, .. } => Ok((
+            ifindex(underlay_interface, "gateway.underlay_interface")?,
+            ifindex(public_interface, "gateway.public_interface")?,
+        )),
+    }
+}
+
+/// The parts of a configuration that a reload cannot change.
+fn restart_only(cfg: &ValidConfig) -> (std::mem::Discriminant<RoleConfig>, Vec<String>, PathBuf) {
+    let interfaces = match &cfg.role {
+        RoleConfig::Node { uplink, .. } => vec![uplink.clone()],
+        RoleConfig::Gateway { underlay_interface, public_interface, .. } => {
+            vec![underlay_interface.clone(), public_interface.clone()]
+        }
+    };
+    (std::mem::discriminant(&cfg.role), interfaces, cfg.pin_dir.clone())
+}
+
+struct Fabric {
+    cfg: ValidConfig,
+    interfaces: (u32, u32),
+    maps: FabricMaps,
+    routes: RouteManager,
+    /// Owns the loaded programs; dropping it detaches them.
+    ebpf: Option<Ebpf>,
+}
+
+impl Fabric {
+    async fn route_mtu(&self) -> Result<u32> {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        let mut links = handle.link().get().match_index(self.interfaces.0).execute();
+        while let Some(link) = links.try_next().await.context("reading uplink MTU")? {
+            for attr in link.attributes {
+                if let LinkAttribute::Mtu(mtu) = attr {
+                    return Ok(mtu.saturating_sub(ENCAP_OVERHEAD));
+                }
+            }
+        }
+        bail!("uplink reports no MTU")
+    }
+
+    /// Applies `cfg` by difference: maps first (so routes never steer traffic
+    /// into a table that lacks its entry), then routes.
+    async fn apply(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let desired = desired_state(&self.cfg);
+        let map_changes = self.maps.apply(&desired, self.interfaces)?;
+        let route_changes = match self.cfg.role {
+            RoleConfig::Node { .. } => {
+                let mtu = self.route_mtu().await?;
+                self.routes.reconcile(&desired.routes, self.interfaces.0, mtu).await?
+            }
+            RoleConfig::Gateway { .. } => 0,
+        };
+        info!(
+            map_changes,
+            route_changes,
+            peers = self.cfg.peers.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "configuration applied"
+        );
+        Ok(())
+    }
+
+    fn attach(&mut self) -> Result<()> {
+        let ebpf = self.ebpf.as_mut().context("programs already unloaded")?;
+        match &self.cfg.role {
+            RoleConfig::Node { uplink, .. } => programs::attach_node(ebpf, uplink, self.interfaces.0),
+            RoleConfig::Gateway { underlay_interface, public_interface, .. } => {
+                programs::attach_gateway(
+                    ebpf,
+                    &[(underlay_interface, self.interfaces.0), (public_interface, self.interfaces.1)],
+                )
+            }
+        }
+    }
+
+    /// Detaches programs, removes our routes and the pinned maps.
+    async fn teardown(mut self) -> Result<()> {
+        self.ebpf.take();
+        let removed = self.routes.remove_all().await?;
+        drop(self.maps);
+        remove_pins(&self.cfg.pin_dir)?;
+        info!(routes_removed = removed, "fabric removed from this host");
+        Ok(())
+    }
+}
+
+pub async fn run(config_path: &Path) -> Result<()> {
+    let cfg = read_config(config_path)?;
+    let interfaces = resolve_interfaces(&cfg.role)?;
+    let ebpf = programs::load(&cfg.pin_dir)?;
+    let maps = FabricMaps::open(&cfg.pin_dir)?;
+    let routes = RouteManager::new()?;
+    let mut fabric = Fabric { cfg, interfaces, maps, routes, ebpf: Some(ebpf) };
+    if let Err(e) = fabric.apply().await.and_then(|()| fabric.attach()) {
+        error!(error = format!("{e:#}"), "start-up failed; removing what was installed");
+        if let Err(cleanup) = fabric.teardown().await {
+            error!(error = format!("{cleanup:#}"), "clean-up after failed start-up also failed");
+        }
+        return Err(e);
+    }
+    info!(config = %config_path.display(), "fabric ready");
+
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut last_modified = modified(config_path);
+    let mut poll = tokio::time::interval(CONFIG_POLL);
+    loop {
+        let reason = tokio::select! {
+            _ = hangup.recv() => "SIGHUP",
+            _ = poll.tick() => {
+                let now = modified(config_path);
+                if now == last_modified { continue; }
+                last_modified = now;
+                "config file changed"
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        };
+        reload(&mut fabric, config_path, reason).await;
+    }
+    info!("shutting down");
+    fabric.teardown().await
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+async fn reload(fabric: &mut Fabric, path: &Path, reason: &str) {
+    let cfg = match read_config(path) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            error!(reason, error = format!("{e:#}"), "new configuration rejected; the running state is unchanged. Fix the file and save it again");
+            return;
+        }
+    };
+    if restart_only(&cfg) != restart_only(&fabric.cfg) {
+        error!(reason, "new configuration changes the role, an interface or pin_dir; these need a restart of the daemon. The running state is unchanged");
+        return;
+    }
+    if cfg == fabric.cfg {
+        info!(reason, "configuration unchanged");
+        return;
+    }
+    let previous = std::mem::replace(&mut fabric.cfg, cfg);
+    if let Err(e) = fabric.apply().await {
+        warn!(reason, error = format!("{e:#}"), "applying the new configuration failed; restoring the previous one");
+        fabric.cfg = previous;
+        if let Err(e) = fabric.apply().await {
+            error!(error = format!("{e:#}"), "restoring the previous configuration failed; restart the daemon");
+        }
+    }
+}

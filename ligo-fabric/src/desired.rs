@@ -1,0 +1,176 @@
+//! What the maps and routes must contain for a configuration: a pure
+//! function of the config, unit-tested without a kernel.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use ipnetwork::Ipv4Network;
+use ligo_fabric_common::{
+    maps::{FabricConfig, NodeSlice, Peer, PeerView, Role},
+    prefix::PrefixRewrite,
+};
+
+use crate::config::{RoleConfig, ValidConfig};
+
+/// Bytes the fabric adds in front of an inner IPv4 packet on the underlay:
+/// outer IPv4 + UDP + VXLAN + inner Ethernet.
+pub const ENCAP_OVERHEAD: u32 = ligo_fabric_common::headers::ENCAP_LEN as u32;
+
+/// An LPM key as the maps store it.
+pub type Prefix = (Ipv4Addr, u8);
+
+fn prefix(net: Ipv4Network) -> Prefix {
+    (net.network(), net.prefix())
+}
+
+/// A route that steers a peer view into the fabric on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SteeringRoute {
+    pub destination: Ipv4Network,
+    pub via: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DesiredState {
+    /// FABRIC_CONFIG without interface indexes (resolved when applying).
+    pub config: FabricConfig,
+    pub peer_views: BTreeMap<Prefix, PeerView>,
+    pub peers: BTreeMap<u32, Peer>,
+    pub peer_endpoints: BTreeMap<[u8; 4], u32>,
+    pub node_slices: BTreeMap<Prefix, NodeSlice>,
+    pub routes: Vec<SteeringRoute>,
+}
+
+pub fn desired_state(cfg: &ValidConfig) -> DesiredState {
+    let mut state = DesiredState {
+        config: FabricConfig {
+            cluster_id: cfg.cluster_id,
+            fabric_port: cfg.fabric_port.to_be_bytes(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for peer in cfg.peers.values() {
+        let len = peer.pod_cidr.prefix();
+        let real = peer.pod_cidr.network().octets();
+        let view = peer.view_cidr.network().octets();
+        state.peer_views.insert(
+            prefix(peer.view_cidr),
+            PeerView {
+                peer_id: peer.id,
+                view_to_real: PrefixRewrite::new(view, real, len),
+            },
+        );
+        let (endpoint_ip, endpoint_port) = match peer.endpoint {
+            Some(ep) => (ep.ip().octets(), ep.port().to_be_bytes()),
+            None => ([0; 4], [0; 2]),
+        };
+        state.peers.insert(
+            peer.id,
+            Peer {
+                real_to_view: PrefixRewrite::new(real, view, len),
+                endpoint_ip,
+                endpoint_port,
+                _reserved: [0; 2],
+            },
+        );
+    }
+    match &cfg.role {
+        RoleConfig::Node { underlay_ip, gateway_ip, .. } => {
+            state.config.role = Role::Node as u8;
+            state.config.underlay_ip = underlay_ip.octets();
+            state.config.gateway_ip = gateway_ip.octets();
+            state.routes = cfg
+                .peers
+                .values()
+                .map(|p| SteeringRoute { destination: p.view_cidr, via: *gateway_ip })
+                .collect();
+            state.routes.sort();
+        }
+        RoleConfig::Gateway { underlay_ip, public_ip, node_slices, .. } => {
+            state.config.role = Role::Gateway as u8;
+            state.config.underlay_ip = underlay_ip.octets();
+            state.config.public_ip = public_ip.octets();
+            for peer in cfg.peers.values() {
+                if let Some(ep) = peer.endpoint {
+                    state.peer_endpoints.insert(ep.ip().octets(), peer.id);
+                }
+            }
+            for (net, node_ip) in node_slices {
+                state.node_slices.insert(prefix(*net), NodeSlice { node_ip: node_ip.octets() });
+            }
+        }
+    }
+    state
+}
+
+/// The changes that turn `current` into `desired`: entries to insert or
+/// overwrite (applied first) and keys to delete (applied after), so an entry
+/// present in both states never disappears, not even for an instant.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MapPlan<K, V> {
+    pub upserts: Vec<(K, V)>,
+    pub deletes: Vec<K>,
+}
+
+pub fn plan<K: Ord + Clone, V: PartialEq + Clone>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> MapPlan<K, V> {
+    MapPlan {
+        upserts: desired
+            .iter()
+            .filter(|(k, v)| current.get(k) != Some(v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        deletes: current.keys().filter(|k| !desired.contains_key(k)).cloned().collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    const NODE: &str = r#"
+cluster_id = 1
+pod_cidrs = ["10.244.0.0/16"]
+[node]
+uplink = "eth0"
+underlay_ip = "192.0.2.11"
+gateway_ip = "192.0.2.1"
+[[peers]]
+id = 2
+pod_cidr = "10.100.16.0/20"
+view_cidr = "10.200.32.0/20"
+"#;
+
+    #[test]
+    fn node_state_has_views_peers_and_routes() {
+        let state = desired_state(&parse(NODE).unwrap());
+        assert_eq!(state.config.role, Role::Node as u8);
+        assert_eq!(state.config.gateway_ip, [192, 0, 2, 1]);
+        assert_eq!(state.config.fabric_port, 4799u16.to_be_bytes());
+        let view = state.peer_views[&(Ipv4Addr::new(10, 200, 32, 0), 20)];
+        assert_eq!(view.peer_id, 2);
+        assert_eq!(view.view_to_real.apply([10, 200, 33, 10]), [10, 100, 17, 10]);
+        let peer = state.peers[&2];
+        assert_eq!(peer.real_to_view.apply([10, 100, 17, 10]), [10, 200, 33, 10]);
+        assert!(peer.real_to_view.matches([10, 100, 31, 1]));
+        assert!(!peer.real_to_view.matches([10, 244, 1, 1]));
+        assert_eq!(
+            state.routes,
+            vec![SteeringRoute { destination: "10.200.32.0/20".parse().unwrap(), via: Ipv4Addr::new(192, 0, 2, 1) }]
+        );
+        assert!(state.node_slices.is_empty() && state.peer_endpoints.is_empty());
+    }
+
+    #[test]
+    fn plan_upserts_changes_and_deletes_leftovers() {
+        let current = BTreeMap::from([(1, "a"), (2, "b"), (3, "c")]);
+        let desired = BTreeMap::from([(2, "b"), (3, "C"), (4, "d")]);
+        let p = plan(&current, &desired);
+        assert_eq!(p.upserts, vec![(3, "C"), (4, "d")]);
+        assert_eq!(p.deletes, vec![1]);
+        assert_eq!(plan(&desired, &desired), MapPlan { upserts: vec![], deletes: vec![] });
+    }
+}

@@ -1,0 +1,11 @@
+//! Ligo fabric node daemon: configuration, desired state, map and route
+//! reconciliation, program loading, and the `inspect` views. The binary in
+//! `main.rs` is a thin CLI over these modules.
+
+pub mod config;
+pub mod daemon;
+pub mod desired;
+pub mod fabric_maps;
+pub mod inspect;
+pub mod programs;
+pub mod routes;

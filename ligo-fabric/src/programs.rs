@@ -1,0 +1,85 @@
+//! Loading the eBPF object and attaching its programs for a role.
+
+use std::{fs, os::unix::fs::DirBuilderExt, path::Path};
+
+use anyhow::{Context, Result};
+use aya::{
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use tracing::warn;
+
+/// The programs, built by build.rs from `ligo-fabric-ebpf`.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ligo-fabric-ebpf.o"));
+
+pub fn object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
+/// Loads the object with its maps pinned under `pin_dir`; maps already
+/// pinned there (by an earlier run) are reused rather than recreated.
+pub fn load(pin_dir: &Path) -> Result<Ebpf> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(pin_dir)
+        .with_context(|| format!("creating pin_dir {}", pin_dir.display()))?;
+    EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(EBPF_OBJECT)
+        .with_context(|| {
+            format!(
+                "loading the eBPF object with maps pinned in {}: pin_dir must be on a bpf filesystem \
+                 (mount -t bpf bpf {}) and the daemon needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN",
+                pin_dir.display(),
+                pin_dir.display()
+            )
+        })
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()?;
+    if program.fd().is_err() {
+        program.load().with_context(|| format!("verifier rejected {name}"))?;
+    }
+    Ok(program)
+}
+
+/// Node role: remap+encapsulate on uplink egress, decapsulate+remap on
+/// uplink ingress (XDP, native mode when the driver has it).
+pub fn attach_node(ebpf: &mut Ebpf, uplink: &str, uplink_index: u32) -> Result<()> {
+    classifier(ebpf, "node_egress")?
+        .attach(uplink_index, TcAttachType::Egress)
+        .with_context(|| format!("attaching node_egress to {uplink} egress"))?;
+    let xdp: &mut Xdp = ebpf
+        .program_mut("node_ingress")
+        .context("program node_ingress missing from the eBPF object")?
+        .try_into()?;
+    xdp.load().context("verifier rejected node_ingress")?;
+    if let Err(native) = xdp.attach(uplink_index, XdpMode::Driver) {
+        warn!(interface = uplink, error = %native, "native XDP unavailable, falling back to generic XDP (slower)");
+        xdp.attach(uplink_index, XdpMode::Skb)
+            .with_context(|| format!("attaching node_ingress to {uplink} in generic XDP mode"))?;
+    }
+    Ok(())
+}
+
+/// Gateway role: one TC ingress program on each gateway interface.
+pub fn attach_gateway(ebpf: &mut Ebpf, interfaces: &[(&str, u32)]) -> Result<()> {
+    let program = classifier(ebpf, "gateway")?;
+    let mut done = Vec::new();
+    for (name, index) in interfaces {
+        if done.contains(index) {
+            continue;
+        }
+        program
+            .attach(*index, TcAttachType::Ingress)
+            .with_context(|| format!("attaching gateway to {name} ingress"))?;
+        done.push(*index);
+    }
+    Ok(())
+}
