@@ -1,1 +1,166 @@
-fn main(){}
+//! `cargo xtask`: build, demo and test entry points (see README.md).
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use xtask::{
+    daemon_binary,
+    testbed::{self, Scenario, Testbed},
+    traffic, workspace_root,
+};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScenarioName {
+    /// Both clusters on 10.244.0.0/16.
+    Identical,
+    /// 10.244.0.0/16 and 10.100.16.0/20, seen through a remapped /20.
+    Different,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the daemon (and, through its build script, the eBPF programs).
+    Build,
+    /// Two simulated clusters with overlapping pod CIDRs talking through the fabric.
+    Demo {
+        #[arg(long, value_enum, default_value_t = ScenarioName::Identical)]
+        scenario: ScenarioName,
+    },
+    /// Every check: formatting, lints, unit, eBPF test-run and end-to-end tests.
+    Test,
+    /// Leave a testbed running for manual debugging (`ligo-dev-*` namespaces), or remove it.
+    Testbed {
+        #[arg(value_enum)]
+        action: TestbedAction,
+        #[arg(long, value_enum, default_value_t = ScenarioName::Identical)]
+        scenario: ScenarioName,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TestbedAction {
+    Up,
+    Down,
+}
+
+const DEV_PREFIX: &str = "ligo-dev";
+
+impl ScenarioName {
+    fn scenario(self) -> Scenario {
+        match self {
+            ScenarioName::Identical => Scenario::identical_cidrs(),
+            ScenarioName::Different => Scenario::different_cidrs(),
+        }
+    }
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    cargo(&["build", "--package", "ligo-fabric"])
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Build => build(),
+        Cmd::Demo { scenario } => {
+            build()?;
+            demo(scenario)
+        }
+        Cmd::Test => {
+            build()?;
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&["test", "--workspace", "--no-fail-fast"])
+        }
+        Cmd::Testbed { action: TestbedAction::Down, .. } => {
+            testbed::remove(DEV_PREFIX);
+            Ok(())
+        }
+        Cmd::Testbed { action: TestbedAction::Up, scenario } => {
+            build()?;
+            let mut bed = Testbed::up(DEV_PREFIX, scenario.scenario())?;
+            bed.start_fabric(&daemon_binary())?;
+            for pod in bed.all_pods() {
+                println!("{:<20} {:<14} seen from the other cluster as {}", pod.netns, pod.ip, bed.address_seen_from_peer(&pod));
+            }
+            println!("logs and configs: /run/ligo-testbed/{DEV_PREFIX}/; remove with `cargo xtask testbed down`");
+            bed.detach();
+            Ok(())
+        }
+    }
+}
+
+const DEMO_PREFIX: &str = "ligo-demo";
+
+fn demo(scenario: ScenarioName) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
+    }
+    ctrlc::set_handler(|| {
+        eprintln!("\ninterrupted: removing the demo testbed");
+        testbed::remove(DEMO_PREFIX);
+        std::process::exit(130);
+    })?;
+    let scenario = scenario.scenario();
+    let (a, b) = (&scenario.a, &scenario.b);
+    println!("== Ligo demo: two clusters, cluster A pods {} and cluster B pods {}", a.pod_cidr, b.pod_cidr);
+    println!("   A sees B's pods as {}, B sees A's pods as {}", a.view_of_peer, b.view_of_peer);
+    let mut bed = Testbed::up(DEMO_PREFIX, scenario.clone())?;
+    let result = run_demo(&mut bed);
+    if result.is_err() {
+        eprintln!("{}", bed.logs());
+    }
+    bed.down()?;
+    println!("== testbed removed");
+    result
+}
+
+fn run_demo(bed: &mut Testbed) -> Result<()> {
+    let daemon = daemon_binary();
+    bed.start_fabric(&daemon)?;
+    println!("== fabric daemons ready on 2 gateways and 4 nodes");
+    let a_pod = bed.pod(0, 0, 0);
+    let b_pod = bed.pod(1, 1, 1);
+    for (from, to, port) in [(&a_pod, &b_pod, 7001), (&b_pod, &a_pod, 7002)] {
+        let dst = bed.address_seen_from_peer(to);
+        let (from_c, to_c) = (if from.cluster == 0 { "A" } else { "B" }, if to.cluster == 0 { "A" } else { "B" });
+        println!("\n-- pod {} in {from_c} -> pod {} in {to_c}, addressed as {dst}", from.ip, to.ip);
+        let ping = traffic::ping(from, dst, 3)?;
+        if let Some(summary) = ping.lines().find(|l| l.contains("packets transmitted")) {
+            println!("   ICMP: {summary}");
+        }
+        let tcp = traffic::tcp_transfer(from, to, dst, port, 4 << 20)?;
+        println!("   TCP:  {} bytes, SHA-256 matches; the server saw the client as {}", tcp.bytes, tcp.server_saw);
+        let udp = traffic::udp_exchange(from, to, dst, port, 20)?;
+        println!("   UDP:  20 datagrams echoed; server saw {}, replies came from {}", udp.server_saw, udp.reply_from);
+    }
+    let a_node = bed.ns(&bed.scenario.a, "n1");
+    let a_gw = bed.ns(&bed.scenario.a, "gw");
+    for ns in [a_node, a_gw] {
+        println!("\n== ligo-fabric inspect maps ({ns})");
+        let out = xtask::netns::run(
+            &daemon.to_string_lossy(),
+            &["inspect", "maps", "--pin-dir", &bed.pin_dir(&ns).to_string_lossy()],
+        )?;
+        print!("{out}");
+    }
+    Ok(())
+}
