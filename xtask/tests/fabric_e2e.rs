@@ -1,0 +1,214 @@
+//! End to end: two simulated clusters in network namespaces, real daemons,
+//! real kernel stacks on both ends. Needs root (skipped with a message
+//! otherwise; under CI=true it must run).
+
+use std::{fs, thread, time::Duration};
+
+use anyhow::{ensure, Context, Result};
+use xtask::{
+    daemon_binary, netns, require_root,
+    testbed::{Pod, Scenario, Testbed},
+    traffic,
+};
+
+const TRANSFER_BYTES: usize = 8 << 20;
+
+fn fabric(prefix: &str, scenario: Scenario) -> Testbed {
+    let mut bed = Testbed::up(prefix, scenario).expect("testbed");
+    if let Err(e) = bed.start_fabric(&daemon_binary()) {
+        panic!("{e:#}\n{}", bed.logs());
+    }
+    bed
+}
+
+/// ICMP, a TCP transfer with content hash, and UDP echoes from `from` to
+/// `to`; checks the addresses each side sees.
+fn exchange(bed: &Testbed, from: &Pod, to: &Pod, port: u16) -> Result<()> {
+    let dst = bed.address_seen_from_peer(to);
+    let src_seen = bed.address_seen_from_peer(from);
+    traffic::ping(from, dst, 3)?;
+    let tcp = traffic::tcp_transfer(from, to, dst, port, TRANSFER_BYTES)?;
+    ensure!(tcp.server_saw == src_seen, "TCP server saw {}, expected {src_seen}", tcp.server_saw);
+    let udp = traffic::udp_exchange(from, to, dst, port, 50)?;
+    ensure!(udp.server_saw == src_seen, "UDP server saw {}, expected {src_seen}", udp.server_saw);
+    ensure!(udp.reply_from == dst, "UDP reply came from {}, expected {dst}", udp.reply_from);
+    Ok(())
+}
+
+/// Two pod pairs (crossing nodes differently), both directions each.
+fn exchange_everywhere(bed: &Testbed) -> Result<()> {
+    let pairs = [(bed.pod(0, 0, 0), bed.pod(1, 1, 1)), (bed.pod(0, 1, 1), bed.pod(1, 0, 0))];
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        let port = 7100 + 10 * i as u16;
+        exchange(bed, a, b, port).with_context(|| format!("A {} -> B {}", a.ip, b.ip))?;
+        exchange(bed, b, a, port + 1).with_context(|| format!("B {} -> A {}", b.ip, a.ip))?;
+    }
+    Ok(())
+}
+
+fn counters(bed: &Testbed, ns: &str) -> serde_json::Value {
+    bed.inspect(&daemon_binary(), ns).expect("inspect")
+}
+
+fn counter(json: &serde_json::Value, direction: &str, field: &str) -> u64 {
+    json["counters"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["direction"] == direction))
+        .and_then(|c| c[field].as_u64())
+        .unwrap_or(0)
+}
+
+fn total_drops(json: &serde_json::Value) -> u64 {
+    json["drops"].as_array().map(|a| a.iter().filter_map(|d| d["packets"].as_u64()).sum()).unwrap_or(0)
+}
+
+fn check_counters(bed: &Testbed) {
+    // Every host saw traffic both ways: 2 pairs x 2 directions x 8 MiB.
+    let min_bytes = 2 * TRANSFER_BYTES as u64;
+    for cluster in [&bed.scenario.a, &bed.scenario.b] {
+        let gw = counters(bed, &bed.ns(cluster, "gw"));
+        for direction in ["to_peer", "from_peer"] {
+            let bytes = counter(&gw, direction, "bytes");
+            assert!(bytes >= min_bytes, "{} gateway {direction} counted {bytes} bytes, < {min_bytes}", cluster.name);
+        }
+        for host in ["gw", "n1", "n2"] {
+            let json = counters(bed, &bed.ns(cluster, host));
+            assert_eq!(total_drops(&json), 0, "drops on {} {host}: {json:#}", cluster.name);
+        }
+    }
+}
+
+fn run_scenario(prefix: &str, scenario: Scenario) {
+    let bed = fabric(prefix, scenario);
+    if let Err(e) = exchange_everywhere(&bed) {
+        panic!("{e:#}\n{}", bed.logs());
+    }
+    check_counters(&bed);
+}
+
+#[test]
+fn identical_pod_cidrs_talk_both_ways() {
+    if require_root("identical_pod_cidrs_talk_both_ways") {
+        run_scenario("lt-same", Scenario::identical_cidrs());
+    }
+}
+
+#[test]
+fn different_pod_cidrs_through_a_remapped_non_octet_view() {
+    if require_root("different_pod_cidrs_through_a_remapped_non_octet_view") {
+        run_scenario("lt-diff", Scenario::different_cidrs());
+    }
+}
+
+/// With checksum offload off in the pods, packets carry complete checksums
+/// and the receiving kernel verifies them: any error in our incremental
+/// updates (both remap directions) shows up as lost data.
+#[test]
+fn receivers_verify_full_checksums() {
+    if !require_root("receivers_verify_full_checksums") {
+        return;
+    }
+    let bed = fabric("lt-csum", Scenario::different_cidrs());
+    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
+    for pod in [&a, &b] {
+        traffic::disable_tx_checksum_offload(pod).expect("ethtool");
+    }
+    let result = exchange(&bed, &a, &b, 7200).and_then(|()| exchange(&bed, &b, &a, 7201));
+    if let Err(e) = result {
+        panic!("{e:#}\n{}", bed.logs());
+    }
+    for (cluster, node) in [(&bed.scenario.a, "n1"), (&bed.scenario.b, "n2")] {
+        let ns = bed.ns(cluster, node);
+        let snmp = netns::exec(&ns, "cat", &["/proc/net/snmp"]).expect("snmp");
+        assert!(!snmp.is_empty());
+    }
+    for pod in [&a, &b] {
+        let snmp = netns::exec(&pod.netns, "cat", &["/proc/net/snmp"]).expect("snmp");
+        for (proto, field) in [("Tcp:", "InCsumErrors"), ("Udp:", "InCsumErrors")] {
+            assert_eq!(snmp_value(&snmp, proto, field), Some(0), "{} {proto} {field} in {}", pod.ip, pod.netns);
+        }
+    }
+}
+
+fn snmp_value(snmp: &str, proto: &str, field: &str) -> Option<u64> {
+    let mut lines = snmp.lines().filter(|l| l.starts_with(proto));
+    let header = lines.next()?;
+    let values = lines.next()?;
+    let idx = header.split_whitespace().position(|f| f == field)?;
+    values.split_whitespace().nth(idx)?.parse().ok()
+}
+
+fn wait_for_log(bed: &Testbed, ns: &str, needle: &str, occurrences: usize) -> Result<()> {
+    for _ in 0..100 {
+        let log = fs::read_to_string(bed.log_path(ns)).unwrap_or_default();
+        if log.matches(needle).count() >= occurrences {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("{ns} never logged {needle:?} {occurrences} times")
+}
+
+fn hangup(bed: &Testbed, ns: &str) {
+    let pid_file = format!("/run/ligo-testbed/{}/{ns}.pid", bed.prefix);
+    let pid: i32 = fs::read_to_string(pid_file).expect("pid").trim().parse().expect("pid number");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+}
+
+/// A node's view of the peer changes on SIGHUP: the new route and map
+/// entries replace the old ones, traffic follows the new mapping, replies
+/// come from the new view. A broken config is then refused and changes
+/// nothing.
+#[test]
+fn reload_moves_a_view_and_refuses_bad_config() {
+    if !require_root("reload_moves_a_view_and_refuses_bad_config") {
+        return;
+    }
+    let bed = fabric("lt-reload", Scenario::identical_cidrs());
+    let a_node = bed.ns(&bed.scenario.a, "n1");
+    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 0, 0));
+    let old_dst = bed.address_seen_from_peer(&b);
+    traffic::ping(&a, old_dst, 1).expect("ping before reload");
+
+    let config_path = bed.config_path(&a_node);
+    let config = fs::read_to_string(&config_path).expect("config");
+    assert!(config.contains("view_cidr = \"10.245.0.0/16\""));
+    fs::write(&config_path, config.replace("10.245.0.0/16", "10.247.0.0/16")).expect("write");
+    hangup(&bed, &a_node);
+    wait_for_log(&bed, &a_node, "configuration applied", 2).expect("reload");
+
+    let routes = netns::ip(&["-n", &a_node, "route", "show", "proto", "76"]).expect("routes");
+    assert!(routes.contains("10.247.0.0/16 via 192.0.2.1 dev eth0"), "{routes}");
+    assert!(routes.contains("mtu 1450"), "route MTU must leave room for 50 bytes of encapsulation: {routes}");
+    assert!(!routes.contains("10.245.0.0/16"), "stale route left: {routes}");
+    let new_dst = "10.247.1.10".parse().expect("addr");
+    let udp = traffic::udp_exchange(&a, &b, new_dst, 7300, 5).expect("udp via new view");
+    assert_eq!(udp.reply_from, new_dst);
+    assert!(traffic::ping(&a, old_dst, 1).is_err(), "old view still reachable");
+
+    fs::write(&config_path, config.replace("10.245.0.0/16", "10.245.0.0/20")).expect("write");
+    hangup(&bed, &a_node);
+    wait_for_log(&bed, &a_node, "new configuration rejected", 1).expect("rejection logged");
+    let log = fs::read_to_string(bed.log_path(&a_node)).expect("log");
+    assert!(log.contains("peers[0].view_cidr: prefix length /20 differs"), "{log}");
+    traffic::udp_exchange(&a, &b, new_dst, 7301, 5).expect("state unchanged after a refused config");
+}
+
+/// On SIGTERM a daemon removes its routes and pinned maps.
+#[test]
+fn shutdown_removes_what_the_daemon_installed() {
+    if !require_root("shutdown_removes_what_the_daemon_installed") {
+        return;
+    }
+    let mut bed = fabric("lt-stop", Scenario::identical_cidrs());
+    let a_node = bed.ns(&bed.scenario.a, "n1");
+    let pin_dir = bed.pin_dir(&a_node);
+    assert!(pin_dir.join("PEER_VIEWS").exists());
+    let log = bed.stop_daemon(&a_node).expect("stop");
+    assert!(log.contains("fabric removed from this host"), "{log}");
+    let routes = netns::ip(&["-n", &a_node, "route", "show", "proto", "76"]).expect("routes");
+    assert!(routes.trim().is_empty(), "routes left after shutdown: {routes}");
+    assert!(!pin_dir.exists(), "pins left after shutdown");
+    let links = netns::exec(&a_node, "ip", &["link", "show", "eth0"]).expect("link");
+    assert!(!links.contains("xdp"), "XDP program left attached: {links}");
+}
