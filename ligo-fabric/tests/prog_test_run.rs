@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
     Ebpf, EbpfLoader,
 };
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
@@ -57,8 +57,7 @@ fn gateway_config() -> String {
 }
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc_geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     if !root {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("BPF_PROG_TEST_RUN tests need root and CI=true: they must run in CI");
@@ -66,11 +65,6 @@ fn is_root() -> bool {
         eprintln!("SKIPPED: BPF_PROG_TEST_RUN tests need root");
     }
     root
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 /// The eBPF object loaded with its maps pinned in a private bpffs, and
@@ -135,18 +129,13 @@ impl Fixture {
     }
 }
 
-fn run<P: TestRun<Opts<'static> = TestRunOptions<'static>, Result = aya::programs::TestRunResult>>(
-    program: &P,
-    frame: &[u8],
-) -> (u32, Vec<u8>) {
+fn run<P>(program: &P, frame: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     let mut out = vec![0u8; 4096];
-    // SAFETY: none; the lifetimes are only widened to fit the trait bound
-    // above for the duration of this call, which both buffers outlive.
-    let (input, output): (&'static [u8], &'static mut [u8]) = unsafe {
-        (std::mem::transmute::<&[u8], &'static [u8]>(frame), std::mem::transmute::<&mut [u8], &'static mut [u8]>(&mut out[..]))
-    };
     let result = program
-        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(output), ..Default::default() })
+        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
         .expect("test_run");
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)

@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use xtask::{
     daemon_binary,
-    testbed::{self, Scenario, Testbed},
+    lab,
+    testbed::{Scenario, Testbed},
     traffic, workspace_root,
 };
 
@@ -91,7 +92,7 @@ fn main() -> Result<()> {
             cargo(&["test", "--workspace", "--no-fail-fast"])
         }
         Cmd::Testbed { action: TestbedAction::Down, .. } => {
-            testbed::remove(DEV_PREFIX);
+            lab::remove(DEV_PREFIX);
             Ok(())
         }
         Cmd::Testbed { action: TestbedAction::Up, scenario } => {
@@ -102,7 +103,7 @@ fn main() -> Result<()> {
                 println!("{:<20} {:<14} seen from the other cluster as {}", pod.netns, pod.ip, bed.address_seen_from_peer(&pod));
             }
             println!("logs and configs: /run/ligo-testbed/{DEV_PREFIX}/; remove with `cargo xtask testbed down`");
-            bed.detach();
+            bed.lab.detach();
             Ok(())
         }
     }
@@ -116,7 +117,7 @@ fn demo(scenario: ScenarioName) -> Result<()> {
     }
     ctrlc::set_handler(|| {
         eprintln!("\ninterrupted: removing the demo testbed");
-        testbed::remove(DEMO_PREFIX);
+        lab::remove(DEMO_PREFIX);
         std::process::exit(130);
     })?;
     let scenario = scenario.scenario();
@@ -126,9 +127,9 @@ fn demo(scenario: ScenarioName) -> Result<()> {
     let mut bed = Testbed::up(DEMO_PREFIX, scenario.clone())?;
     let result = run_demo(&mut bed);
     if result.is_err() {
-        eprintln!("{}", bed.logs());
+        eprintln!("{}", bed.lab.logs());
     }
-    bed.down()?;
+    bed.lab.down()?;
     println!("== testbed removed");
     result
 }
@@ -158,7 +159,7 @@ fn run_demo(bed: &mut Testbed) -> Result<()> {
         println!("\n== ligo-fabric inspect maps ({ns})");
         let out = xtask::netns::run(
             &daemon.to_string_lossy(),
-            &["inspect", "maps", "--pin-dir", &bed.pin_dir(&ns).to_string_lossy()],
+            &["inspect", "maps", "--pin-dir", &bed.lab.pin_dir(&ns).to_string_lossy()],
         )?;
         print!("{out}");
     }

@@ -4,23 +4,17 @@
 //! nodes on it, two pods per node (Calico-style: a /32 on the pod, the node
 //! end of its veth as next hop); the two gateways share an "internet" veth. Underlay and
 //! public addresses come from the TEST-NET ranges; nothing touches the
-//! host's own interfaces. Dropping a [`Testbed`] stops the daemons and
-//! removes every namespace, mount and file it made, also after a failure;
-//! [`Testbed::up`] first clears leftovers of a killed run with the same name.
+//! host's own interfaces. Its [`Lab`] removes everything it made, also
+//! after a failure, and clears leftovers of a killed run with the same name.
 
-use std::{
-    fmt::Write as _,
-    fs,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    lab::{interface_mac, Lab},
+    netns::{self, ip},
 };
-
-use anyhow::{bail, Context, Result};
-
-use crate::netns::{self, ip};
 
 pub const FABRIC_PORT: u16 = 4799;
 
@@ -127,11 +121,9 @@ pub struct Pod {
 }
 
 pub struct Testbed {
-    pub prefix: String,
+    /// Namespaces, daemons and their files; dropping it removes them all.
+    pub lab: Lab,
     pub scenario: Scenario,
-    run_dir: PathBuf,
-    daemons: Vec<(String, Child)>,
-    torn_down: bool,
 }
 
 const NODES: [&str; 2] = ["n1", "n2"];
@@ -139,16 +131,13 @@ const NODES: [&str; 2] = ["n1", "n2"];
 impl Testbed {
     /// Builds the topology; daemons are started by [`Testbed::start_fabric`].
     pub fn up(prefix: &str, scenario: Scenario) -> Result<Self> {
-        let run_dir = PathBuf::from(format!("/run/ligo-testbed/{prefix}"));
-        clear_leftovers(prefix, &run_dir);
-        fs::create_dir_all(run_dir.join("bpffs"))?;
-        let bed = Self { prefix: prefix.into(), scenario, run_dir, daemons: vec![], torn_down: false };
+        let bed = Self { lab: Lab::new(prefix)?, scenario };
         bed.build().with_context(|| format!("building testbed {prefix}"))?;
         Ok(bed)
     }
 
     pub fn ns(&self, cluster: &ClusterPlan, host: &str) -> String {
-        format!("{}-{}-{}", self.prefix, cluster.name, host)
+        self.lab.ns(&format!("{}-{host}", cluster.name))
     }
 
     fn clusters(&self) -> [&ClusterPlan; 2] {
@@ -236,16 +225,12 @@ impl Testbed {
         Ok(())
     }
 
-    fn pin_root(&self) -> PathBuf {
-        self.run_dir.join("bpffs")
-    }
-
     /// The daemon configuration for `host` ("gw", "n1", "n2") of a cluster.
     pub fn daemon_config(&self, plan: &ClusterPlan, host: &str) -> String {
         let peer = if plan.name == "a" { &self.scenario.b } else { &self.scenario.a };
         let mut c = String::new();
         let _ = writeln!(c, "cluster_id = {}\npod_cidrs = [\"{}\"]\nfabric_port = {FABRIC_PORT}", plan.id, plan.pod_cidr);
-        let _ = writeln!(c, "pin_dir = \"{}\"", self.pin_root().join(self.ns(plan, host)).display());
+        let _ = writeln!(c, "pin_dir = \"{}\"", self.lab.pin_dir(&self.ns(plan, host)).display());
         if host == "gw" {
             let _ = writeln!(
                 c,
@@ -277,174 +262,17 @@ impl Testbed {
         c
     }
 
-    pub fn config_path(&self, ns: &str) -> PathBuf {
-        self.run_dir.join(format!("{ns}.toml"))
-    }
-
-    pub fn log_path(&self, ns: &str) -> PathBuf {
-        self.run_dir.join(format!("{ns}.log"))
-    }
-
-    pub fn pin_dir(&self, ns: &str) -> PathBuf {
-        self.pin_root().join(ns)
-    }
-
-    /// Mounts the bpffs for pinned maps and starts a daemon on every gateway
-    /// and node, waiting until each reports ready.
+    /// Starts a daemon on every gateway and node, waiting until each
+    /// reports ready.
     pub fn start_fabric(&mut self, daemon: &Path) -> Result<()> {
-        let pin_root = self.pin_root();
-        netns::run("mount", &["-t", "bpf", "bpf", &pin_root.to_string_lossy()])?;
         let plans: Vec<ClusterPlan> = self.clusters().into_iter().cloned().collect();
         for plan in &plans {
             for host in ["gw", "n1", "n2"] {
                 let ns = self.ns(plan, host);
-                fs::write(self.config_path(&ns), self.daemon_config(plan, host))?;
-                self.start_daemon(daemon, &ns)?;
+                let config = self.daemon_config(plan, host);
+                self.lab.start_daemon(daemon, &ns, &config)?;
             }
         }
         Ok(())
     }
-
-    pub fn start_daemon(&mut self, daemon: &Path, ns: &str) -> Result<()> {
-        let log_path = self.log_path(ns);
-        let log = fs::File::create(&log_path)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(daemon)
-            .arg("run")
-            .arg("--config")
-            .arg(self.config_path(ns))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", daemon.display()))?;
-        fs::write(self.run_dir.join(format!("{ns}.pid")), child.id().to_string())?;
-        self.daemons.push((ns.to_owned(), child));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let log = fs::read_to_string(&log_path).unwrap_or_default();
-            if log.contains("fabric ready") {
-                return Ok(());
-            }
-            let exited = self
-                .daemons
-                .iter_mut()
-                .find(|(n, _)| n == ns)
-                .and_then(|(_, c)| c.try_wait().ok().flatten());
-            if let Some(status) = exited {
-                bail!("daemon in {ns} exited ({status}) before it was ready:\n{log}");
-            }
-            if Instant::now() > deadline {
-                bail!("daemon in {ns} not ready after 20 s:\n{log}");
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Stops one daemon with SIGTERM and waits for it; returns its log.
-    pub fn stop_daemon(&mut self, ns: &str) -> Result<String> {
-        if let Some(pos) = self.daemons.iter().position(|(n, _)| n == ns) {
-            let (_, mut child) = self.daemons.remove(pos);
-            terminate(&mut child);
-        }
-        Ok(fs::read_to_string(self.log_path(ns)).unwrap_or_default())
-    }
-
-    /// `ligo-fabric inspect maps -o json` for the daemon in `ns`.
-    pub fn inspect(&self, daemon: &Path, ns: &str) -> Result<serde_json::Value> {
-        let out = netns::run(
-            &daemon.to_string_lossy(),
-            &["inspect", "maps", "--pin-dir", &self.pin_dir(ns).to_string_lossy(), "-o", "json"],
-        )?;
-        serde_json::from_str(&out).context("inspect printed invalid JSON")
-    }
-
-    /// The daemon logs, for failure reports.
-    pub fn logs(&self) -> String {
-        let mut out = String::new();
-        for (ns, _) in &self.daemons {
-            let _ = writeln!(out, "--- {ns} ---\n{}", fs::read_to_string(self.log_path(ns)).unwrap_or_default());
-        }
-        out
-    }
-
-    /// Leaves the testbed and its daemons running after `self` is dropped.
-    pub fn detach(mut self) {
-        self.torn_down = true;
-        self.daemons.clear();
-    }
-
-    /// Stops the daemons (each removes what it installed), then deletes the
-    /// namespaces, the bpffs mount and the run directory.
-    pub fn down(&mut self) -> Result<()> {
-        if self.torn_down {
-            return Ok(());
-        }
-        self.torn_down = true;
-        for (_, mut child) in self.daemons.drain(..) {
-            terminate(&mut child);
-        }
-        clear_leftovers(&self.prefix, &self.run_dir);
-        Ok(())
-    }
-}
-
-/// The MAC address of interface `name` in namespace `ns`.
-fn interface_mac(ns: &str, name: &str) -> Result<String> {
-    let out = ip(&["-n", ns, "-br", "link", "show", name])?;
-    out.split_whitespace()
-        .nth(2)
-        .map(str::to_owned)
-        .with_context(|| format!("no MAC address for {name} in {ns}: {out}"))
-}
-
-impl Drop for Testbed {
-    fn drop(&mut self) {
-        let _ = self.down();
-    }
-}
-
-fn terminate(child: &mut Child) {
-    // `ip netns exec` execs the daemon, so this pid is the daemon itself.
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// Removes everything a testbed named `prefix` may have left behind.
-pub fn remove(prefix: &str) {
-    clear_leftovers(prefix, &PathBuf::from(format!("/run/ligo-testbed/{prefix}")));
-}
-
-/// Removes what a testbed with this prefix may have left behind: daemons
-/// (by recorded pid), namespaces, the bpffs mount and the run directory.
-fn clear_leftovers(prefix: &str, run_dir: &Path) {
-    if let Ok(entries) = fs::read_dir(run_dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "pid") {
-                if let Some(pid) = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-                }
-            }
-        }
-    }
-    if let Ok(names) = netns::list() {
-        for ns in names.iter().filter(|n| n.starts_with(&format!("{prefix}-"))) {
-            netns::delete(ns);
-        }
-    }
-    let bpffs = run_dir.join("bpffs");
-    let _ = Command::new("umount").arg(&bpffs).stderr(Stdio::null()).status();
-    let _ = fs::remove_dir_all(run_dir);
 }

@@ -16,7 +16,7 @@ const TRANSFER_BYTES: usize = 8 << 20;
 fn fabric(prefix: &str, scenario: Scenario) -> Testbed {
     let mut bed = Testbed::up(prefix, scenario).expect("testbed");
     if let Err(e) = bed.start_fabric(&daemon_binary()) {
-        panic!("{e:#}\n{}", bed.logs());
+        panic!("{e:#}\n{}", bed.lab.logs());
     }
     bed
 }
@@ -47,7 +47,7 @@ fn exchange_everywhere(bed: &Testbed) -> Result<()> {
 }
 
 fn counters(bed: &Testbed, ns: &str) -> serde_json::Value {
-    bed.inspect(&daemon_binary(), ns).expect("inspect")
+    bed.lab.inspect(&daemon_binary(), ns).expect("inspect")
 }
 
 fn counter(json: &serde_json::Value, direction: &str, field: &str) -> u64 {
@@ -81,7 +81,7 @@ fn check_counters(bed: &Testbed) {
 fn run_scenario(prefix: &str, scenario: Scenario) {
     let bed = fabric(prefix, scenario);
     if let Err(e) = exchange_everywhere(&bed) {
-        panic!("{e:#}\n{}", bed.logs());
+        panic!("{e:#}\n{}", bed.lab.logs());
     }
     check_counters(&bed);
 }
@@ -115,7 +115,7 @@ fn receivers_verify_full_checksums() {
     }
     let result = exchange(&bed, &a, &b, 7200).and_then(|()| exchange(&bed, &b, &a, 7201));
     if let Err(e) = result {
-        panic!("{e:#}\n{}", bed.logs());
+        panic!("{e:#}\n{}", bed.lab.logs());
     }
     for (cluster, node) in [(&bed.scenario.a, "n1"), (&bed.scenario.b, "n2")] {
         let ns = bed.ns(cluster, node);
@@ -140,7 +140,7 @@ fn snmp_value(snmp: &str, proto: &str, field: &str) -> Option<u64> {
 
 fn wait_for_log(bed: &Testbed, ns: &str, needle: &str, occurrences: usize) -> Result<()> {
     for _ in 0..100 {
-        let log = fs::read_to_string(bed.log_path(ns)).unwrap_or_default();
+        let log = fs::read_to_string(bed.lab.log_path(ns)).unwrap_or_default();
         if log.matches(needle).count() >= occurrences {
             return Ok(());
         }
@@ -150,8 +150,7 @@ fn wait_for_log(bed: &Testbed, ns: &str, needle: &str, occurrences: usize) -> Re
 }
 
 fn hangup(bed: &Testbed, ns: &str) {
-    let pid_file = format!("/run/ligo-testbed/{}/{ns}.pid", bed.prefix);
-    let pid: i32 = fs::read_to_string(pid_file).expect("pid").trim().parse().expect("pid number");
+    let pid: i32 = fs::read_to_string(bed.lab.pid_path(ns)).expect("pid").trim().parse().expect("pid number");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
 }
 
@@ -170,7 +169,7 @@ fn reload_moves_a_view_and_refuses_bad_config() {
     let old_dst = bed.address_seen_from_peer(&b);
     traffic::ping(&a, old_dst, 1).expect("ping before reload");
 
-    let config_path = bed.config_path(&a_node);
+    let config_path = bed.lab.config_path(&a_node);
     let config = fs::read_to_string(&config_path).expect("config");
     assert!(config.contains("view_cidr = \"10.245.0.0/16\""));
     fs::write(&config_path, config.replace("10.245.0.0/16", "10.247.0.0/16")).expect("write");
@@ -189,7 +188,7 @@ fn reload_moves_a_view_and_refuses_bad_config() {
     fs::write(&config_path, config.replace("10.245.0.0/16", "10.245.0.0/20")).expect("write");
     hangup(&bed, &a_node);
     wait_for_log(&bed, &a_node, "new configuration rejected", 1).expect("rejection logged");
-    let log = fs::read_to_string(bed.log_path(&a_node)).expect("log");
+    let log = fs::read_to_string(bed.lab.log_path(&a_node)).expect("log");
     assert!(log.contains("peers[0].view_cidr: prefix length /20 differs"), "{log}");
     traffic::udp_exchange(&a, &b, new_dst, 7301, 5).expect("state unchanged after a refused config");
 }
@@ -202,9 +201,9 @@ fn shutdown_removes_what_the_daemon_installed() {
     }
     let mut bed = fabric("lt-stop", Scenario::identical_cidrs());
     let a_node = bed.ns(&bed.scenario.a, "n1");
-    let pin_dir = bed.pin_dir(&a_node);
+    let pin_dir = bed.lab.pin_dir(&a_node);
     assert!(pin_dir.join("PEER_VIEWS").exists());
-    let log = bed.stop_daemon(&a_node).expect("stop");
+    let log = bed.lab.stop_daemon(&a_node).expect("stop");
     assert!(log.contains("fabric removed from this host"), "{log}");
     let routes = netns::ip(&["-n", &a_node, "route", "show", "proto", "76"]).expect("routes");
     assert!(routes.trim().is_empty(), "routes left after shutdown: {routes}");

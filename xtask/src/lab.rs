@@ -1,0 +1,216 @@
+//! A lab: a named set of network namespaces with fabric daemons running in
+//! some of them, and the files, bpffs mount and processes that go with them.
+//! Dropping a [`Lab`] (or calling [`Lab::down`]) stops the daemons — each
+//! removes what it installed — and deletes everything; [`Lab::new`] first
+//! clears leftovers of a killed run with the same prefix.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::{self, ip};
+
+pub struct Lab {
+    pub prefix: String,
+    run_dir: PathBuf,
+    bpffs_mounted: bool,
+    daemons: Vec<(String, Child)>,
+    torn_down: bool,
+}
+
+impl Lab {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let run_dir = run_dir(prefix);
+        clear_leftovers(prefix, &run_dir);
+        fs::create_dir_all(run_dir.join("bpffs"))
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        Ok(Self { prefix: prefix.into(), run_dir, bpffs_mounted: false, daemons: vec![], torn_down: false })
+    }
+
+    /// The namespace name for `host` in this lab.
+    pub fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.prefix)
+    }
+
+    /// Creates namespace `host` of this lab and returns its name.
+    pub fn add_ns(&self, host: &str) -> Result<String> {
+        let ns = self.ns(host);
+        netns::add(&ns)?;
+        Ok(ns)
+    }
+
+    pub fn config_path(&self, ns: &str) -> PathBuf {
+        self.run_dir.join(format!("{ns}.toml"))
+    }
+
+    pub fn log_path(&self, ns: &str) -> PathBuf {
+        self.run_dir.join(format!("{ns}.log"))
+    }
+
+    pub fn pid_path(&self, ns: &str) -> PathBuf {
+        self.run_dir.join(format!("{ns}.pid"))
+    }
+
+    /// Where the daemon in `ns` pins its maps (on the lab's own bpffs).
+    pub fn pin_dir(&self, ns: &str) -> PathBuf {
+        self.run_dir.join("bpffs").join(ns)
+    }
+
+    /// Writes `config` and starts a daemon in `ns`, waiting until it is ready.
+    pub fn start_daemon(&mut self, daemon: &Path, ns: &str, config: &str) -> Result<()> {
+        if !self.bpffs_mounted {
+            netns::run("mount", &["-t", "bpf", "bpf", &self.run_dir.join("bpffs").to_string_lossy()])?;
+            self.bpffs_mounted = true;
+        }
+        fs::write(self.config_path(ns), config)?;
+        let log_path = self.log_path(ns);
+        let log = fs::File::create(&log_path)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(daemon)
+            .arg("run")
+            .arg("--config")
+            .arg(self.config_path(ns))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", daemon.display()))?;
+        fs::write(self.pid_path(ns), child.id().to_string())?;
+        self.daemons.push((ns.to_owned(), child));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            if log.contains("fabric ready") {
+                return Ok(());
+            }
+            let exited = self
+                .daemons
+                .iter_mut()
+                .find(|(n, _)| n == ns)
+                .and_then(|(_, c)| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                bail!("daemon in {ns} exited ({status}) before it was ready:\n{log}");
+            }
+            if Instant::now() > deadline {
+                bail!("daemon in {ns} not ready after 20 s:\n{log}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the daemon in `ns` with SIGTERM and waits; returns its log.
+    pub fn stop_daemon(&mut self, ns: &str) -> Result<String> {
+        if let Some(pos) = self.daemons.iter().position(|(n, _)| n == ns) {
+            let (_, mut child) = self.daemons.remove(pos);
+            terminate(&mut child);
+        }
+        Ok(fs::read_to_string(self.log_path(ns)).unwrap_or_default())
+    }
+
+    /// `ligo-fabric inspect maps -o json` for the daemon in `ns`.
+    pub fn inspect(&self, daemon: &Path, ns: &str) -> Result<serde_json::Value> {
+        let out = netns::run(
+            &daemon.to_string_lossy(),
+            &["inspect", "maps", "--pin-dir", &self.pin_dir(ns).to_string_lossy(), "-o", "json"],
+        )?;
+        serde_json::from_str(&out).context("inspect printed invalid JSON")
+    }
+
+    /// The daemon logs, for failure reports.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (ns, _) in &self.daemons {
+            let _ = writeln!(out, "--- {ns} ---\n{}", fs::read_to_string(self.log_path(ns)).unwrap_or_default());
+        }
+        out
+    }
+
+    /// Leaves the lab and its daemons running after `self` is dropped.
+    pub fn detach(mut self) {
+        self.torn_down = true;
+        self.daemons.clear();
+    }
+
+    pub fn down(&mut self) -> Result<()> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        for (_, mut child) in self.daemons.drain(..) {
+            terminate(&mut child);
+        }
+        clear_leftovers(&self.prefix, &self.run_dir);
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.down();
+    }
+}
+
+fn run_dir(prefix: &str) -> PathBuf {
+    PathBuf::from(format!("/run/ligo-testbed/{prefix}"))
+}
+
+/// The MAC address of interface `name` in namespace `ns`.
+pub fn interface_mac(ns: &str, name: &str) -> Result<String> {
+    let out = ip(&["-n", ns, "-br", "link", "show", name])?;
+    out.split_whitespace()
+        .nth(2)
+        .map(str::to_owned)
+        .with_context(|| format!("no MAC address for {name} in {ns}: {out}"))
+}
+
+fn terminate(child: &mut Child) {
+    // `ip netns exec` execs the daemon, so this pid is the daemon itself.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Removes everything a lab named `prefix` may have left behind.
+pub fn remove(prefix: &str) {
+    clear_leftovers(prefix, &run_dir(prefix));
+}
+
+/// Daemons (by recorded pid), namespaces, the bpffs mount, the run directory.
+fn clear_leftovers(prefix: &str, run_dir: &Path) {
+    if let Ok(entries) = fs::read_dir(run_dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "pid") {
+                if let Some(pid) = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+    }
+    if let Ok(names) = netns::list() {
+        for ns in names.iter().filter(|n| n.starts_with(&format!("{prefix}-"))) {
+            netns::delete(ns);
+        }
+    }
+    let bpffs = run_dir.join("bpffs");
+    let _ = Command::new("umount").arg(&bpffs).stderr(Stdio::null()).status();
+    let _ = fs::remove_dir_all(run_dir);
+}
