@@ -16,35 +16,62 @@ const EBPF_CRATE: &str = "ligo-fabric-ebpf";
 
 fn main() -> Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let workspace = manifest_dir.parent().context("ligo-fabric has no parent dir")?;
+    let workspace = manifest_dir
+        .parent()
+        .context("ligo-fabric has no parent dir")?;
     let ebpf_dir = workspace.join(EBPF_CRATE);
     let common_dir = workspace.join("ligo-fabric-common");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    for watched in [ebpf_dir.join("src"), ebpf_dir.join("Cargo.toml"), common_dir.join("src")] {
+    for watched in [
+        ebpf_dir.join("src"),
+        ebpf_dir.join("Cargo.toml"),
+        common_dir.join("src"),
+    ] {
         println!("cargo::rerun-if-changed={}", watched.display());
     }
 
     let target_dir = out_dir.join("ebpf-target");
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", EBPF_TOOLCHAIN, "cargo", "build", "--release", "--locked"])
-        .args(["-Z", "build-std=core", "--target", EBPF_TARGET])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(&ebpf_dir)
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+    cmd.args([
+        "run",
+        EBPF_TOOLCHAIN,
+        "cargo",
+        "build",
+        "--release",
+        "--locked",
+    ])
+    .args(["-Z", "build-std=core", "--target", EBPF_TARGET])
+    .arg("--target-dir")
+    .arg(&target_dir)
+    .current_dir(&ebpf_dir)
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+    );
     // The outer cargo's settings are for the host toolchain: keep them out.
-    for var in ["RUSTC", "RUSTC_WORKSPACE_WRAPPER", "RUSTC_WRAPPER", "RUSTFLAGS", "RUSTUP_TOOLCHAIN", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+    for var in [
+        "RUSTC",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
         cmd.env_remove(var);
     }
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}: is rustup installed? `./x bootstrap` installs what is missing"))?;
+    let status = cmd.status().with_context(|| {
+        format!("running {cmd:?}: is rustup installed? `./x bootstrap` installs what is missing")
+    })?;
     if !status.success() {
         bail!(
             "building the eBPF programs failed ({status}); `./x bootstrap` installs the {EBPF_TOOLCHAIN} toolchain and bpf-linker"
         );
     }
-    let object = target_dir.join(EBPF_TARGET).join("release").join(EBPF_CRATE);
+    let object = target_dir
+        .join(EBPF_TARGET)
+        .join("release")
+        .join(EBPF_CRATE);
     fs::copy(&object, out_dir.join("ligo-fabric-ebpf.o"))
         .with_context(|| format!("copying {}", object.display()))?;
     Ok(())

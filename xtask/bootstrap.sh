@@ -18,9 +18,11 @@ if ! have_toolchain "$USERSPACE_TOOLCHAIN"; then
   log "installing Rust $USERSPACE_TOOLCHAIN"
   rustup toolchain install "$USERSPACE_TOOLCHAIN" --profile minimal --component clippy,rustfmt
 fi
-if ! have_toolchain "$EBPF_TOOLCHAIN" || ! rustup component list --toolchain "$EBPF_TOOLCHAIN" --installed | grep -q rust-src; then
-  log "installing Rust $EBPF_TOOLCHAIN with rust-src (for the eBPF target)"
-  rustup toolchain install "$EBPF_TOOLCHAIN" --profile minimal --component rust-src
+# (This nightly ships no clippy; rustfmt checks the eBPF crate's format.)
+ebpf_components=$(rustup component list --toolchain "$EBPF_TOOLCHAIN" --installed 2>/dev/null || true)
+if ! grep -q rust-src <<<"$ebpf_components" || ! grep -q rustfmt <<<"$ebpf_components"; then
+  log "installing Rust $EBPF_TOOLCHAIN with rust-src and rustfmt (for the eBPF target)"
+  rustup toolchain install "$EBPF_TOOLCHAIN" --profile minimal --component rust-src,rustfmt
 fi
 
 missing=()

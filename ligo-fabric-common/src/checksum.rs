@@ -95,7 +95,11 @@ mod tests {
             let old = [data[4], data[5], data[6], data[7]];
             let new = (seed.rotate_left(13)).to_be_bytes();
             data[4..8].copy_from_slice(&new);
-            assert_eq!(replace_addr(before, old, new), full_checksum(&data), "seed {seed:#x}");
+            assert_eq!(
+                replace_addr(before, old, new),
+                full_checksum(&data),
+                "seed {seed:#x}"
+            );
         }
     }
 
@@ -154,27 +158,41 @@ mod packet_tests {
         };
         if let Some((at, udp)) = l4 {
             let c = u16::from_be_bytes([packet[at], packet[at + 1]]);
-            let c = if udp { udp_replace_addr(c, old, new_src) } else { replace_addr(c, old, new_src) };
+            let c = if udp {
+                udp_replace_addr(c, old, new_src)
+            } else {
+                replace_addr(c, old, new_src)
+            };
             packet[at..at + 2].copy_from_slice(&c.to_be_bytes());
         }
     }
 
     fn assert_checksums_valid(packet: &[u8], expect_src: [u8; 4]) {
         let sliced = SlicedPacket::from_ip(packet).unwrap();
-        let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else { panic!("not ipv4") };
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else {
+            panic!("not ipv4")
+        };
         let header = ip.header();
         assert_eq!(header.source(), expect_src);
-        assert_eq!(header.to_header().calc_header_checksum(), header.header_checksum());
+        assert_eq!(
+            header.to_header().calc_header_checksum(),
+            header.header_checksum()
+        );
         let ip_header = header.to_header();
         match sliced.transport {
             Some(TransportSlice::Tcp(tcp)) => {
-                let expected = tcp.to_header().calc_checksum_ipv4(&ip_header, tcp.payload()).unwrap();
+                let expected = tcp
+                    .to_header()
+                    .calc_checksum_ipv4(&ip_header, tcp.payload())
+                    .unwrap();
                 assert_eq!(tcp.checksum(), expected);
             }
             Some(TransportSlice::Udp(udp)) => {
                 if udp.checksum() != 0 {
-                    let expected =
-                        udp.to_header().calc_checksum_ipv4(&ip_header, udp.payload()).unwrap();
+                    let expected = udp
+                        .to_header()
+                        .calc_checksum_ipv4(&ip_header, udp.payload())
+                        .unwrap();
                     assert_eq!(udp.checksum(), expected);
                 }
             }
@@ -194,11 +212,20 @@ mod packet_tests {
         let payload: Vec<u8> = (0..999u32).map(|i| (i * 7) as u8).collect();
 
         let mut tcp = Vec::new();
-        PacketBuilder::ipv4(SRC, DST, 64).tcp(40000, 80, 1, 65535).write(&mut tcp, &payload).unwrap();
+        PacketBuilder::ipv4(SRC, DST, 64)
+            .tcp(40000, 80, 1, 65535)
+            .write(&mut tcp, &payload)
+            .unwrap();
         let mut udp = Vec::new();
-        PacketBuilder::ipv4(SRC, DST, 64).udp(40000, 53).write(&mut udp, &payload).unwrap();
+        PacketBuilder::ipv4(SRC, DST, 64)
+            .udp(40000, 53)
+            .write(&mut udp, &payload)
+            .unwrap();
         let mut icmp = Vec::new();
-        PacketBuilder::ipv4(SRC, DST, 64).icmpv4_echo_request(7, 1).write(&mut icmp, &payload).unwrap();
+        PacketBuilder::ipv4(SRC, DST, 64)
+            .icmpv4_echo_request(7, 1)
+            .write(&mut icmp, &payload)
+            .unwrap();
 
         for mut packet in [tcp, udp, icmp] {
             rewrite_source(&mut packet, new_src);
@@ -209,7 +236,10 @@ mod packet_tests {
     #[test]
     fn udp_without_checksum_keeps_zero() {
         let mut udp = Vec::new();
-        PacketBuilder::ipv4(SRC, DST, 64).udp(1, 2).write(&mut udp, b"hello").unwrap();
+        PacketBuilder::ipv4(SRC, DST, 64)
+            .udp(1, 2)
+            .write(&mut udp, b"hello")
+            .unwrap();
         udp[20 + 6] = 0;
         udp[20 + 7] = 0;
         rewrite_source(&mut udp, [10, 245, 1, 10]);

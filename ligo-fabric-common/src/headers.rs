@@ -179,14 +179,18 @@ mod tests {
         frame.extend_from_slice(&inner);
 
         let outer = SlicedPacket::from_ethernet(&frame).unwrap();
-        let Some(etherparse::NetSlice::Ipv4(ip)) = outer.net else { panic!("no outer ipv4") };
+        let Some(etherparse::NetSlice::Ipv4(ip)) = outer.net else {
+            panic!("no outer ipv4")
+        };
         let h = ip.header();
         assert_eq!(h.source(), [192, 0, 2, 11]);
         assert_eq!(h.destination(), [192, 0, 2, 1]);
         assert!(h.dont_fragment());
         assert_eq!(h.total_len() as usize, frame.len() - ETH_HDR_LEN);
         assert_eq!(h.to_header().calc_header_checksum(), h.header_checksum());
-        let Some(TransportSlice::Udp(udp)) = outer.transport else { panic!("no udp") };
+        let Some(TransportSlice::Udp(udp)) = outer.transport else {
+            panic!("no udp")
+        };
         assert_eq!(udp.source_port(), 50123);
         assert_eq!(udp.destination_port(), 4799);
         assert_eq!(udp.length() as usize, frame.len() - outer::UDP);
@@ -196,10 +200,14 @@ mod tests {
         assert_eq!(vxlan[0], VXLAN_FLAGS);
         assert_eq!(vni_from_bytes([vxlan[4], vxlan[5], vxlan[6]]), 0x0a0b0c);
         let inner_frame = SlicedPacket::from_ethernet(&frame[outer::INNER_ETH..]).unwrap();
-        let Some(etherparse::LinkSlice::Ethernet2(eth)) = inner_frame.link else { panic!() };
+        let Some(etherparse::LinkSlice::Ethernet2(eth)) = inner_frame.link else {
+            panic!()
+        };
         assert_eq!(eth.destination(), [2, 0, 0, 0, 0, 1]);
         assert_eq!(eth.source(), [2, 0, 0, 0, 0, 2]);
-        let Some(etherparse::NetSlice::Ipv4(inner_ip)) = inner_frame.net else { panic!() };
+        let Some(etherparse::NetSlice::Ipv4(inner_ip)) = inner_frame.net else {
+            panic!()
+        };
         assert_eq!(inner_ip.header().destination(), [10, 100, 17, 10]);
     }
 
@@ -217,7 +225,10 @@ mod tests {
         let parsed = etherparse::Ipv4HeaderSlice::from_slice(&h).unwrap();
         assert_eq!(parsed.source(), [203, 0, 113, 1]);
         assert_eq!(parsed.destination(), [203, 0, 113, 2]);
-        assert_eq!(parsed.to_header().calc_header_checksum(), parsed.header_checksum());
+        assert_eq!(
+            parsed.to_header().calc_header_checksum(),
+            parsed.header_checksum()
+        );
     }
 
     #[test]
@@ -225,6 +236,9 @@ mod tests {
         for hash in [0u32, 1, 0xffff_ffff, 0x1234_5678, 0x8000_0000] {
             assert!(vxlan_source_port(hash) >= 49152);
         }
-        assert_ne!(vxlan_source_port(0x0001_0000), vxlan_source_port(0x0002_0000));
+        assert_ne!(
+            vxlan_source_port(0x0001_0000),
+            vxlan_source_port(0x0002_0000)
+        );
     }
 }

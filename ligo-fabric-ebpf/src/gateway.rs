@@ -48,16 +48,22 @@ fn try_gateway(ctx: &TcContext) -> Result<i32, DropReason> {
     if cfg.role() != Role::Gateway {
         return PASS;
     }
-    let Ok(ethertype) = ctx.load::<[u8; 2]>(12) else { return PASS };
+    let Ok(ethertype) = ctx.load::<[u8; 2]>(12) else {
+        return PASS;
+    };
     if ethertype != ETH_P_IPV4 {
         return PASS;
     }
-    let Ok(ip) = ctx.load::<[u8; IPV4_HDR_LEN]>(outer::IP) else { return PASS };
+    let Ok(ip) = ctx.load::<[u8; IPV4_HDR_LEN]>(outer::IP) else {
+        return PASS;
+    };
     let fragment = ip[6] & 0x3f != 0 || ip[7] != 0;
     if ip[0] != 0x45 || ip[9] != IPPROTO_UDP || fragment {
         return PASS;
     }
-    let Ok(udp_ports) = ctx.load::<[u8; 4]>(outer::UDP) else { return PASS };
+    let Ok(udp_ports) = ctx.load::<[u8; 4]>(outer::UDP) else {
+        return PASS;
+    };
     if [udp_ports[2], udp_ports[3]] != cfg.fabric_port {
         return PASS;
     }
@@ -165,4 +171,3 @@ fn redirect_neigh(ifindex: u32) -> i32 {
     // resolve the next hop from its FIB; valid from TC programs.
     unsafe { bpf_redirect_neigh(ifindex, ptr::null_mut(), 0, 0) as i32 }
 }
-

@@ -29,8 +29,7 @@ pub static PEERS: HashMap<u32, Peer> = HashMap::pinned(MAX_PEERS, BPF_F_NO_PREAL
 
 /// Gateway role: peer gateway public address -> peer id.
 #[map(name = "PEER_ENDPOINTS")]
-pub static PEER_ENDPOINTS: HashMap<[u8; 4], u32> =
-    HashMap::pinned(MAX_PEERS, BPF_F_NO_PREALLOC);
+pub static PEER_ENDPOINTS: HashMap<[u8; 4], u32> = HashMap::pinned(MAX_PEERS, BPF_F_NO_PREALLOC);
 
 /// Gateway role: local per-node pod CIDR slices.
 #[map(name = "NODE_SLICES")]

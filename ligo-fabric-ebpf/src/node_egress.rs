@@ -53,26 +53,34 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     if cfg.role() != Role::Node {
         return PASS;
     }
-    let Ok(ethertype) = ctx.load::<[u8; 2]>(12) else { return PASS };
+    let Ok(ethertype) = ctx.load::<[u8; 2]>(12) else {
+        return PASS;
+    };
     if ethertype != ETH_P_IPV4 {
         return PASS;
     }
-    let Ok(ip) = ctx.load::<[u8; IPV4_HDR_LEN]>(ETH_HDR_LEN) else { return PASS };
+    let Ok(ip) = ctx.load::<[u8; IPV4_HDR_LEN]>(ETH_HDR_LEN) else {
+        return PASS;
+    };
     let ihl = ((ip[0] & 0x0f) as usize) * 4;
     if ip[0] >> 4 != 4 || ihl < IPV4_HDR_LEN {
         return PASS;
     }
     let dst = [ip[16], ip[17], ip[18], ip[19]];
-    let Some(view) = PEER_VIEWS.get(&lpm_key(dst)) else { return PASS };
+    let Some(view) = PEER_VIEWS.get(&lpm_key(dst)) else {
+        return PASS;
+    };
     let (peer_id, view_to_real) = (view.peer_id, view.view_to_real);
     let real_dst = view_to_real.apply(dst);
 
     // Destination rewrite. The helpers update checksums correctly whether the
     // skb carries a full checksum or CHECKSUM_PARTIAL (pseudo-header only).
-    let (old, new) = (u32::from_ne_bytes(dst) as u64, u32::from_ne_bytes(real_dst) as u64);
-    let first_fragment = u16::from_be_bytes([ip[ipv4::FRAG], ip[ipv4::FRAG + 1]])
-        & ipv4::FRAG_OFFSET_MASK
-        == 0;
+    let (old, new) = (
+        u32::from_ne_bytes(dst) as u64,
+        u32::from_ne_bytes(real_dst) as u64,
+    );
+    let first_fragment =
+        u16::from_be_bytes([ip[ipv4::FRAG], ip[ipv4::FRAG + 1]]) & ipv4::FRAG_OFFSET_MASK == 0;
     let l4 = ETH_HDR_LEN + ihl;
     let l4_update = match ip[ipv4::PROTOCOL] {
         IPPROTO_TCP if first_fragment => Some((l4 + TCP_CHECKSUM, BPF_F_PSEUDO_HDR as u64)),
@@ -95,7 +103,9 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     // UDP, VXLAN and the inner Ethernet header (a copy of the original, whose
     // destination MAC is the gateway's: the steering route goes via it).
     let inner_ip_len = ctx.len().saturating_sub(ETH_HDR_LEN as u32);
-    let macs = ctx.load::<[u8; 12]>(0).map_err(|_| DropReason::RewriteFailed)?;
+    let macs = ctx
+        .load::<[u8; 12]>(0)
+        .map_err(|_| DropReason::RewriteFailed)?;
     // SAFETY: the context pointer is the live __sk_buff of this invocation.
     let flow_hash = unsafe { bpf_get_hash_recalc(ctx.as_ptr().cast()) };
     ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)

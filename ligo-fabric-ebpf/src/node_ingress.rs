@@ -19,8 +19,8 @@ use aya_ebpf::{
 use ligo_fabric_common::{
     checksum::{replace_addr, udp_replace_addr},
     headers::{
-        ipv4, outer, vni_from_bytes, ENCAP_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP,
-        IPV4_HDR_LEN, TCP_CHECKSUM, UDP_CHECKSUM, VXLAN_FLAGS,
+        ipv4, outer, vni_from_bytes, ENCAP_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN,
+        TCP_CHECKSUM, UDP_CHECKSUM, VXLAN_FLAGS,
     },
     maps::{Direction, Role},
     DropReason,
@@ -61,7 +61,9 @@ fn try_node_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
     if cfg.role() != Role::Node {
         return PASS;
     }
-    let Some(outer_ptr) = ptr_at::<[u8; outer::VXLAN]>(ctx, 0) else { return PASS };
+    let Some(outer_ptr) = ptr_at::<[u8; outer::VXLAN]>(ctx, 0) else {
+        return PASS;
+    };
     // SAFETY: ptr_at checked that these bytes lie inside the frame.
     let o = unsafe { &*outer_ptr };
     let ip = outer::IP;
@@ -83,7 +85,11 @@ fn try_node_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
     if h[outer::VXLAN] != VXLAN_FLAGS {
         return Err(DropReason::MalformedTunnelHeader);
     }
-    let vni = vni_from_bytes([h[outer::VXLAN + 4], h[outer::VXLAN + 5], h[outer::VXLAN + 6]]);
+    let vni = vni_from_bytes([
+        h[outer::VXLAN + 4],
+        h[outer::VXLAN + 5],
+        h[outer::VXLAN + 6],
+    ]);
     let peer = peer(vni).ok_or(DropReason::UnknownPeer)?;
     let inner = outer::INNER_IP;
     let version_ihl = h[inner];
@@ -103,10 +109,9 @@ fn try_node_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
     // Locate the L4 checksum (first fragments of TCP/UDP only) before
     // writing anything, so a truncated packet is dropped untouched.
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
-    let first_fragment =
-        u16::from_be_bytes([h[inner + ipv4::FRAG], h[inner + ipv4::FRAG + 1]])
-            & ipv4::FRAG_OFFSET_MASK
-            == 0;
+    let first_fragment = u16::from_be_bytes([h[inner + ipv4::FRAG], h[inner + ipv4::FRAG + 1]])
+        & ipv4::FRAG_OFFSET_MASK
+        == 0;
     let l4_checksum = match h[inner + ipv4::PROTOCOL] {
         IPPROTO_TCP if first_fragment => Some((inner + ihl + TCP_CHECKSUM, false)),
         IPPROTO_UDP if first_fragment => Some((inner + ihl + UDP_CHECKSUM, true)),
@@ -133,7 +138,11 @@ fn try_node_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
         *check = new.to_be_bytes();
     }
     let csum_at = inner + ipv4::CHECKSUM;
-    let ip_check = replace_addr(u16::from_be_bytes([h[csum_at], h[csum_at + 1]]), src, view_src);
+    let ip_check = replace_addr(
+        u16::from_be_bytes([h[csum_at], h[csum_at + 1]]),
+        src,
+        view_src,
+    );
     h[csum_at..csum_at + 2].copy_from_slice(&ip_check.to_be_bytes());
     h[src_at..src_at + 4].copy_from_slice(&view_src);
 
@@ -144,7 +153,8 @@ fn try_node_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
         h[outer::INNER_ETH + i] = h[i];
         i += 1;
     }
-    let inner_len = u16::from_be_bytes([h[inner + ipv4::TOTAL_LEN], h[inner + ipv4::TOTAL_LEN + 1]]);
+    let inner_len =
+        u16::from_be_bytes([h[inner + ipv4::TOTAL_LEN], h[inner + ipv4::TOTAL_LEN + 1]]);
     count_peer_traffic(vni, Direction::FromPeer, inner_len as u32);
 
     // SAFETY: valid XDP context; shrinking the head by the encapsulation we

@@ -178,7 +178,10 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
     if file.cluster_id == 0 || file.cluster_id > MAX_CLUSTER_ID {
         return Err(err(
             "cluster_id",
-            format!("{} is outside 1..={MAX_CLUSTER_ID} (it is sent as a 24-bit VNI)", file.cluster_id),
+            format!(
+                "{} is outside 1..={MAX_CLUSTER_ID} (it is sent as a 24-bit VNI)",
+                file.cluster_id
+            ),
         ));
     }
     if file.pod_cidrs.is_empty() {
@@ -209,13 +212,19 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
             if gw.node_slices.len() > MAX_NODE_SLICES as usize {
                 return Err(err(
                     "gateway.node_slices",
-                    format!("{} entries exceed the map capacity of {MAX_NODE_SLICES}", gw.node_slices.len()),
+                    format!(
+                        "{} entries exceed the map capacity of {MAX_NODE_SLICES}",
+                        gw.node_slices.len()
+                    ),
                 ));
             }
             for (i, slice) in gw.node_slices.iter().enumerate() {
                 let field = format!("gateway.node_slices[{i}].pod_cidr");
                 let net = parse_network(&field, &slice.pod_cidr)?;
-                if !pod_cidrs.iter().any(|p| p.contains(net.network()) && p.prefix() <= net.prefix()) {
+                if !pod_cidrs
+                    .iter()
+                    .any(|p| p.contains(net.network()) && p.prefix() <= net.prefix())
+                {
                     return Err(err(field, format!("{net} is not inside any of pod_cidrs")));
                 }
                 if let Some(other) = node_slices.keys().find(|o| overlaps(**o, net)) {
@@ -232,33 +241,54 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
             }
         }
         (Some(_), Some(_)) => {
-            return Err(err("node/gateway", "set exactly one of [node] and [gateway], not both"))
+            return Err(err(
+                "node/gateway",
+                "set exactly one of [node] and [gateway], not both",
+            ))
         }
-        (None, None) => return Err(err("node/gateway", "one of [node] or [gateway] is required")),
+        (None, None) => {
+            return Err(err(
+                "node/gateway",
+                "one of [node] or [gateway] is required",
+            ))
+        }
     };
     let is_gateway = matches!(role, RoleConfig::Gateway { .. });
 
     if file.peers.len() > MAX_PEERS as usize || file.peers.len() > MAX_PEER_VIEWS as usize {
         return Err(err(
             "peers",
-            format!("{} peers exceed the map capacity of {MAX_PEERS}", file.peers.len()),
+            format!(
+                "{} peers exceed the map capacity of {MAX_PEERS}",
+                file.peers.len()
+            ),
         ));
     }
     let mut peers: BTreeMap<u32, PeerConfig> = BTreeMap::new();
     for (i, p) in file.peers.into_iter().enumerate() {
         let field = |name: &str| format!("peers[{i}].{name}");
         if p.id == 0 || p.id > MAX_CLUSTER_ID {
-            return Err(err(field("id"), format!("{} is outside 1..={MAX_CLUSTER_ID}", p.id)));
+            return Err(err(
+                field("id"),
+                format!("{} is outside 1..={MAX_CLUSTER_ID}", p.id),
+            ));
         }
         if p.id == file.cluster_id {
-            return Err(err(field("id"), format!("{} is this cluster's own id", p.id)));
+            return Err(err(
+                field("id"),
+                format!("{} is this cluster's own id", p.id),
+            ));
         }
         if peers.contains_key(&p.id) {
             return Err(err(field("id"), format!("duplicate peer id {}", p.id)));
         }
         let pod_cidr = parse_network(&field("pod_cidr"), &p.pod_cidr)?;
         let view_text = p.view_cidr.as_deref().unwrap_or(&p.pod_cidr);
-        let view_field = if p.view_cidr.is_some() { field("view_cidr") } else { field("pod_cidr") };
+        let view_field = if p.view_cidr.is_some() {
+            field("view_cidr")
+        } else {
+            field("pod_cidr")
+        };
         let view_cidr = parse_network(&view_field, view_text)?;
         if view_cidr.prefix() != pod_cidr.prefix() {
             return Err(err(
@@ -284,15 +314,24 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
         if let Some(other) = peers.values().find(|o| overlaps(o.view_cidr, view_cidr)) {
             return Err(err(
                 view_field,
-                format!("view {view_cidr} overlaps the view {} of peer {}", other.view_cidr, other.id),
+                format!(
+                    "view {view_cidr} overlaps the view {} of peer {}",
+                    other.view_cidr, other.id
+                ),
             ));
         }
         let endpoint = match p.endpoint {
             Some(text) => Some(text.parse::<SocketAddrV4>().map_err(|_| {
-                err(field("endpoint"), format!("{text:?} is not an IPv4 address:port"))
+                err(
+                    field("endpoint"),
+                    format!("{text:?} is not an IPv4 address:port"),
+                )
             })?),
             None if is_gateway => {
-                return Err(err(field("endpoint"), "required on a gateway (the peer gateway's public ip:port)"))
+                return Err(err(
+                    field("endpoint"),
+                    "required on a gateway (the peer gateway's public ip:port)",
+                ))
             }
             None => None,
         };
@@ -300,7 +339,10 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
             if ep.port() == 0 {
                 return Err(err(field("endpoint"), "port 0 is not usable"));
             }
-            if let Some(other) = peers.values().find(|o| o.endpoint.map(|e| *e.ip()) == Some(*ep.ip())) {
+            if let Some(other) = peers
+                .values()
+                .find(|o| o.endpoint.map(|e| *e.ip()) == Some(*ep.ip()))
+            {
                 return Err(err(
                     field("endpoint"),
                     format!("{} is already the endpoint of peer {}: peers are told apart by endpoint address", ep.ip(), other.id),
@@ -323,7 +365,9 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
         cluster_id: file.cluster_id,
         pod_cidrs,
         fabric_port,
-        pin_dir: file.pin_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+        pin_dir: file
+            .pin_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
         role,
         peers,
     })
@@ -379,14 +423,22 @@ endpoint = "203.0.113.2:4800"
         assert_eq!(node.fabric_port, DEFAULT_FABRIC_PORT);
         assert_eq!(node.peers[&2].view_cidr, "10.245.0.0/16".parse().unwrap());
         let gw = parse(GATEWAY).unwrap();
-        let RoleConfig::Gateway { node_slices, .. } = &gw.role else { panic!("not a gateway") };
+        let RoleConfig::Gateway { node_slices, .. } = &gw.role else {
+            panic!("not a gateway")
+        };
         assert_eq!(node_slices.len(), 2);
-        assert_eq!(gw.peers[&2].endpoint, Some("203.0.113.2:4800".parse().unwrap()));
+        assert_eq!(
+            gw.peers[&2].endpoint,
+            Some("203.0.113.2:4800".parse().unwrap())
+        );
     }
 
     #[test]
     fn view_defaults_to_real_cidr_when_free() {
-        let text = NODE.replace("pod_cidr = \"10.244.0.0/16\"\nview_cidr = \"10.245.0.0/16\"", "pod_cidr = \"10.100.16.0/20\"");
+        let text = NODE.replace(
+            "pod_cidr = \"10.244.0.0/16\"\nview_cidr = \"10.245.0.0/16\"",
+            "pod_cidr = \"10.100.16.0/20\"",
+        );
         let cfg = parse(&text).unwrap();
         assert_eq!(cfg.peers[&2].view_cidr, cfg.peers[&2].pod_cidr);
     }
@@ -413,15 +465,23 @@ endpoint = "203.0.113.2:4800"
         for (base, from, to, expected) in cases {
             assert!(base.contains(from), "test case base lacks {from:?}");
             let text = base.replacen(from, to, 1);
-            let error = parse(&text).expect_err(&format!("accepted: {to:?}")).to_string();
-            assert!(error.contains(expected), "for {to:?}: got {error:?}, want {expected:?}");
+            let error = parse(&text)
+                .expect_err(&format!("accepted: {to:?}"))
+                .to_string();
+            assert!(
+                error.contains(expected),
+                "for {to:?}: got {error:?}, want {expected:?}"
+            );
         }
     }
 
     #[test]
     fn duplicate_peer_ids_and_overlapping_views_are_refused() {
         let dup = format!("{NODE}\n[[peers]]\nid = 2\npod_cidr = \"10.1.0.0/16\"\n");
-        assert_eq!(parse(&dup).unwrap_err().to_string(), "peers[1].id: duplicate peer id 2");
+        assert_eq!(
+            parse(&dup).unwrap_err().to_string(),
+            "peers[1].id: duplicate peer id 2"
+        );
         let overlap = format!("{NODE}\n[[peers]]\nid = 3\npod_cidr = \"10.244.0.0/17\"\nview_cidr = \"10.245.128.0/17\"\n");
         let e = parse(&overlap).unwrap_err().to_string();
         assert!(e.starts_with("peers[1].view_cidr: view 10.245.128.0/17 overlaps the view 10.245.0.0/16 of peer 2"), "{e}");
@@ -430,6 +490,9 @@ endpoint = "203.0.113.2:4800"
     #[test]
     fn both_roles_are_refused() {
         let text = format!("{NODE}\n[gateway]\nunderlay_interface=\"a\"\nunderlay_ip=\"1.1.1.1\"\npublic_interface=\"b\"\npublic_ip=\"2.2.2.2\"\n");
-        assert!(parse(&text).unwrap_err().to_string().starts_with("node/gateway: set exactly one"));
+        assert!(parse(&text)
+            .unwrap_err()
+            .to_string()
+            .starts_with("node/gateway: set exactly one"));
     }
 }

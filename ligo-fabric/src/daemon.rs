@@ -32,16 +32,19 @@ pub fn read_config(path: &Path) -> Result<ValidConfig> {
 }
 
 fn ifindex(name: &str, field: &str) -> Result<u32> {
-    nix::net::if_::if_nametoindex(name).with_context(|| {
-        format!("{field}: no interface named {name:?} in this network namespace")
-    })
+    nix::net::if_::if_nametoindex(name)
+        .with_context(|| format!("{field}: no interface named {name:?} in this network namespace"))
 }
 
 /// Interface indexes the programs and routes need: (underlay, public).
 fn resolve_interfaces(role: &RoleConfig) -> Result<(u32, u32)> {
     match role {
         RoleConfig::Node { uplink, .. } => Ok((ifindex(uplink, "node.uplink")?, 0)),
-        RoleConfig::Gateway { underlay_interface, public_interface, .. } => Ok((
+        RoleConfig::Gateway {
+            underlay_interface,
+            public_interface,
+            ..
+        } => Ok((
             ifindex(underlay_interface, "gateway.underlay_interface")?,
             ifindex(public_interface, "gateway.public_interface")?,
         )),
@@ -52,11 +55,19 @@ fn resolve_interfaces(role: &RoleConfig) -> Result<(u32, u32)> {
 fn restart_only(cfg: &ValidConfig) -> (std::mem::Discriminant<RoleConfig>, Vec<String>, PathBuf) {
     let interfaces = match &cfg.role {
         RoleConfig::Node { uplink, .. } => vec![uplink.clone()],
-        RoleConfig::Gateway { underlay_interface, public_interface, .. } => {
+        RoleConfig::Gateway {
+            underlay_interface,
+            public_interface,
+            ..
+        } => {
             vec![underlay_interface.clone(), public_interface.clone()]
         }
     };
-    (std::mem::discriminant(&cfg.role), interfaces, cfg.pin_dir.clone())
+    (
+        std::mem::discriminant(&cfg.role),
+        interfaces,
+        cfg.pin_dir.clone(),
+    )
 }
 
 struct Fabric {
@@ -92,7 +103,9 @@ impl Fabric {
         let route_changes = match self.cfg.role {
             RoleConfig::Node { .. } => {
                 let mtu = self.route_mtu().await?;
-                self.routes.reconcile(&desired.routes, self.interfaces.0, mtu).await?
+                self.routes
+                    .reconcile(&desired.routes, self.interfaces.0, mtu)
+                    .await?
             }
             RoleConfig::Gateway { .. } => 0,
         };
@@ -109,13 +122,20 @@ impl Fabric {
     fn attach(&mut self) -> Result<()> {
         let ebpf = self.ebpf.as_mut().context("programs already unloaded")?;
         match &self.cfg.role {
-            RoleConfig::Node { uplink, .. } => programs::attach_node(ebpf, uplink, self.interfaces.0),
-            RoleConfig::Gateway { underlay_interface, public_interface, .. } => {
-                programs::attach_gateway(
-                    ebpf,
-                    &[(underlay_interface, self.interfaces.0), (public_interface, self.interfaces.1)],
-                )
+            RoleConfig::Node { uplink, .. } => {
+                programs::attach_node(ebpf, uplink, self.interfaces.0)
             }
+            RoleConfig::Gateway {
+                underlay_interface,
+                public_interface,
+                ..
+            } => programs::attach_gateway(
+                ebpf,
+                &[
+                    (underlay_interface, self.interfaces.0),
+                    (public_interface, self.interfaces.1),
+                ],
+            ),
         }
     }
 
@@ -136,11 +156,23 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let ebpf = programs::load(&cfg.pin_dir)?;
     let maps = FabricMaps::open(&cfg.pin_dir)?;
     let routes = RouteManager::new()?;
-    let mut fabric = Fabric { cfg, interfaces, maps, routes, ebpf: Some(ebpf) };
+    let mut fabric = Fabric {
+        cfg,
+        interfaces,
+        maps,
+        routes,
+        ebpf: Some(ebpf),
+    };
     if let Err(e) = fabric.apply().await.and_then(|()| fabric.attach()) {
-        error!(error = format!("{e:#}"), "start-up failed; removing what was installed");
+        error!(
+            error = format!("{e:#}"),
+            "start-up failed; removing what was installed"
+        );
         if let Err(cleanup) = fabric.teardown().await {
-            error!(error = format!("{cleanup:#}"), "clean-up after failed start-up also failed");
+            error!(
+                error = format!("{cleanup:#}"),
+                "clean-up after failed start-up also failed"
+            );
         }
         return Err(e);
     }
@@ -191,10 +223,17 @@ async fn reload(fabric: &mut Fabric, path: &Path, reason: &str) {
     }
     let previous = std::mem::replace(&mut fabric.cfg, cfg);
     if let Err(e) = fabric.apply().await {
-        warn!(reason, error = format!("{e:#}"), "applying the new configuration failed; restoring the previous one");
+        warn!(
+            reason,
+            error = format!("{e:#}"),
+            "applying the new configuration failed; restoring the previous one"
+        );
         fabric.cfg = previous;
         if let Err(e) = fabric.apply().await {
-            error!(error = format!("{e:#}"), "restoring the previous configuration failed; restart the daemon");
+            error!(
+                error = format!("{e:#}"),
+                "restoring the previous configuration failed; restart the daemon"
+            );
         }
     }
 }

@@ -75,18 +75,30 @@ pub fn desired_state(cfg: &ValidConfig) -> DesiredState {
         );
     }
     match &cfg.role {
-        RoleConfig::Node { underlay_ip, gateway_ip, .. } => {
+        RoleConfig::Node {
+            underlay_ip,
+            gateway_ip,
+            ..
+        } => {
             state.config.role = Role::Node as u8;
             state.config.underlay_ip = underlay_ip.octets();
             state.config.gateway_ip = gateway_ip.octets();
             state.routes = cfg
                 .peers
                 .values()
-                .map(|p| SteeringRoute { destination: p.view_cidr, via: *gateway_ip })
+                .map(|p| SteeringRoute {
+                    destination: p.view_cidr,
+                    via: *gateway_ip,
+                })
                 .collect();
             state.routes.sort();
         }
-        RoleConfig::Gateway { underlay_ip, public_ip, node_slices, .. } => {
+        RoleConfig::Gateway {
+            underlay_ip,
+            public_ip,
+            node_slices,
+            ..
+        } => {
             state.config.role = Role::Gateway as u8;
             state.config.underlay_ip = underlay_ip.octets();
             state.config.public_ip = public_ip.octets();
@@ -96,7 +108,12 @@ pub fn desired_state(cfg: &ValidConfig) -> DesiredState {
                 }
             }
             for (net, node_ip) in node_slices {
-                state.node_slices.insert(prefix(*net), NodeSlice { node_ip: node_ip.octets() });
+                state.node_slices.insert(
+                    prefix(*net),
+                    NodeSlice {
+                        node_ip: node_ip.octets(),
+                    },
+                );
             }
         }
     }
@@ -122,7 +139,11 @@ pub fn plan<K: Ord + Clone, V: PartialEq + Clone>(
             .filter(|(k, v)| current.get(k) != Some(v))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        deletes: current.keys().filter(|k| !desired.contains_key(k)).cloned().collect(),
+        deletes: current
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .cloned()
+            .collect(),
     }
 }
 
@@ -152,14 +173,23 @@ view_cidr = "10.200.32.0/20"
         assert_eq!(state.config.fabric_port, 4799u16.to_be_bytes());
         let view = state.peer_views[&(Ipv4Addr::new(10, 200, 32, 0), 20)];
         assert_eq!(view.peer_id, 2);
-        assert_eq!(view.view_to_real.apply([10, 200, 33, 10]), [10, 100, 17, 10]);
+        assert_eq!(
+            view.view_to_real.apply([10, 200, 33, 10]),
+            [10, 100, 17, 10]
+        );
         let peer = state.peers[&2];
-        assert_eq!(peer.real_to_view.apply([10, 100, 17, 10]), [10, 200, 33, 10]);
+        assert_eq!(
+            peer.real_to_view.apply([10, 100, 17, 10]),
+            [10, 200, 33, 10]
+        );
         assert!(peer.real_to_view.matches([10, 100, 31, 1]));
         assert!(!peer.real_to_view.matches([10, 244, 1, 1]));
         assert_eq!(
             state.routes,
-            vec![SteeringRoute { destination: "10.200.32.0/20".parse().unwrap(), via: Ipv4Addr::new(192, 0, 2, 1) }]
+            vec![SteeringRoute {
+                destination: "10.200.32.0/20".parse().unwrap(),
+                via: Ipv4Addr::new(192, 0, 2, 1)
+            }]
         );
         assert!(state.node_slices.is_empty() && state.peer_endpoints.is_empty());
     }
@@ -171,6 +201,12 @@ view_cidr = "10.200.32.0/20"
         let p = plan(&current, &desired);
         assert_eq!(p.upserts, vec![(3, "C"), (4, "d")]);
         assert_eq!(p.deletes, vec![1]);
-        assert_eq!(plan(&desired, &desired), MapPlan { upserts: vec![], deletes: vec![] });
+        assert_eq!(
+            plan(&desired, &desired),
+            MapPlan {
+                upserts: vec![],
+                deletes: vec![]
+            }
+        );
     }
 }

@@ -10,8 +10,8 @@ use std::{
 use anyhow::{Context, Result};
 use aya::{
     maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
-        PerCpuHashMap, PerCpuValues,
+        lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        PerCpuValues,
     },
     util::nr_cpus,
 };
@@ -58,7 +58,8 @@ where
         )
     })?;
     let map = Map::from_map_data(data).with_context(|| format!("reading map {name}"))?;
-    T::try_from(map).with_context(|| format!("map {name} does not have the layout this binary expects"))
+    T::try_from(map)
+        .with_context(|| format!("map {name} does not have the layout this binary expects"))
 }
 
 fn prefix_of(key: &Key<[u8; 4]>) -> Prefix {
@@ -117,10 +118,12 @@ impl FabricMaps {
         }
         for entry in self.peer_counters.iter() {
             let (k, per_cpu) = entry.context("reading PEER_COUNTERS")?;
-            let sum = per_cpu.iter().fold(TrafficCounters::default(), |acc, c| TrafficCounters {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            });
+            let sum = per_cpu
+                .iter()
+                .fold(TrafficCounters::default(), |acc, c| TrafficCounters {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                });
             snap.peer_counters.insert((k.peer_id, k.direction), sum);
         }
         for reason in DropReason::ALL {
@@ -148,47 +151,79 @@ impl FabricMaps {
         let endpoints = plan(&current.peer_endpoints, &desired.peer_endpoints);
         let slices = plan(&current.node_slices, &desired.node_slices);
 
-        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?.get() as usize;
+        let cpus = nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?
+            .get() as usize;
         for peer_id in desired.peers.keys() {
             for direction in [Direction::ToPeer, Direction::FromPeer] {
-                let key = PeerCounterKey { peer_id: *peer_id, direction: direction as u32 };
-                if !current.peer_counters.contains_key(&(key.peer_id, key.direction)) {
+                let key = PeerCounterKey {
+                    peer_id: *peer_id,
+                    direction: direction as u32,
+                };
+                if !current
+                    .peer_counters
+                    .contains_key(&(key.peer_id, key.direction))
+                {
                     let zero = PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])?;
-                    self.peer_counters.insert(&key, zero, 0).context("creating peer counters")?;
+                    self.peer_counters
+                        .insert(&key, zero, 0)
+                        .context("creating peer counters")?;
                 }
             }
         }
         for (id, peer) in &peers.upserts {
-            self.peers.insert(id, peer, 0).with_context(|| format!("writing peer {id}"))?;
+            self.peers
+                .insert(id, peer, 0)
+                .with_context(|| format!("writing peer {id}"))?;
         }
         for (endpoint, id) in &endpoints.upserts {
-            self.peer_endpoints.insert(endpoint, id, 0).context("writing PEER_ENDPOINTS")?;
+            self.peer_endpoints
+                .insert(endpoint, id, 0)
+                .context("writing PEER_ENDPOINTS")?;
         }
         for (prefix, slice) in &slices.upserts {
-            self.node_slices.insert(&lpm_key(*prefix), slice, 0).context("writing NODE_SLICES")?;
+            self.node_slices
+                .insert(&lpm_key(*prefix), slice, 0)
+                .context("writing NODE_SLICES")?;
         }
         for (prefix, view) in &views.upserts {
-            self.peer_views.insert(&lpm_key(*prefix), view, 0).context("writing PEER_VIEWS")?;
+            self.peer_views
+                .insert(&lpm_key(*prefix), view, 0)
+                .context("writing PEER_VIEWS")?;
         }
         for prefix in &views.deletes {
-            self.peer_views.remove(&lpm_key(*prefix)).context("removing from PEER_VIEWS")?;
+            self.peer_views
+                .remove(&lpm_key(*prefix))
+                .context("removing from PEER_VIEWS")?;
         }
         for prefix in &slices.deletes {
-            self.node_slices.remove(&lpm_key(*prefix)).context("removing from NODE_SLICES")?;
+            self.node_slices
+                .remove(&lpm_key(*prefix))
+                .context("removing from NODE_SLICES")?;
         }
         for endpoint in &endpoints.deletes {
-            self.peer_endpoints.remove(endpoint).context("removing from PEER_ENDPOINTS")?;
+            self.peer_endpoints
+                .remove(endpoint)
+                .context("removing from PEER_ENDPOINTS")?;
         }
         for id in &peers.deletes {
             self.peers.remove(id).context("removing from PEERS")?;
             for direction in [Direction::ToPeer, Direction::FromPeer] {
-                let key = PeerCounterKey { peer_id: *id, direction: direction as u32 };
+                let key = PeerCounterKey {
+                    peer_id: *id,
+                    direction: direction as u32,
+                };
                 // A missing counter entry is not an error: nothing to remove.
                 let _ = self.peer_counters.remove(&key);
             }
         }
-        changes += peers.upserts.len() + peers.deletes.len() + views.upserts.len() + views.deletes.len();
-        changes += endpoints.upserts.len() + endpoints.deletes.len() + slices.upserts.len() + slices.deletes.len();
+        changes +=
+            peers.upserts.len() + peers.deletes.len() + views.upserts.len() + views.deletes.len();
+        changes += endpoints.upserts.len()
+            + endpoints.deletes.len()
+            + slices.upserts.len()
+            + slices.deletes.len();
 
         let config = FabricConfig {
             underlay_ifindex: ifindexes.0,
@@ -196,7 +231,9 @@ impl FabricMaps {
             ..desired.config
         };
         if config != current.config {
-            self.config.set(0, &config, 0).context("writing FABRIC_CONFIG")?;
+            self.config
+                .set(0, &config, 0)
+                .context("writing FABRIC_CONFIG")?;
             changes += 1;
         }
         Ok(changes)

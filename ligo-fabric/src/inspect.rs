@@ -85,7 +85,11 @@ pub fn maps_table(s: &Snapshot) -> String {
         ip(c.public_ip),
         u16::from_be_bytes(c.fabric_port)
     );
-    let _ = writeln!(out, "\nPEERS\n{:<8} {:<20} {:<20} {:<22}", "ID", "POD CIDR", "VIEW CIDR", "ENDPOINT");
+    let _ = writeln!(
+        out,
+        "\nPEERS\n{:<8} {:<20} {:<20} {:<22}",
+        "ID", "POD CIDR", "VIEW CIDR", "ENDPOINT"
+    );
     for (id, p) in &s.peers {
         let _ = writeln!(
             out,
@@ -93,10 +97,18 @@ pub fn maps_table(s: &Snapshot) -> String {
             id,
             cidr(p.real_to_view.from_network, p.real_to_view.host_mask),
             cidr(p.real_to_view.to_network, p.real_to_view.host_mask),
-            format!("{}:{}", ip(p.endpoint_ip), u16::from_be_bytes(p.endpoint_port))
+            format!(
+                "{}:{}",
+                ip(p.endpoint_ip),
+                u16::from_be_bytes(p.endpoint_port)
+            )
         );
     }
-    let _ = writeln!(out, "\nPEER VIEWS\n{:<20} {:<8} {:<20}", "VIEW CIDR", "PEER", "REWRITTEN TO");
+    let _ = writeln!(
+        out,
+        "\nPEER VIEWS\n{:<20} {:<8} {:<20}",
+        "VIEW CIDR", "PEER", "REWRITTEN TO"
+    );
     for ((addr, len), v) in &s.peer_views {
         let _ = writeln!(
             out,
@@ -110,9 +122,20 @@ pub fn maps_table(s: &Snapshot) -> String {
     for ((addr, len), n) in &s.node_slices {
         let _ = writeln!(out, "{:<20} {:<16}", format!("{addr}/{len}"), ip(n.node_ip));
     }
-    let _ = writeln!(out, "\nCOUNTERS\n{:<8} {:<10} {:>12} {:>14}", "PEER", "DIRECTION", "PACKETS", "BYTES");
+    let _ = writeln!(
+        out,
+        "\nCOUNTERS\n{:<8} {:<10} {:>12} {:>14}",
+        "PEER", "DIRECTION", "PACKETS", "BYTES"
+    );
     for ((peer, dir), cnt) in &s.peer_counters {
-        let _ = writeln!(out, "{:<8} {:<10} {:>12} {:>14}", peer, direction_name(*dir), cnt.packets, cnt.bytes);
+        let _ = writeln!(
+            out,
+            "{:<8} {:<10} {:>12} {:>14}",
+            peer,
+            direction_name(*dir),
+            cnt.packets,
+            cnt.bytes
+        );
     }
     let _ = writeln!(out, "\nDROPS\n{:<26} {:>12}", "REASON", "PACKETS");
     for (reason, n) in &s.drops {

@@ -9,7 +9,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(version, about = "Ligo cross-cluster network fabric: node daemon and CLI")]
+#[command(
+    version,
+    about = "Ligo cross-cluster network fabric: node daemon and CLI"
+)]
 struct Cli {
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -63,7 +66,9 @@ enum InspectWhat {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -94,7 +99,9 @@ fn execute(command: Command) -> Result<()> {
             println!("{}: valid ({} peers)", config.display(), cfg.peers.len());
             Ok(())
         }
-        Command::Inspect { what: InspectWhat::Maps { pin_dir, output } } => {
+        Command::Inspect {
+            what: InspectWhat::Maps { pin_dir, output },
+        } => {
             let snapshot = fabric_maps::FabricMaps::open(&pin_dir)?.snapshot()?;
             match output {
                 Output::Table => print!("{}", inspect::maps_table(&snapshot)),

@@ -44,7 +44,9 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassif
         .with_context(|| format!("program {name} missing from the eBPF object"))?
         .try_into()?;
     if program.fd().is_err() {
-        program.load().with_context(|| format!("verifier rejected {name}"))?;
+        program
+            .load()
+            .with_context(|| format!("verifier rejected {name}"))?;
     }
     Ok(program)
 }

@@ -49,7 +49,11 @@ impl RouteManager {
                 continue;
             }
             let mut dst = None;
-            let mut target = RouteTarget { via: Ipv4Addr::UNSPECIFIED, oif: 0, mtu: 0 };
+            let mut target = RouteTarget {
+                via: Ipv4Addr::UNSPECIFIED,
+                oif: 0,
+                mtu: 0,
+            };
             for attr in &msg.attributes {
                 match attr {
                     RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(*a),
@@ -66,8 +70,13 @@ impl RouteManager {
                 }
             }
             let dst = dst.unwrap_or(Ipv4Addr::UNSPECIFIED);
-            let net = Ipv4Network::new(dst, msg.header.destination_prefix_length)
-                .with_context(|| format!("kernel returned a bad prefix {dst}/{}", msg.header.destination_prefix_length))?;
+            let net =
+                Ipv4Network::new(dst, msg.header.destination_prefix_length).with_context(|| {
+                    format!(
+                        "kernel returned a bad prefix {dst}/{}",
+                        msg.header.destination_prefix_length
+                    )
+                })?;
             routes.insert(net, target);
         }
         Ok(routes)
@@ -83,7 +92,8 @@ impl RouteManager {
         }
         let mut msg = builder.build();
         if let Some(t) = target {
-            msg.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(t.mtu)]));
+            msg.attributes
+                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(t.mtu)]));
         }
         msg
     }
@@ -94,7 +104,16 @@ impl RouteManager {
         let current = self.current().await?;
         let desired: BTreeMap<Ipv4Network, RouteTarget> = desired
             .iter()
-            .map(|r| (r.destination, RouteTarget { via: r.via, oif, mtu }))
+            .map(|r| {
+                (
+                    r.destination,
+                    RouteTarget {
+                        via: r.via,
+                        oif,
+                        mtu,
+                    },
+                )
+            })
             .collect();
         let changes = plan(&current, &desired);
         for (destination, target) in &changes.upserts {

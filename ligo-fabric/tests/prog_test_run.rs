@@ -85,13 +85,24 @@ impl Fixture {
             FIXTURES.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("mkdir");
-        let status = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).status().expect("mount");
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .expect("mount");
         assert!(status.success(), "mounting a bpffs at {}", dir.display());
-        let ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(programs::object()).expect("load object");
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(programs::object())
+            .expect("load object");
         let mut maps = FabricMaps::open(&dir).expect("open maps");
         let desired = desired_state(&parse(config).expect("config"));
         maps.apply(&desired, (5, 6)).expect("apply");
-        Self { ebpf: Some(ebpf), maps: Some(maps), dir }
+        Self {
+            ebpf: Some(ebpf),
+            maps: Some(maps),
+            dir,
+        }
     }
 
     fn ebpf(&mut self) -> &mut Ebpf {
@@ -99,11 +110,20 @@ impl Fixture {
     }
 
     fn snapshot(&self) -> Snapshot {
-        self.maps.as_ref().expect("maps").snapshot().expect("snapshot")
+        self.maps
+            .as_ref()
+            .expect("maps")
+            .snapshot()
+            .expect("snapshot")
     }
 
     fn run_tc(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program: &mut SchedClassifier = self.ebpf().program_mut(name).expect(name).try_into().expect("tc");
+        let program: &mut SchedClassifier = self
+            .ebpf()
+            .program_mut(name)
+            .expect(name)
+            .try_into()
+            .expect("tc");
         if program.fd().is_err() {
             program.load().expect("verifier");
         }
@@ -111,7 +131,12 @@ impl Fixture {
     }
 
     fn run_xdp(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program: &mut Xdp = self.ebpf().program_mut(name).expect(name).try_into().expect("xdp");
+        let program: &mut Xdp = self
+            .ebpf()
+            .program_mut(name)
+            .expect(name)
+            .try_into()
+            .expect("xdp");
         if program.fd().is_err() {
             program.load().expect("verifier");
         }
@@ -119,12 +144,22 @@ impl Fixture {
     }
 
     fn drops(&self, reason: DropReason) -> u64 {
-        self.snapshot().drops.iter().find(|(r, _)| *r == reason).map(|(_, n)| *n).unwrap_or(0)
+        self.snapshot()
+            .drops
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
     }
 
     /// (packets, bytes) counted for peer 2 in `direction` (0 to, 1 from).
     fn traffic(&self, direction: u32) -> (u64, u64) {
-        let c = self.snapshot().peer_counters.get(&(2, direction)).copied().unwrap_or_default();
+        let c = self
+            .snapshot()
+            .peer_counters
+            .get(&(2, direction))
+            .copied()
+            .unwrap_or_default();
         (c.packets, c.bytes)
     }
 }
@@ -135,7 +170,11 @@ where
 {
     let mut out = vec![0u8; 4096];
     let result = program
-        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
         .expect("test_run");
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
@@ -154,6 +193,7 @@ fn ip(s: &str) -> [u8; 4] {
     s.parse::<Ipv4Addr>().expect("ip").octets()
 }
 
+#[derive(Clone, Copy)]
 enum L4 {
     Udp,
     Tcp,
@@ -161,7 +201,14 @@ enum L4 {
 }
 
 /// An Ethernet frame carrying an IPv4 packet built by etherparse.
-fn frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: &str, dst: &str, l4: L4, payload: &[u8]) -> Vec<u8> {
+fn frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: &str,
+    dst: &str,
+    l4: L4,
+    payload: &[u8],
+) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(ip(src), ip(dst), 64);
     let mut out = Vec::new();
     match l4 {
@@ -196,18 +243,40 @@ fn encapsulated(outer_src: &str, outer_dst: &str, vni: u32, inner: &[u8]) -> Vec
 /// Checks IP and L4 checksums of the IPv4 packet in an Ethernet frame.
 fn assert_checksums_valid(frame: &[u8]) {
     let sliced = SlicedPacket::from_ethernet(frame).expect("parse");
-    let Some(etherparse::NetSlice::Ipv4(ipv4)) = &sliced.net else { panic!("not ipv4") };
+    let Some(etherparse::NetSlice::Ipv4(ipv4)) = &sliced.net else {
+        panic!("not ipv4")
+    };
     let header = ipv4.header().to_header();
-    assert_eq!(header.calc_header_checksum(), header.header_checksum, "IPv4 checksum");
+    assert_eq!(
+        header.calc_header_checksum(),
+        header.header_checksum,
+        "IPv4 checksum"
+    );
     match sliced.transport {
         Some(TransportSlice::Udp(udp)) if udp.checksum() != 0 => {
-            assert_eq!(udp.to_header().calc_checksum_ipv4(&header, udp.payload()).expect("udp"), udp.checksum(), "UDP checksum")
+            assert_eq!(
+                udp.to_header()
+                    .calc_checksum_ipv4(&header, udp.payload())
+                    .expect("udp"),
+                udp.checksum(),
+                "UDP checksum"
+            )
         }
         Some(TransportSlice::Tcp(tcp)) => {
-            assert_eq!(tcp.to_header().calc_checksum_ipv4(&header, tcp.payload()).expect("tcp"), tcp.checksum(), "TCP checksum")
+            assert_eq!(
+                tcp.to_header()
+                    .calc_checksum_ipv4(&header, tcp.payload())
+                    .expect("tcp"),
+                tcp.checksum(),
+                "TCP checksum"
+            )
         }
         Some(TransportSlice::Icmpv4(icmp)) => {
-            assert_eq!(icmp.icmp_type().calc_checksum(icmp.payload()), icmp.checksum(), "ICMP checksum")
+            assert_eq!(
+                icmp.icmp_type().calc_checksum(icmp.payload()),
+                icmp.checksum(),
+                "ICMP checksum"
+            )
         }
         _ => {}
     }
@@ -228,10 +297,12 @@ fn node_egress_remaps_and_encapsulates_exactly() {
         assert_eq!(out.len(), input.len() + ENCAP_LEN);
 
         // Expected: the same packet as if sent to the real address, wrapped.
-        let l4 = [L4::Udp, L4::Tcp, L4::Icmp].into_iter().nth(i).expect("l4");
         let translated = frame(NODE_MAC, GW_MAC, "10.244.1.10", "10.100.17.11", l4, payload);
         let src_port = u16::from_be_bytes([out[outer::UDP], out[outer::UDP + 1]]);
-        assert!(src_port >= 49152, "flow-hash source port {src_port} outside the dynamic range");
+        assert!(
+            src_port >= 49152,
+            "flow-hash source port {src_port} outside the dynamic range"
+        );
         let mut expected = translated[..14].to_vec();
         expected.extend_from_slice(&encap_header(&EncapParams {
             outer_src: ip("192.0.2.11"),
@@ -244,17 +315,30 @@ fn node_egress_remaps_and_encapsulates_exactly() {
             inner_src_mac: NODE_MAC,
         }));
         expected.extend_from_slice(&translated[14..]);
-        assert_eq!(out, expected, "case {i}: output differs from the expected bytes");
+        assert_eq!(
+            out, expected,
+            "case {i}: output differs from the expected bytes"
+        );
         assert_checksums_valid(&out[outer::INNER_ETH..]);
         let after = fx.traffic(0);
         assert_eq!(after.0, before.0 + 1);
         assert_eq!(after.1, before.1 + (input.len() - 14) as u64);
     }
     // The same flow always gets the same outer source port.
-    let input = frame(NODE_MAC, GW_MAC, "10.244.1.10", "10.200.33.11", L4::Udp, payload);
+    let input = frame(
+        NODE_MAC,
+        GW_MAC,
+        "10.244.1.10",
+        "10.200.33.11",
+        L4::Udp,
+        payload,
+    );
     let (_, first) = fx.run_tc("node_egress", &input);
     let (_, second) = fx.run_tc("node_egress", &input);
-    assert_eq!(first[outer::UDP..outer::UDP + 2], second[outer::UDP..outer::UDP + 2]);
+    assert_eq!(
+        first[outer::UDP..outer::UDP + 2],
+        second[outer::UDP..outer::UDP + 2]
+    );
 }
 
 #[test]
@@ -263,29 +347,61 @@ fn node_egress_keeps_a_zero_udp_checksum_and_skips_l4_of_later_fragments() {
         return;
     }
     let mut fx = Fixture::new(&node_config());
-    let mut input = frame(NODE_MAC, GW_MAC, "10.244.1.10", "10.200.33.11", L4::Udp, b"no checksum");
+    let mut input = frame(
+        NODE_MAC,
+        GW_MAC,
+        "10.244.1.10",
+        "10.200.33.11",
+        L4::Udp,
+        b"no checksum",
+    );
     input[14 + 20 + 6] = 0;
     input[14 + 20 + 7] = 0;
     let (ret, out) = fx.run_tc("node_egress", &input);
     assert_eq!(ret, TC_ACT_OK);
     let inner = &out[outer::INNER_IP..];
     assert_eq!(&inner[16..20], &ip("10.100.17.11"));
-    assert_eq!(&inner[20 + 6..20 + 8], &[0, 0], "UDP checksum 0 must stay 0");
+    assert_eq!(
+        &inner[20 + 6..20 + 8],
+        &[0, 0],
+        "UDP checksum 0 must stay 0"
+    );
 
     // A non-first fragment: bytes after the IP header are payload, not a
     // UDP header, and must not be touched.
-    let mut fragment = frame(NODE_MAC, GW_MAC, "10.244.1.10", "10.200.33.11", L4::Udp, b"fragment payload bytes");
+    let mut fragment = frame(
+        NODE_MAC,
+        GW_MAC,
+        "10.244.1.10",
+        "10.200.33.11",
+        L4::Udp,
+        b"fragment payload bytes",
+    );
     fragment[14 + 6] = 0x00;
     fragment[14 + 7] = 0x10; // offset 16 * 8 bytes
-    let mut header = etherparse::Ipv4Header::from_slice(&fragment[14..]).expect("ip").0;
+    let mut header = etherparse::Ipv4Header::from_slice(&fragment[14..])
+        .expect("ip")
+        .0;
     header.header_checksum = header.calc_header_checksum();
     fragment[14..34].copy_from_slice(&header.to_bytes());
     let (ret, out) = fx.run_tc("node_egress", &fragment);
     assert_eq!(ret, TC_ACT_OK);
-    assert_eq!(&out[outer::INNER_IP + 20..], &fragment[34..], "fragment payload changed");
-    assert_eq!(&out[outer::INNER_IP + 16..outer::INNER_IP + 20], &ip("10.100.17.11"));
-    let inner_header = etherparse::Ipv4Header::from_slice(&out[outer::INNER_IP..]).expect("ip").0;
-    assert_eq!(inner_header.calc_header_checksum(), inner_header.header_checksum);
+    assert_eq!(
+        &out[outer::INNER_IP + 20..],
+        &fragment[34..],
+        "fragment payload changed"
+    );
+    assert_eq!(
+        &out[outer::INNER_IP + 16..outer::INNER_IP + 20],
+        &ip("10.100.17.11")
+    );
+    let inner_header = etherparse::Ipv4Header::from_slice(&out[outer::INNER_IP..])
+        .expect("ip")
+        .0;
+    assert_eq!(
+        inner_header.calc_header_checksum(),
+        inner_header.header_checksum
+    );
 }
 
 #[test]
@@ -294,7 +410,14 @@ fn node_egress_passes_foreign_traffic_untouched() {
         return;
     }
     let mut fx = Fixture::new(&node_config());
-    let local = frame(NODE_MAC, GW_MAC, "10.244.1.10", "10.244.2.11", L4::Udp, b"in-cluster");
+    let local = frame(
+        NODE_MAC,
+        GW_MAC,
+        "10.244.1.10",
+        "10.244.2.11",
+        L4::Udp,
+        b"in-cluster",
+    );
     let mut arp = local.clone();
     arp[12] = 0x08;
     arp[13] = 0x06;
@@ -311,7 +434,14 @@ fn gateway_forwards_between_nodes_and_peer_gateways() {
         return;
     }
     let mut fx = Fixture::new(&gateway_config());
-    let inner = frame(NODE_MAC, GW_MAC, "10.244.1.10", "10.100.17.11", L4::Tcp, b"to the peer");
+    let inner = frame(
+        NODE_MAC,
+        GW_MAC,
+        "10.244.1.10",
+        "10.100.17.11",
+        L4::Tcp,
+        b"to the peer",
+    );
 
     // From a local node (VNI = peer id) to the peer gateway (VNI = our id).
     let input = encapsulated("192.0.2.11", "192.0.2.1", 2, &inner);
@@ -319,7 +449,11 @@ fn gateway_forwards_between_nodes_and_peer_gateways() {
     assert_eq!(ret, TC_ACT_REDIRECT);
     let mut expected = input.clone();
     let mut header: [u8; 20] = input[outer::IP..outer::UDP].try_into().expect("ip");
-    ligo_fabric_common::headers::retarget_outer_ipv4(&mut header, ip("203.0.113.1"), ip("203.0.113.2"));
+    ligo_fabric_common::headers::retarget_outer_ipv4(
+        &mut header,
+        ip("203.0.113.1"),
+        ip("203.0.113.2"),
+    );
     expected[outer::IP..outer::UDP].copy_from_slice(&header);
     expected[outer::UDP + 2..outer::UDP + 4].copy_from_slice(&PORT.to_be_bytes());
     expected[outer::UDP + 6..outer::UDP + 8].copy_from_slice(&[0, 0]);
@@ -328,12 +462,23 @@ fn gateway_forwards_between_nodes_and_peer_gateways() {
     assert_eq!(fx.traffic(0), (1, (inner.len() - 14) as u64));
 
     // From the peer gateway (VNI = its id) to the node owning the slice.
-    let reply = frame(GW_MAC, NODE_MAC, "10.100.17.11", "10.244.2.11", L4::Udp, b"reply");
+    let reply = frame(
+        GW_MAC,
+        NODE_MAC,
+        "10.100.17.11",
+        "10.244.2.11",
+        L4::Udp,
+        b"reply",
+    );
     let input = encapsulated("203.0.113.2", "203.0.113.1", 2, &reply);
     let (ret, out) = fx.run_tc("gateway", &input);
     assert_eq!(ret, TC_ACT_REDIRECT);
     let mut header: [u8; 20] = input[outer::IP..outer::UDP].try_into().expect("ip");
-    ligo_fabric_common::headers::retarget_outer_ipv4(&mut header, ip("192.0.2.1"), ip("192.0.2.12"));
+    ligo_fabric_common::headers::retarget_outer_ipv4(
+        &mut header,
+        ip("192.0.2.1"),
+        ip("192.0.2.12"),
+    );
     let mut expected = input.clone();
     expected[outer::IP..outer::UDP].copy_from_slice(&header);
     expected[outer::UDP + 6..outer::UDP + 8].copy_from_slice(&[0, 0]);
@@ -347,13 +492,41 @@ fn gateway_drops_with_the_right_reason() {
         return;
     }
     let mut fx = Fixture::new(&gateway_config());
-    let inner = frame(GW_MAC, NODE_MAC, "10.100.17.11", "10.244.2.11", L4::Udp, b"x");
+    let inner = frame(
+        GW_MAC,
+        NODE_MAC,
+        "10.100.17.11",
+        "10.244.2.11",
+        L4::Udp,
+        b"x",
+    );
     let cases = [
-        (encapsulated("203.0.113.9", "203.0.113.1", 2, &inner), DropReason::UnknownEndpoint),
-        (encapsulated("203.0.113.2", "203.0.113.1", 3, &inner), DropReason::PeerVniMismatch),
-        (encapsulated("192.0.2.11", "192.0.2.1", 7, &inner), DropReason::UnknownPeer),
         (
-            encapsulated("203.0.113.2", "203.0.113.1", 2, &frame(GW_MAC, NODE_MAC, "10.100.17.11", "10.244.9.1", L4::Udp, b"x")),
+            encapsulated("203.0.113.9", "203.0.113.1", 2, &inner),
+            DropReason::UnknownEndpoint,
+        ),
+        (
+            encapsulated("203.0.113.2", "203.0.113.1", 3, &inner),
+            DropReason::PeerVniMismatch,
+        ),
+        (
+            encapsulated("192.0.2.11", "192.0.2.1", 7, &inner),
+            DropReason::UnknownPeer,
+        ),
+        (
+            encapsulated(
+                "203.0.113.2",
+                "203.0.113.1",
+                2,
+                &frame(
+                    GW_MAC,
+                    NODE_MAC,
+                    "10.100.17.11",
+                    "10.244.9.1",
+                    L4::Udp,
+                    b"x",
+                ),
+            ),
             DropReason::NoNodeForDestination,
         ),
         (
@@ -372,7 +545,14 @@ fn gateway_drops_with_the_right_reason() {
         assert_eq!(fx.drops(reason), before + 1, "{reason:?} not counted");
     }
     // Not fabric traffic: untouched.
-    let plain = frame(NODE_MAC, GW_MAC, "192.0.2.11", "192.0.2.1", L4::Udp, b"dns?");
+    let plain = frame(
+        NODE_MAC,
+        GW_MAC,
+        "192.0.2.11",
+        "192.0.2.1",
+        L4::Udp,
+        b"dns?",
+    );
     assert_eq!(fx.run_tc("gateway", &plain), (TC_ACT_OK, plain.clone()));
 }
 
@@ -383,19 +563,28 @@ fn node_ingress_decapsulates_and_remaps_the_source_exactly() {
     }
     let mut fx = Fixture::new(&node_config());
     for l4 in [L4::Tcp, L4::Udp, L4::Icmp] {
-        let expected_l4 = match l4 {
-            L4::Tcp => L4::Tcp,
-            L4::Udp => L4::Udp,
-            L4::Icmp => L4::Icmp,
-        };
         // Inner MACs are whatever the sender wrote; the output carries the
         // outer ones so the stack accepts the frame.
-        let inner = frame([2, 9, 9, 9, 9, 9], [2, 8, 8, 8, 8, 8], "10.100.17.11", "10.244.1.10", l4, b"reply payload");
+        let inner = frame(
+            [2, 9, 9, 9, 9, 9],
+            [2, 8, 8, 8, 8, 8],
+            "10.100.17.11",
+            "10.244.1.10",
+            l4,
+            b"reply payload",
+        );
         let input = encapsulated("192.0.2.1", "192.0.2.11", 2, &inner);
         let before = fx.traffic(1);
         let (ret, out) = fx.run_xdp("node_ingress", &input);
         assert_eq!(ret, XDP_PASS);
-        let expected = frame(GW_MAC, NODE_MAC, "10.200.33.11", "10.244.1.10", expected_l4, b"reply payload");
+        let expected = frame(
+            GW_MAC,
+            NODE_MAC,
+            "10.200.33.11",
+            "10.244.1.10",
+            l4,
+            b"reply payload",
+        );
         assert_eq!(out, expected);
         let after = fx.traffic(1);
         assert_eq!(after, (before.0 + 1, before.1 + (inner.len() - 14) as u64));
@@ -408,14 +597,39 @@ fn node_ingress_drops_with_the_right_reason_and_passes_the_rest() {
         return;
     }
     let mut fx = Fixture::new(&node_config());
-    let inner = frame(GW_MAC, NODE_MAC, "10.100.17.11", "10.244.1.10", L4::Tcp, b"data");
+    let inner = frame(
+        GW_MAC,
+        NODE_MAC,
+        "10.100.17.11",
+        "10.244.1.10",
+        L4::Tcp,
+        b"data",
+    );
     let mut truncated = encapsulated("192.0.2.1", "192.0.2.11", 2, &inner);
     truncated.truncate(outer::INNER_IP + 20 + 10);
     let cases = [
-        (encapsulated("192.0.2.99", "192.0.2.11", 2, &inner), DropReason::NotFromGateway),
-        (encapsulated("192.0.2.1", "192.0.2.11", 5, &inner), DropReason::UnknownPeer),
         (
-            encapsulated("192.0.2.1", "192.0.2.11", 2, &frame(GW_MAC, NODE_MAC, "10.244.1.99", "10.244.1.10", L4::Udp, b"spoof")),
+            encapsulated("192.0.2.99", "192.0.2.11", 2, &inner),
+            DropReason::NotFromGateway,
+        ),
+        (
+            encapsulated("192.0.2.1", "192.0.2.11", 5, &inner),
+            DropReason::UnknownPeer,
+        ),
+        (
+            encapsulated(
+                "192.0.2.1",
+                "192.0.2.11",
+                2,
+                &frame(
+                    GW_MAC,
+                    NODE_MAC,
+                    "10.244.1.99",
+                    "10.244.1.10",
+                    L4::Udp,
+                    b"spoof",
+                ),
+            ),
             DropReason::SourceOutsidePeerCidr,
         ),
         (truncated, DropReason::TruncatedInnerPacket),
@@ -437,9 +651,19 @@ fn node_ingress_drops_with_the_right_reason_and_passes_the_rest() {
     }
     let mut other_port = encapsulated("192.0.2.1", "192.0.2.11", 2, &inner);
     other_port[outer::UDP + 2..outer::UDP + 4].copy_from_slice(&8472u16.to_be_bytes());
-    let plain = frame(GW_MAC, NODE_MAC, "192.0.2.1", "192.0.2.11", L4::Icmp, b"ping");
+    let plain = frame(
+        GW_MAC,
+        NODE_MAC,
+        "192.0.2.1",
+        "192.0.2.11",
+        L4::Icmp,
+        b"ping",
+    );
     for input in [other_port, plain] {
-        assert_eq!(fx.run_xdp("node_ingress", &input), (XDP_PASS, input.clone()));
+        assert_eq!(
+            fx.run_xdp("node_ingress", &input),
+            (XDP_PASS, input.clone())
+        );
     }
     assert_eq!(fx.traffic(1), (0, 0));
 }

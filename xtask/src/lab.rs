@@ -31,7 +31,13 @@ impl Lab {
         clear_leftovers(prefix, &run_dir);
         fs::create_dir_all(run_dir.join("bpffs"))
             .with_context(|| format!("creating {}", run_dir.display()))?;
-        Ok(Self { prefix: prefix.into(), run_dir, bpffs_mounted: false, daemons: vec![], torn_down: false })
+        Ok(Self {
+            prefix: prefix.into(),
+            run_dir,
+            bpffs_mounted: false,
+            daemons: vec![],
+            torn_down: false,
+        })
     }
 
     /// The namespace name for `host` in this lab.
@@ -66,7 +72,15 @@ impl Lab {
     /// Writes `config` and starts a daemon in `ns`, waiting until it is ready.
     pub fn start_daemon(&mut self, daemon: &Path, ns: &str, config: &str) -> Result<()> {
         if !self.bpffs_mounted {
-            netns::run("mount", &["-t", "bpf", "bpf", &self.run_dir.join("bpffs").to_string_lossy()])?;
+            netns::run(
+                "mount",
+                &[
+                    "-t",
+                    "bpf",
+                    "bpf",
+                    &self.run_dir.join("bpffs").to_string_lossy(),
+                ],
+            )?;
             self.bpffs_mounted = true;
         }
         fs::write(self.config_path(ns), config)?;
@@ -121,7 +135,14 @@ impl Lab {
     pub fn inspect(&self, daemon: &Path, ns: &str) -> Result<serde_json::Value> {
         let out = netns::run(
             &daemon.to_string_lossy(),
-            &["inspect", "maps", "--pin-dir", &self.pin_dir(ns).to_string_lossy(), "-o", "json"],
+            &[
+                "inspect",
+                "maps",
+                "--pin-dir",
+                &self.pin_dir(ns).to_string_lossy(),
+                "-o",
+                "json",
+            ],
         )?;
         serde_json::from_str(&out).context("inspect printed invalid JSON")
     }
@@ -130,7 +151,11 @@ impl Lab {
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for (ns, _) in &self.daemons {
-            let _ = writeln!(out, "--- {ns} ---\n{}", fs::read_to_string(self.log_path(ns)).unwrap_or_default());
+            let _ = writeln!(
+                out,
+                "--- {ns} ---\n{}",
+                fs::read_to_string(self.log_path(ns)).unwrap_or_default()
+            );
         }
         out
     }
@@ -199,18 +224,30 @@ fn clear_leftovers(prefix: &str, run_dir: &Path) {
         for entry in entries.flatten() {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "pid") {
-                if let Some(pid) = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                if let Some(pid) = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
             }
         }
     }
     if let Ok(names) = netns::list() {
-        for ns in names.iter().filter(|n| n.starts_with(&format!("{prefix}-"))) {
+        for ns in names
+            .iter()
+            .filter(|n| n.starts_with(&format!("{prefix}-")))
+        {
             netns::delete(ns);
         }
     }
     let bpffs = run_dir.join("bpffs");
-    let _ = Command::new("umount").arg(&bpffs).stderr(Stdio::null()).status();
+    let _ = Command::new("umount")
+        .arg(&bpffs)
+        .stderr(Stdio::null())
+        .status();
     let _ = fs::remove_dir_all(run_dir);
 }

@@ -5,8 +5,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use xtask::{
-    daemon_binary,
-    lab,
+    daemon_binary, lab,
     testbed::{Scenario, Testbed},
     traffic, workspace_root,
 };
@@ -74,6 +73,28 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Runs cargo in the eBPF crate, which has its own nightly toolchain: the
+/// outer cargo's toolchain settings must not leak into it.
+fn ebpf_cargo(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    let dir = workspace_root().join("ligo-fabric-ebpf");
+    let status = Command::new("cargo")
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(&dir)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("CARGO")
+        .status()
+        .with_context(|| format!("running cargo {} in {}", args.join(" "), dir.display()))?;
+    if !status.success() {
+        bail!(
+            "cargo {} in ligo-fabric-ebpf failed ({status})",
+            args.join(" ")
+        );
+    }
+    Ok(())
+}
+
 fn build() -> Result<()> {
     cargo(&["build", "--package", "ligo-fabric"])
 }
@@ -88,19 +109,51 @@ fn main() -> Result<()> {
         Cmd::Test => {
             build()?;
             cargo(&["fmt", "--all", "--check"])?;
-            cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            // The eBPF nightly ships no clippy: a format check, and a build
+            // that turns warnings into errors.
+            ebpf_cargo(&["fmt", "--check"], &[])?;
+            ebpf_cargo(
+                &[
+                    "build",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                ],
+                &[("RUSTFLAGS", "-D warnings")],
+            )?;
             cargo(&["test", "--workspace", "--no-fail-fast"])
         }
-        Cmd::Testbed { action: TestbedAction::Down, .. } => {
+        Cmd::Testbed {
+            action: TestbedAction::Down,
+            ..
+        } => {
             lab::remove(DEV_PREFIX);
             Ok(())
         }
-        Cmd::Testbed { action: TestbedAction::Up, scenario } => {
+        Cmd::Testbed {
+            action: TestbedAction::Up,
+            scenario,
+        } => {
             build()?;
             let mut bed = Testbed::up(DEV_PREFIX, scenario.scenario())?;
             bed.start_fabric(&daemon_binary())?;
             for pod in bed.all_pods() {
-                println!("{:<20} {:<14} seen from the other cluster as {}", pod.netns, pod.ip, bed.address_seen_from_peer(&pod));
+                println!(
+                    "{:<20} {:<14} seen from the other cluster as {}",
+                    pod.netns,
+                    pod.ip,
+                    bed.address_seen_from_peer(&pod)
+                );
             }
             println!("logs and configs: /run/ligo-testbed/{DEV_PREFIX}/; remove with `cargo xtask testbed down`");
             bed.lab.detach();
@@ -122,8 +175,14 @@ fn demo(scenario: ScenarioName) -> Result<()> {
     })?;
     let scenario = scenario.scenario();
     let (a, b) = (&scenario.a, &scenario.b);
-    println!("== Ligo demo: two clusters, cluster A pods {} and cluster B pods {}", a.pod_cidr, b.pod_cidr);
-    println!("   A sees B's pods as {}, B sees A's pods as {}", a.view_of_peer, b.view_of_peer);
+    println!(
+        "== Ligo demo: two clusters, cluster A pods {} and cluster B pods {}",
+        a.pod_cidr, b.pod_cidr
+    );
+    println!(
+        "   A sees B's pods as {}, B sees A's pods as {}",
+        a.view_of_peer, b.view_of_peer
+    );
     let mut bed = Testbed::up(DEMO_PREFIX, scenario.clone())?;
     let result = run_demo(&mut bed);
     if result.is_err() {
@@ -142,16 +201,28 @@ fn run_demo(bed: &mut Testbed) -> Result<()> {
     let b_pod = bed.pod(1, 1, 1);
     for (from, to, port) in [(&a_pod, &b_pod, 7001), (&b_pod, &a_pod, 7002)] {
         let dst = bed.address_seen_from_peer(to);
-        let (from_c, to_c) = (if from.cluster == 0 { "A" } else { "B" }, if to.cluster == 0 { "A" } else { "B" });
-        println!("\n-- pod {} in {from_c} -> pod {} in {to_c}, addressed as {dst}", from.ip, to.ip);
+        let (from_c, to_c) = (
+            if from.cluster == 0 { "A" } else { "B" },
+            if to.cluster == 0 { "A" } else { "B" },
+        );
+        println!(
+            "\n-- pod {} in {from_c} -> pod {} in {to_c}, addressed as {dst}",
+            from.ip, to.ip
+        );
         let ping = traffic::ping(from, dst, 3)?;
         if let Some(summary) = ping.lines().find(|l| l.contains("packets transmitted")) {
             println!("   ICMP: {summary}");
         }
         let tcp = traffic::tcp_transfer(from, to, dst, port, 4 << 20)?;
-        println!("   TCP:  {} bytes, SHA-256 matches; the server saw the client as {}", tcp.bytes, tcp.server_saw);
+        println!(
+            "   TCP:  {} bytes, SHA-256 matches; the server saw the client as {}",
+            tcp.bytes, tcp.server_saw
+        );
         let udp = traffic::udp_exchange(from, to, dst, port, 20)?;
-        println!("   UDP:  20 datagrams echoed; server saw {}, replies came from {}", udp.server_saw, udp.reply_from);
+        println!(
+            "   UDP:  20 datagrams echoed; server saw {}, replies came from {}",
+            udp.server_saw, udp.reply_from
+        );
     }
     let a_node = bed.ns(&bed.scenario.a, "n1");
     let a_gw = bed.ns(&bed.scenario.a, "gw");
@@ -159,7 +230,12 @@ fn run_demo(bed: &mut Testbed) -> Result<()> {
         println!("\n== ligo-fabric inspect maps ({ns})");
         let out = xtask::netns::run(
             &daemon.to_string_lossy(),
-            &["inspect", "maps", "--pin-dir", &bed.lab.pin_dir(&ns).to_string_lossy()],
+            &[
+                "inspect",
+                "maps",
+                "--pin-dir",
+                &bed.lab.pin_dir(&ns).to_string_lossy(),
+            ],
         )?;
         print!("{out}");
     }

@@ -17,7 +17,9 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("running {program}: is it installed? `./x bootstrap` installs the test tools"))?;
+        .with_context(|| {
+            format!("running {program}: is it installed? `./x bootstrap` installs the test tools")
+        })?;
     check(program, args, output)
 }
 
@@ -72,7 +74,9 @@ pub fn list() -> Result<Vec<String>> {
 
 /// Creates a veth pair with one end in each namespace.
 pub fn veth(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str) -> Result<()> {
-    ip(&["-n", ns_a, "link", "add", name_a, "type", "veth", "peer", "name", name_b, "netns", ns_b])?;
+    ip(&[
+        "-n", ns_a, "link", "add", name_a, "type", "veth", "peer", "name", name_b, "netns", ns_b,
+    ])?;
     ip(&["-n", ns_a, "link", "set", name_a, "up"])?;
     ip(&["-n", ns_b, "link", "set", name_b, "up"])?;
     Ok(())
@@ -95,5 +99,7 @@ where
 
 /// Joins a thread started by [`within`].
 pub fn join<T>(handle: thread::JoinHandle<Result<T>>) -> Result<T> {
-    handle.join().map_err(|_| anyhow!("namespace thread panicked"))?
+    handle
+        .join()
+        .map_err(|_| anyhow!("namespace thread panicked"))?
 }

@@ -25,10 +25,17 @@ pub struct Cidr(pub Ipv4Addr, pub u8);
 impl Cidr {
     pub fn parse(s: &str) -> Self {
         let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
-        Cidr(addr.parse().unwrap_or(Ipv4Addr::UNSPECIFIED), len.parse().unwrap_or(32))
+        Cidr(
+            addr.parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+            len.parse().unwrap_or(32),
+        )
     }
     fn mask(self) -> u32 {
-        if self.1 == 0 { 0 } else { u32::MAX << (32 - self.1) }
+        if self.1 == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.1)
+        }
     }
     /// The address with `host` as host bits.
     pub fn host(self, host: u32) -> Ipv4Addr {
@@ -131,8 +138,12 @@ const NODES: [&str; 2] = ["n1", "n2"];
 impl Testbed {
     /// Builds the topology; daemons are started by [`Testbed::start_fabric`].
     pub fn up(prefix: &str, scenario: Scenario) -> Result<Self> {
-        let bed = Self { lab: Lab::new(prefix)?, scenario };
-        bed.build().with_context(|| format!("building testbed {prefix}"))?;
+        let bed = Self {
+            lab: Lab::new(prefix)?,
+            scenario,
+        };
+        bed.build()
+            .with_context(|| format!("building testbed {prefix}"))?;
         Ok(bed)
     }
 
@@ -180,8 +191,24 @@ impl Testbed {
         }
         let (gw_a, gw_b) = (self.ns(a, "gw"), self.ns(b, "gw"));
         netns::veth(&gw_a, "eth1", &gw_b, "eth1")?;
-        ip(&["-n", &gw_a, "addr", "add", &format!("{}/24", a.public_ip), "dev", "eth1"])?;
-        ip(&["-n", &gw_b, "addr", "add", &format!("{}/24", b.public_ip), "dev", "eth1"])?;
+        ip(&[
+            "-n",
+            &gw_a,
+            "addr",
+            "add",
+            &format!("{}/24", a.public_ip),
+            "dev",
+            "eth1",
+        ])?;
+        ip(&[
+            "-n",
+            &gw_b,
+            "addr",
+            "add",
+            &format!("{}/24", b.public_ip),
+            "dev",
+            "eth1",
+        ])?;
         Ok(())
     }
 
@@ -196,7 +223,15 @@ impl Testbed {
             netns::add(&ns)?;
             netns::veth(&underlay, host, &ns, "eth0")?;
             ip(&["-n", &underlay, "link", "set", host, "master", "br0"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", plan.underlay_ip(octet)), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", plan.underlay_ip(octet)),
+                "dev",
+                "eth0",
+            ])?;
         }
         for (n, node) in NODES.iter().enumerate() {
             let ns = self.ns(plan, node);
@@ -204,8 +239,13 @@ impl Testbed {
             // In-cluster pod routing between the nodes, as any CNI provides.
             let other = 1 - n;
             ip(&[
-                "-n", &ns, "route", "add", &plan.node_slices[other].to_string(),
-                "via", &plan.underlay_ip(11 + other as u8).to_string(),
+                "-n",
+                &ns,
+                "route",
+                "add",
+                &plan.node_slices[other].to_string(),
+                "via",
+                &plan.underlay_ip(11 + other as u8).to_string(),
             ])?;
             for i in 0..2 {
                 let pod_ns = self.ns(plan, &format!("{node}p{}", i + 1));
@@ -213,13 +253,61 @@ impl Testbed {
                 let host_if = format!("pod{}", i + 1);
                 netns::add(&pod_ns)?;
                 netns::veth(&ns, &host_if, &pod_ns, "eth0")?;
-                ip(&["-n", &pod_ns, "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
-                ip(&["-n", &pod_ns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
-                ip(&["-n", &pod_ns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+                ip(&[
+                    "-n",
+                    &pod_ns,
+                    "addr",
+                    "add",
+                    &format!("{pod_ip}/32"),
+                    "dev",
+                    "eth0",
+                ])?;
+                ip(&[
+                    "-n",
+                    &pod_ns,
+                    "route",
+                    "add",
+                    "169.254.1.1",
+                    "dev",
+                    "eth0",
+                    "scope",
+                    "link",
+                ])?;
+                ip(&[
+                    "-n",
+                    &pod_ns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    "169.254.1.1",
+                    "dev",
+                    "eth0",
+                ])?;
                 // The pod's next hop is the node end of its veth (as with Calico).
                 let node_mac = interface_mac(&ns, &host_if)?;
-                ip(&["-n", &pod_ns, "neigh", "add", "169.254.1.1", "lladdr", &node_mac, "dev", "eth0", "nud", "permanent"])?;
-                ip(&["-n", &ns, "route", "add", &format!("{pod_ip}/32"), "dev", &host_if])?;
+                ip(&[
+                    "-n",
+                    &pod_ns,
+                    "neigh",
+                    "add",
+                    "169.254.1.1",
+                    "lladdr",
+                    &node_mac,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    &format!("{pod_ip}/32"),
+                    "dev",
+                    &host_if,
+                ])?;
             }
         }
         Ok(())
@@ -227,10 +315,22 @@ impl Testbed {
 
     /// The daemon configuration for `host` ("gw", "n1", "n2") of a cluster.
     pub fn daemon_config(&self, plan: &ClusterPlan, host: &str) -> String {
-        let peer = if plan.name == "a" { &self.scenario.b } else { &self.scenario.a };
+        let peer = if plan.name == "a" {
+            &self.scenario.b
+        } else {
+            &self.scenario.a
+        };
         let mut c = String::new();
-        let _ = writeln!(c, "cluster_id = {}\npod_cidrs = [\"{}\"]\nfabric_port = {FABRIC_PORT}", plan.id, plan.pod_cidr);
-        let _ = writeln!(c, "pin_dir = \"{}\"", self.lab.pin_dir(&self.ns(plan, host)).display());
+        let _ = writeln!(
+            c,
+            "cluster_id = {}\npod_cidrs = [\"{}\"]\nfabric_port = {FABRIC_PORT}",
+            plan.id, plan.pod_cidr
+        );
+        let _ = writeln!(
+            c,
+            "pin_dir = \"{}\"",
+            self.lab.pin_dir(&self.ns(plan, host)).display()
+        );
         if host == "gw" {
             let _ = writeln!(
                 c,
@@ -240,7 +340,11 @@ impl Testbed {
             );
             let _ = writeln!(c, "node_slices = [");
             for (n, slice) in plan.node_slices.iter().enumerate() {
-                let _ = writeln!(c, "  {{ node_ip = \"{}\", pod_cidr = \"{slice}\" }},", plan.underlay_ip(11 + n as u8));
+                let _ = writeln!(
+                    c,
+                    "  {{ node_ip = \"{}\", pod_cidr = \"{slice}\" }},",
+                    plan.underlay_ip(11 + n as u8)
+                );
             }
             let _ = writeln!(c, "]");
         } else {
@@ -252,7 +356,11 @@ impl Testbed {
                 plan.underlay_ip(1)
             );
         }
-        let _ = writeln!(c, "[[peers]]\nid = {}\nname = \"cluster-{}\"\npod_cidr = \"{}\"", peer.id, peer.name, peer.pod_cidr);
+        let _ = writeln!(
+            c,
+            "[[peers]]\nid = {}\nname = \"cluster-{}\"\npod_cidr = \"{}\"",
+            peer.id, peer.name, peer.pod_cidr
+        );
         if plan.view_of_peer != peer.pod_cidr {
             let _ = writeln!(c, "view_cidr = \"{}\"", plan.view_of_peer);
         }

@@ -18,8 +18,20 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// ICMP echo from `from` to `to` with iputils ping (count replies required).
 pub fn ping(from: &Pod, to: Ipv4Addr, count: u32) -> Result<String> {
-    exec(&from.netns, "ping", &["-c", &count.to_string(), "-i", "0.2", "-W", "2", &to.to_string()])
-        .with_context(|| format!("ping {} -> {to}", from.ip))
+    exec(
+        &from.netns,
+        "ping",
+        &[
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &to.to_string(),
+        ],
+    )
+    .with_context(|| format!("ping {} -> {to}", from.ip))
 }
 
 /// Deterministic pseudo-random payload.
@@ -45,7 +57,13 @@ pub struct TcpOutcome {
 /// Sends `len` bytes from `client` to `server` (listening on its own IP) at
 /// address `server_addr`; the server hashes what it received and sends the
 /// hash back; both hashes must match the payload's.
-pub fn tcp_transfer(client: &Pod, server: &Pod, server_addr: Ipv4Addr, port: u16, len: usize) -> Result<TcpOutcome> {
+pub fn tcp_transfer(
+    client: &Pod,
+    server: &Pod,
+    server_addr: Ipv4Addr,
+    port: u16,
+    len: usize,
+) -> Result<TcpOutcome> {
     let listener_ns = server.netns.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server_thread = within(&listener_ns, move || {
@@ -65,10 +83,14 @@ pub fn tcp_transfer(client: &Pod, server: &Pod, server_addr: Ipv4Addr, port: u16
             total += n;
         }
         stream.write_all(&hasher.finalize())?;
-        let SocketAddr::V4(peer) = peer else { bail!("IPv6 peer") };
+        let SocketAddr::V4(peer) = peer else {
+            bail!("IPv6 peer")
+        };
         Ok((*peer.ip(), total))
     });
-    ready_rx.recv_timeout(TIMEOUT).context("TCP server did not start")?;
+    ready_rx
+        .recv_timeout(TIMEOUT)
+        .context("TCP server did not start")?;
     let data = payload(len, u64::from(port));
     let expected: [u8; 32] = Sha256::digest(&data).into();
     let client_thread = within(&client.netns, move || {
@@ -82,10 +104,14 @@ pub fn tcp_transfer(client: &Pod, server: &Pod, server_addr: Ipv4Addr, port: u16
         stream.read_exact(&mut digest)?;
         Ok(digest)
     });
-    let digest = join(client_thread).with_context(|| format!("TCP client {} -> {server_addr}:{port}", client.ip))?;
+    let digest = join(client_thread)
+        .with_context(|| format!("TCP client {} -> {server_addr}:{port}", client.ip))?;
     let (server_saw, bytes) = join(server_thread).context("TCP server")?;
     ensure!(bytes == len, "server received {bytes} bytes, {len} sent");
-    ensure!(digest == expected, "content hash differs: the payload was corrupted in transit");
+    ensure!(
+        digest == expected,
+        "content hash differs: the payload was corrupted in transit"
+    );
     Ok(TcpOutcome { server_saw, bytes })
 }
 
@@ -99,7 +125,13 @@ pub struct UdpOutcome {
 
 /// Sends `count` datagrams from `client` to `server_addr`; the server echoes
 /// each one with the sender address it saw; every echo must come back intact.
-pub fn udp_exchange(client: &Pod, server: &Pod, server_addr: Ipv4Addr, port: u16, count: usize) -> Result<UdpOutcome> {
+pub fn udp_exchange(
+    client: &Pod,
+    server: &Pod,
+    server_addr: Ipv4Addr,
+    port: u16,
+    count: usize,
+) -> Result<UdpOutcome> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server_thread = within(&server.netns, move || {
         let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
@@ -109,13 +141,17 @@ pub fn udp_exchange(client: &Pod, server: &Pod, server_addr: Ipv4Addr, port: u16
         let mut buf = [0u8; 2048];
         for _ in 0..count {
             let (n, from) = socket.recv_from(&mut buf)?;
-            let SocketAddr::V4(from) = from else { bail!("IPv6 sender") };
+            let SocketAddr::V4(from) = from else {
+                bail!("IPv6 sender")
+            };
             seen = Some(*from.ip());
             socket.send_to(&buf[..n], from)?;
         }
         seen.context("no datagram")
     });
-    ready_rx.recv_timeout(TIMEOUT).context("UDP server did not start")?;
+    ready_rx
+        .recv_timeout(TIMEOUT)
+        .context("UDP server did not start")?;
     let client_thread = within(&client.netns, move || {
         let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
         socket.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -124,16 +160,24 @@ pub fn udp_exchange(client: &Pod, server: &Pod, server_addr: Ipv4Addr, port: u16
         for i in 0..count {
             let msg = payload(64 + i * 13 % 1000, i as u64 + 7);
             socket.send_to(&msg, SocketAddrV4::new(server_addr, port))?;
-            let (n, from) = socket.recv_from(&mut buf).with_context(|| format!("no echo for datagram {i}"))?;
+            let (n, from) = socket
+                .recv_from(&mut buf)
+                .with_context(|| format!("no echo for datagram {i}"))?;
             ensure!(buf[..n] == msg[..], "datagram {i} came back altered");
-            let SocketAddr::V4(from) = from else { bail!("IPv6 reply") };
+            let SocketAddr::V4(from) = from else {
+                bail!("IPv6 reply")
+            };
             reply_from = Some(*from.ip());
         }
         reply_from.context("no reply")
     });
-    let reply_from = join(client_thread).with_context(|| format!("UDP client {} -> {server_addr}:{port}", client.ip))?;
+    let reply_from = join(client_thread)
+        .with_context(|| format!("UDP client {} -> {server_addr}:{port}", client.ip))?;
     let server_saw = join(server_thread).context("UDP server")?;
-    Ok(UdpOutcome { server_saw, reply_from })
+    Ok(UdpOutcome {
+        server_saw,
+        reply_from,
+    })
 }
 
 /// Turns tx checksum offload off in a pod, so its packets carry complete

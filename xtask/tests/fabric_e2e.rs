@@ -28,16 +28,31 @@ fn exchange(bed: &Testbed, from: &Pod, to: &Pod, port: u16) -> Result<()> {
     let src_seen = bed.address_seen_from_peer(from);
     traffic::ping(from, dst, 3)?;
     let tcp = traffic::tcp_transfer(from, to, dst, port, TRANSFER_BYTES)?;
-    ensure!(tcp.server_saw == src_seen, "TCP server saw {}, expected {src_seen}", tcp.server_saw);
+    ensure!(
+        tcp.server_saw == src_seen,
+        "TCP server saw {}, expected {src_seen}",
+        tcp.server_saw
+    );
     let udp = traffic::udp_exchange(from, to, dst, port, 50)?;
-    ensure!(udp.server_saw == src_seen, "UDP server saw {}, expected {src_seen}", udp.server_saw);
-    ensure!(udp.reply_from == dst, "UDP reply came from {}, expected {dst}", udp.reply_from);
+    ensure!(
+        udp.server_saw == src_seen,
+        "UDP server saw {}, expected {src_seen}",
+        udp.server_saw
+    );
+    ensure!(
+        udp.reply_from == dst,
+        "UDP reply came from {}, expected {dst}",
+        udp.reply_from
+    );
     Ok(())
 }
 
 /// Two pod pairs (crossing nodes differently), both directions each.
 fn exchange_everywhere(bed: &Testbed) -> Result<()> {
-    let pairs = [(bed.pod(0, 0, 0), bed.pod(1, 1, 1)), (bed.pod(0, 1, 1), bed.pod(1, 0, 0))];
+    let pairs = [
+        (bed.pod(0, 0, 0), bed.pod(1, 1, 1)),
+        (bed.pod(0, 1, 1), bed.pod(1, 0, 0)),
+    ];
     for (i, (a, b)) in pairs.iter().enumerate() {
         let port = 7100 + 10 * i as u16;
         exchange(bed, a, b, port).with_context(|| format!("A {} -> B {}", a.ip, b.ip))?;
@@ -59,7 +74,10 @@ fn counter(json: &serde_json::Value, direction: &str, field: &str) -> u64 {
 }
 
 fn total_drops(json: &serde_json::Value) -> u64 {
-    json["drops"].as_array().map(|a| a.iter().filter_map(|d| d["packets"].as_u64()).sum()).unwrap_or(0)
+    json["drops"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|d| d["packets"].as_u64()).sum())
+        .unwrap_or(0)
 }
 
 fn check_counters(bed: &Testbed) {
@@ -69,11 +87,20 @@ fn check_counters(bed: &Testbed) {
         let gw = counters(bed, &bed.ns(cluster, "gw"));
         for direction in ["to_peer", "from_peer"] {
             let bytes = counter(&gw, direction, "bytes");
-            assert!(bytes >= min_bytes, "{} gateway {direction} counted {bytes} bytes, < {min_bytes}", cluster.name);
+            assert!(
+                bytes >= min_bytes,
+                "{} gateway {direction} counted {bytes} bytes, < {min_bytes}",
+                cluster.name
+            );
         }
         for host in ["gw", "n1", "n2"] {
             let json = counters(bed, &bed.ns(cluster, host));
-            assert_eq!(total_drops(&json), 0, "drops on {} {host}: {json:#}", cluster.name);
+            assert_eq!(
+                total_drops(&json),
+                0,
+                "drops on {} {host}: {json:#}",
+                cluster.name
+            );
         }
     }
 }
@@ -125,7 +152,13 @@ fn receivers_verify_full_checksums() {
     for pod in [&a, &b] {
         let snmp = netns::exec(&pod.netns, "cat", &["/proc/net/snmp"]).expect("snmp");
         for (proto, field) in [("Tcp:", "InCsumErrors"), ("Udp:", "InCsumErrors")] {
-            assert_eq!(snmp_value(&snmp, proto, field), Some(0), "{} {proto} {field} in {}", pod.ip, pod.netns);
+            assert_eq!(
+                snmp_value(&snmp, proto, field),
+                Some(0),
+                "{} {proto} {field} in {}",
+                pod.ip,
+                pod.netns
+            );
         }
     }
 }
@@ -150,8 +183,16 @@ fn wait_for_log(bed: &Testbed, ns: &str, needle: &str, occurrences: usize) -> Re
 }
 
 fn hangup(bed: &Testbed, ns: &str) {
-    let pid: i32 = fs::read_to_string(bed.lab.pid_path(ns)).expect("pid").trim().parse().expect("pid number");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let pid: i32 = fs::read_to_string(bed.lab.pid_path(ns))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid number");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
 }
 
 /// A node's view of the peer changes on SIGHUP: the new route and map
@@ -172,25 +213,49 @@ fn reload_moves_a_view_and_refuses_bad_config() {
     let config_path = bed.lab.config_path(&a_node);
     let config = fs::read_to_string(&config_path).expect("config");
     assert!(config.contains("view_cidr = \"10.245.0.0/16\""));
-    fs::write(&config_path, config.replace("10.245.0.0/16", "10.247.0.0/16")).expect("write");
+    fs::write(
+        &config_path,
+        config.replace("10.245.0.0/16", "10.247.0.0/16"),
+    )
+    .expect("write");
     hangup(&bed, &a_node);
     wait_for_log(&bed, &a_node, "configuration applied", 2).expect("reload");
 
     let routes = netns::ip(&["-n", &a_node, "route", "show", "proto", "76"]).expect("routes");
-    assert!(routes.contains("10.247.0.0/16 via 192.0.2.1 dev eth0"), "{routes}");
-    assert!(routes.contains("mtu 1450"), "route MTU must leave room for 50 bytes of encapsulation: {routes}");
-    assert!(!routes.contains("10.245.0.0/16"), "stale route left: {routes}");
+    assert!(
+        routes.contains("10.247.0.0/16 via 192.0.2.1 dev eth0"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("mtu 1450"),
+        "route MTU must leave room for 50 bytes of encapsulation: {routes}"
+    );
+    assert!(
+        !routes.contains("10.245.0.0/16"),
+        "stale route left: {routes}"
+    );
     let new_dst = "10.247.1.10".parse().expect("addr");
     let udp = traffic::udp_exchange(&a, &b, new_dst, 7300, 5).expect("udp via new view");
     assert_eq!(udp.reply_from, new_dst);
-    assert!(traffic::ping(&a, old_dst, 1).is_err(), "old view still reachable");
+    assert!(
+        traffic::ping(&a, old_dst, 1).is_err(),
+        "old view still reachable"
+    );
 
-    fs::write(&config_path, config.replace("10.245.0.0/16", "10.245.0.0/20")).expect("write");
+    fs::write(
+        &config_path,
+        config.replace("10.245.0.0/16", "10.245.0.0/20"),
+    )
+    .expect("write");
     hangup(&bed, &a_node);
     wait_for_log(&bed, &a_node, "new configuration rejected", 1).expect("rejection logged");
     let log = fs::read_to_string(bed.lab.log_path(&a_node)).expect("log");
-    assert!(log.contains("peers[0].view_cidr: prefix length /20 differs"), "{log}");
-    traffic::udp_exchange(&a, &b, new_dst, 7301, 5).expect("state unchanged after a refused config");
+    assert!(
+        log.contains("peers[0].view_cidr: prefix length /20 differs"),
+        "{log}"
+    );
+    traffic::udp_exchange(&a, &b, new_dst, 7301, 5)
+        .expect("state unchanged after a refused config");
 }
 
 /// On SIGTERM a daemon removes its routes and pinned maps.
@@ -206,7 +271,10 @@ fn shutdown_removes_what_the_daemon_installed() {
     let log = bed.lab.stop_daemon(&a_node).expect("stop");
     assert!(log.contains("fabric removed from this host"), "{log}");
     let routes = netns::ip(&["-n", &a_node, "route", "show", "proto", "76"]).expect("routes");
-    assert!(routes.trim().is_empty(), "routes left after shutdown: {routes}");
+    assert!(
+        routes.trim().is_empty(),
+        "routes left after shutdown: {routes}"
+    );
     assert!(!pin_dir.exists(), "pins left after shutdown");
     let links = netns::exec(&a_node, "ip", &["link", "show", "eth0"]).expect("link");
     assert!(!links.contains("xdp"), "XDP program left attached: {links}");

@@ -33,10 +33,34 @@ fn build(lab: &mut Lab) -> (Pod, Pod) {
     netns::veth(&node, "pod1", &pod, "eth0").expect("veth");
     netns::sysctl(&node, "net.ipv4.ip_forward", "1").expect("sysctl");
     ip(&["-n", &pod, "addr", "add", "10.244.1.10/32", "dev", "eth0"]).expect("addr");
-    ip(&["-n", &pod, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]).expect("route");
+    ip(&[
+        "-n",
+        &pod,
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ])
+    .expect("route");
     ip(&["-n", &pod, "route", "add", "default", "via", "169.254.1.1"]).expect("route");
     let node_pod_mac = interface_mac(&node, "pod1").expect("mac");
-    ip(&["-n", &pod, "neigh", "add", "169.254.1.1", "lladdr", &node_pod_mac, "dev", "eth0", "nud", "permanent"]).expect("neigh");
+    ip(&[
+        "-n",
+        &pod,
+        "neigh",
+        "add",
+        "169.254.1.1",
+        "lladdr",
+        &node_pod_mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])
+    .expect("neigh");
     ip(&["-n", &node, "route", "add", "10.244.1.10/32", "dev", "pod1"]).expect("route");
 
     // The kernel VXLAN device answers to the MAC our node addresses the
@@ -47,18 +71,74 @@ fn build(lab: &mut Lab) -> (Pod, Pod) {
     // No IPv6 chatter (router solicitations) from the VXLAN device: the
     // capture below should see only the test's own frames.
     for scope in ["all", "default"] {
-        netns::sysctl(&kernel, &format!("net.ipv6.conf.{scope}.disable_ipv6"), "1").expect("sysctl");
+        netns::sysctl(&kernel, &format!("net.ipv6.conf.{scope}.disable_ipv6"), "1")
+            .expect("sysctl");
     }
     ip(&[
-        "-n", &kernel, "link", "add", "vxlan0", "type", "vxlan", "id", "2", "local", "192.0.2.1",
-        "remote", "192.0.2.11", "dstport", &port, "dev", "eth0",
+        "-n",
+        &kernel,
+        "link",
+        "add",
+        "vxlan0",
+        "type",
+        "vxlan",
+        "id",
+        "2",
+        "local",
+        "192.0.2.1",
+        "remote",
+        "192.0.2.11",
+        "dstport",
+        &port,
+        "dev",
+        "eth0",
     ])
     .expect("vxlan device");
-    ip(&["-n", &kernel, "link", "set", "vxlan0", "address", &kernel_mac]).expect("mac");
+    ip(&[
+        "-n",
+        &kernel,
+        "link",
+        "set",
+        "vxlan0",
+        "address",
+        &kernel_mac,
+    ])
+    .expect("mac");
     ip(&["-n", &kernel, "link", "set", "vxlan0", "up"]).expect("up");
-    ip(&["-n", &kernel, "addr", "add", "10.100.17.11/20", "dev", "vxlan0"]).expect("addr");
-    ip(&["-n", &kernel, "route", "add", "10.244.0.0/16", "dev", "vxlan0"]).expect("route");
-    ip(&["-n", &kernel, "neigh", "add", "10.244.1.10", "lladdr", &node_mac, "dev", "vxlan0", "nud", "permanent"]).expect("neigh");
+    ip(&[
+        "-n",
+        &kernel,
+        "addr",
+        "add",
+        "10.100.17.11/20",
+        "dev",
+        "vxlan0",
+    ])
+    .expect("addr");
+    ip(&[
+        "-n",
+        &kernel,
+        "route",
+        "add",
+        "10.244.0.0/16",
+        "dev",
+        "vxlan0",
+    ])
+    .expect("route");
+    ip(&[
+        "-n",
+        &kernel,
+        "neigh",
+        "add",
+        "10.244.1.10",
+        "lladdr",
+        &node_mac,
+        "dev",
+        "vxlan0",
+        "nud",
+        "permanent",
+    ])
+    .expect("neigh");
 
     let config = format!(
         "cluster_id = 1\npod_cidrs = [\"10.244.0.0/16\"]\nfabric_port = {FABRIC_PORT}\npin_dir = \"{}\"\n\
@@ -69,8 +149,16 @@ fn build(lab: &mut Lab) -> (Pod, Pod) {
     if let Err(e) = lab.start_daemon(&daemon_binary(), &node, &config) {
         panic!("{e:#}");
     }
-    let pod = Pod { netns: pod, ip: Ipv4Addr::new(10, 244, 1, 10), cluster: 0 };
-    let peer = Pod { netns: kernel, ip: Ipv4Addr::new(10, 100, 17, 11), cluster: 1 };
+    let pod = Pod {
+        netns: pod,
+        ip: Ipv4Addr::new(10, 244, 1, 10),
+        cluster: 0,
+    };
+    let peer = Pod {
+        netns: kernel,
+        ip: Ipv4Addr::new(10, 100, 17, 11),
+        cluster: 1,
+    };
     (pod, peer)
 }
 
@@ -85,9 +173,40 @@ fn kernel_vxlan_device_and_our_programs_understand_each_other() {
 
     // tshark on the kernel side decodes the first frames as VXLAN.
     let capture = Command::new("ip")
-        .args(["netns", "exec", &peer.netns, "tshark", "-i", "eth0", "-c", "2", "-l", "-n"])
-        .args(["-f", &format!("udp port {FABRIC_PORT}"), "-d", &format!("udp.port=={FABRIC_PORT},vxlan")])
-        .args(["-T", "fields", "-E", "separator=|", "-e", "vxlan.vni", "-e", "vxlan.flags", "-e", "ip.src", "-e", "ip.dst", "-e", "udp.dstport"])
+        .args([
+            "netns",
+            "exec",
+            &peer.netns,
+            "tshark",
+            "-i",
+            "eth0",
+            "-c",
+            "2",
+            "-l",
+            "-n",
+        ])
+        .args([
+            "-f",
+            &format!("udp port {FABRIC_PORT}"),
+            "-d",
+            &format!("udp.port=={FABRIC_PORT},vxlan"),
+        ])
+        .args([
+            "-T",
+            "fields",
+            "-E",
+            "separator=|",
+            "-e",
+            "vxlan.vni",
+            "-e",
+            "vxlan.flags",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+            "-e",
+            "udp.dstport",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -98,10 +217,15 @@ fn kernel_vxlan_device_and_our_programs_understand_each_other() {
     // our decapsulation, for ICMP, TCP and UDP.
     let ping = traffic::ping(&pod, view, 3).unwrap_or_else(|e| panic!("{e:#}\n{}", lab.logs()));
     assert!(ping.contains("3 received"), "{ping}");
-    let tcp = traffic::tcp_transfer(&pod, &peer, view, 7400, 4 << 20).unwrap_or_else(|e| panic!("{e:#}"));
+    let tcp =
+        traffic::tcp_transfer(&pod, &peer, view, 7400, 4 << 20).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(tcp.server_saw, pod.ip, "the peer must see the real source");
-    let udp = traffic::udp_exchange(&pod, &peer, view, 7401, 20).unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!(udp.reply_from, view, "replies must come back from the view address");
+    let udp =
+        traffic::udp_exchange(&pod, &peer, view, 7401, 20).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        udp.reply_from, view,
+        "replies must come back from the view address"
+    );
 
     let output = capture.wait_with_output().expect("tshark output");
     let text = String::from_utf8_lossy(&output.stdout);
@@ -110,10 +234,21 @@ fn kernel_vxlan_device_and_our_programs_understand_each_other() {
     for line in &lines {
         let fields: Vec<&str> = line.split('|').collect();
         assert_eq!(fields[0], "2", "VNI in {line}");
-        assert!(fields[2].contains("192.0.2.") && fields[3].contains("192.0.2."), "outer addresses in {line}");
-        assert!(fields[2].contains("10.") && fields[3].contains("10."), "no inner IPv4 decoded in {line}");
+        assert!(
+            fields[2].contains("192.0.2.") && fields[3].contains("192.0.2."),
+            "outer addresses in {line}"
+        );
+        assert!(
+            fields[2].contains("10.") && fields[3].contains("10."),
+            "no inner IPv4 decoded in {line}"
+        );
         assert_eq!(fields[4], FABRIC_PORT.to_string(), "UDP port in {line}");
     }
     // Our frame (node -> kernel) carries the peer's real address inside.
-    assert!(lines.iter().any(|l| l.contains("192.0.2.11,10.244.1.10") && l.contains("192.0.2.1,10.100.17.11")), "{text}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("192.0.2.11,10.244.1.10") && l.contains("192.0.2.1,10.100.17.11")),
+        "{text}"
+    );
 }
