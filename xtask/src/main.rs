@@ -1,6 +1,9 @@
 //! `cargo xtask`: build, demo and test entry points (see README.md).
 
-use std::process::Command;
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -95,6 +98,43 @@ fn ebpf_cargo(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
+/// `cargo test --workspace`, echoing its output, then one closing line with
+/// the totals over every test binary.
+fn test_with_summary() -> Result<()> {
+    let mut child = Command::new(env!("CARGO"))
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .current_dir(workspace_root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("\nsummary: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
+}
+
 fn build() -> Result<()> {
     cargo(&["build", "--package", "ligo-fabric"])
 }
@@ -131,7 +171,7 @@ fn main() -> Result<()> {
                 ],
                 &[("RUSTFLAGS", "-D warnings")],
             )?;
-            cargo(&["test", "--workspace", "--no-fail-fast"])
+            test_with_summary()
         }
         Cmd::Testbed {
             action: TestbedAction::Down,
