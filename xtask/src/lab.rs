@@ -7,6 +7,7 @@
 use std::{
     fmt::Write as _,
     fs,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -15,7 +16,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::netns::{self, ip};
+use crate::netns::{self, ip, ipc};
 
 pub struct Lab {
     pub prefix: String,
@@ -196,6 +197,26 @@ pub fn interface_mac(ns: &str, name: &str) -> Result<String> {
         .nth(2)
         .map(str::to_owned)
         .with_context(|| format!("no MAC address for {name} in {ns}: {out}"))
+}
+
+/// Wires pod namespace `pod_ns` (address `pod_ip`) to node `node_ns` the
+/// way Calico does: a /32 on the pod's eth0, the node end of the veth
+/// (`host_if`) as its next hop 169.254.1.1, a /32 route on the node.
+pub fn attach_pod(node_ns: &str, host_if: &str, pod_ns: &str, pod_ip: Ipv4Addr) -> Result<()> {
+    netns::veth(node_ns, host_if, pod_ns, "eth0")?;
+    ipc(&format!("-n {pod_ns} addr add {pod_ip}/32 dev eth0"))?;
+    ipc(&format!(
+        "-n {pod_ns} route add 169.254.1.1 dev eth0 scope link"
+    ))?;
+    ipc(&format!(
+        "-n {pod_ns} route add default via 169.254.1.1 dev eth0"
+    ))?;
+    let node_mac = interface_mac(node_ns, host_if)?;
+    ipc(&format!(
+        "-n {pod_ns} neigh add 169.254.1.1 lladdr {node_mac} dev eth0 nud permanent"
+    ))?;
+    ipc(&format!("-n {node_ns} route add {pod_ip}/32 dev {host_if}"))?;
+    Ok(())
 }
 
 fn terminate(child: &mut Child) {

@@ -40,6 +40,13 @@ pub fn ip(args: &[&str]) -> Result<String> {
     run("ip", args)
 }
 
+/// `ip` with a whitespace-separated argument line (no argument of ours
+/// contains spaces): `ipc("-n ns1 link set eth0 up")`.
+pub fn ipc(line: &str) -> Result<String> {
+    let args: Vec<&str> = line.split_whitespace().collect();
+    ip(&args)
+}
+
 /// Runs `program args` inside namespace `ns`.
 pub fn exec(ns: &str, program: &str, args: &[&str]) -> Result<String> {
     let mut full = vec!["netns", "exec", ns, program];

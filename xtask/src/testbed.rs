@@ -12,8 +12,8 @@ use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 use anyhow::{Context, Result};
 
 use crate::{
-    lab::{interface_mac, Lab},
-    netns::{self, ip},
+    lab::{attach_pod, Lab},
+    netns::{self, ipc},
 };
 
 pub const FABRIC_PORT: u16 = 4799;
@@ -191,123 +191,41 @@ impl Testbed {
         }
         let (gw_a, gw_b) = (self.ns(a, "gw"), self.ns(b, "gw"));
         netns::veth(&gw_a, "eth1", &gw_b, "eth1")?;
-        ip(&[
-            "-n",
-            &gw_a,
-            "addr",
-            "add",
-            &format!("{}/24", a.public_ip),
-            "dev",
-            "eth1",
-        ])?;
-        ip(&[
-            "-n",
-            &gw_b,
-            "addr",
-            "add",
-            &format!("{}/24", b.public_ip),
-            "dev",
-            "eth1",
-        ])?;
+        ipc(&format!("-n {gw_a} addr add {}/24 dev eth1", a.public_ip))?;
+        ipc(&format!("-n {gw_b} addr add {}/24 dev eth1", b.public_ip))?;
         Ok(())
     }
 
     fn build_cluster(&self, plan: &ClusterPlan) -> Result<()> {
         let underlay = self.ns(plan, "ul");
         netns::add(&underlay)?;
-        ip(&["-n", &underlay, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &underlay, "link", "set", "br0", "up"])?;
-        let hosts = [("gw", 1u8), ("n1", 11), ("n2", 12)];
-        for (host, octet) in hosts {
+        ipc(&format!("-n {underlay} link add br0 type bridge"))?;
+        ipc(&format!("-n {underlay} link set br0 up"))?;
+        for (host, octet) in [("gw", 1u8), ("n1", 11), ("n2", 12)] {
             let ns = self.ns(plan, host);
             netns::add(&ns)?;
             netns::veth(&underlay, host, &ns, "eth0")?;
-            ip(&["-n", &underlay, "link", "set", host, "master", "br0"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", plan.underlay_ip(octet)),
-                "dev",
-                "eth0",
-            ])?;
+            ipc(&format!("-n {underlay} link set {host} master br0"))?;
+            ipc(&format!(
+                "-n {ns} addr add {}/24 dev eth0",
+                plan.underlay_ip(octet)
+            ))?;
         }
         for (n, node) in NODES.iter().enumerate() {
             let ns = self.ns(plan, node);
             netns::sysctl(&ns, "net.ipv4.ip_forward", "1")?;
             // In-cluster pod routing between the nodes, as any CNI provides.
             let other = 1 - n;
-            ip(&[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                &plan.node_slices[other].to_string(),
-                "via",
-                &plan.underlay_ip(11 + other as u8).to_string(),
-            ])?;
+            let other_ip = plan.underlay_ip(11 + other as u8);
+            ipc(&format!(
+                "-n {ns} route add {} via {other_ip}",
+                plan.node_slices[other]
+            ))?;
             for i in 0..2 {
                 let pod_ns = self.ns(plan, &format!("{node}p{}", i + 1));
-                let pod_ip = plan.node_slices[n].host(10 + i as u32);
-                let host_if = format!("pod{}", i + 1);
                 netns::add(&pod_ns)?;
-                netns::veth(&ns, &host_if, &pod_ns, "eth0")?;
-                ip(&[
-                    "-n",
-                    &pod_ns,
-                    "addr",
-                    "add",
-                    &format!("{pod_ip}/32"),
-                    "dev",
-                    "eth0",
-                ])?;
-                ip(&[
-                    "-n",
-                    &pod_ns,
-                    "route",
-                    "add",
-                    "169.254.1.1",
-                    "dev",
-                    "eth0",
-                    "scope",
-                    "link",
-                ])?;
-                ip(&[
-                    "-n",
-                    &pod_ns,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    "169.254.1.1",
-                    "dev",
-                    "eth0",
-                ])?;
-                // The pod's next hop is the node end of its veth (as with Calico).
-                let node_mac = interface_mac(&ns, &host_if)?;
-                ip(&[
-                    "-n",
-                    &pod_ns,
-                    "neigh",
-                    "add",
-                    "169.254.1.1",
-                    "lladdr",
-                    &node_mac,
-                    "dev",
-                    "eth0",
-                    "nud",
-                    "permanent",
-                ])?;
-                ip(&[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    &format!("{pod_ip}/32"),
-                    "dev",
-                    &host_if,
-                ])?;
+                let pod_ip = plan.node_slices[n].host(10 + i as u32);
+                attach_pod(&ns, &format!("pod{}", i + 1), &pod_ns, pod_ip)?;
             }
         }
         Ok(())

@@ -12,8 +12,8 @@ use std::{
 
 use xtask::{
     daemon_binary,
-    lab::{interface_mac, Lab},
-    netns::{self, ip},
+    lab::{attach_pod, interface_mac, Lab},
+    netns::{self, ipc},
     require_root,
     testbed::{Pod, FABRIC_PORT},
     traffic,
@@ -27,118 +27,31 @@ fn build(lab: &mut Lab) -> (Pod, Pod) {
     let pod = lab.add_ns("pod").expect("ns");
     let kernel = lab.add_ns("kern").expect("ns");
     netns::veth(&node, "eth0", &kernel, "eth0").expect("veth");
-    ip(&["-n", &node, "addr", "add", "192.0.2.11/24", "dev", "eth0"]).expect("addr");
-    ip(&["-n", &kernel, "addr", "add", "192.0.2.1/24", "dev", "eth0"]).expect("addr");
-
-    netns::veth(&node, "pod1", &pod, "eth0").expect("veth");
+    ipc(&format!("-n {node} addr add 192.0.2.11/24 dev eth0")).expect("addr");
+    ipc(&format!("-n {kernel} addr add 192.0.2.1/24 dev eth0")).expect("addr");
     netns::sysctl(&node, "net.ipv4.ip_forward", "1").expect("sysctl");
-    ip(&["-n", &pod, "addr", "add", "10.244.1.10/32", "dev", "eth0"]).expect("addr");
-    ip(&[
-        "-n",
-        &pod,
-        "route",
-        "add",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-        "scope",
-        "link",
-    ])
-    .expect("route");
-    ip(&["-n", &pod, "route", "add", "default", "via", "169.254.1.1"]).expect("route");
-    let node_pod_mac = interface_mac(&node, "pod1").expect("mac");
-    ip(&[
-        "-n",
-        &pod,
-        "neigh",
-        "add",
-        "169.254.1.1",
-        "lladdr",
-        &node_pod_mac,
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ])
-    .expect("neigh");
-    ip(&["-n", &node, "route", "add", "10.244.1.10/32", "dev", "pod1"]).expect("route");
+    attach_pod(&node, "pod1", &pod, Ipv4Addr::new(10, 244, 1, 10)).expect("pod");
 
-    // The kernel VXLAN device answers to the MAC our node addresses the
-    // gateway with (the inner frame keeps the outer MACs).
-    let kernel_mac = interface_mac(&kernel, "eth0").expect("mac");
-    let node_mac = interface_mac(&node, "eth0").expect("mac");
-    let port = FABRIC_PORT.to_string();
     // No IPv6 chatter (router solicitations) from the VXLAN device: the
     // capture below should see only the test's own frames.
     for scope in ["all", "default"] {
         netns::sysctl(&kernel, &format!("net.ipv6.conf.{scope}.disable_ipv6"), "1")
             .expect("sysctl");
     }
-    ip(&[
-        "-n",
-        &kernel,
-        "link",
-        "add",
-        "vxlan0",
-        "type",
-        "vxlan",
-        "id",
-        "2",
-        "local",
-        "192.0.2.1",
-        "remote",
-        "192.0.2.11",
-        "dstport",
-        &port,
-        "dev",
-        "eth0",
-    ])
-    .expect("vxlan device");
-    ip(&[
-        "-n",
-        &kernel,
-        "link",
-        "set",
-        "vxlan0",
-        "address",
-        &kernel_mac,
-    ])
-    .expect("mac");
-    ip(&["-n", &kernel, "link", "set", "vxlan0", "up"]).expect("up");
-    ip(&[
-        "-n",
-        &kernel,
-        "addr",
-        "add",
-        "10.100.17.11/20",
-        "dev",
-        "vxlan0",
-    ])
-    .expect("addr");
-    ip(&[
-        "-n",
-        &kernel,
-        "route",
-        "add",
-        "10.244.0.0/16",
-        "dev",
-        "vxlan0",
-    ])
-    .expect("route");
-    ip(&[
-        "-n",
-        &kernel,
-        "neigh",
-        "add",
-        "10.244.1.10",
-        "lladdr",
-        &node_mac,
-        "dev",
-        "vxlan0",
-        "nud",
-        "permanent",
-    ])
-    .expect("neigh");
+    // The kernel VXLAN device answers to the MAC our node addresses the
+    // gateway with (the inner frame keeps the outer MACs).
+    let kernel_mac = interface_mac(&kernel, "eth0").expect("mac");
+    let node_mac = interface_mac(&node, "eth0").expect("mac");
+    for line in [
+        format!("-n {kernel} link add vxlan0 type vxlan id 2 local 192.0.2.1 remote 192.0.2.11 dstport {FABRIC_PORT} dev eth0"),
+        format!("-n {kernel} link set vxlan0 address {kernel_mac}"),
+        format!("-n {kernel} link set vxlan0 up"),
+        format!("-n {kernel} addr add 10.100.17.11/20 dev vxlan0"),
+        format!("-n {kernel} route add 10.244.0.0/16 dev vxlan0"),
+        format!("-n {kernel} neigh add 10.244.1.10 lladdr {node_mac} dev vxlan0 nud permanent"),
+    ] {
+        ipc(&line).expect("kernel VXLAN set-up");
+    }
 
     let config = format!(
         "cluster_id = 1\npod_cidrs = [\"10.244.0.0/16\"]\nfabric_port = {FABRIC_PORT}\npin_dir = \"{}\"\n\
