@@ -122,14 +122,16 @@ pub struct PeerCounterKey {
 }
 const _: () = assert!(core::mem::size_of::<PeerCounterKey>() == 8);
 
-/// Value of `PEER_COUNTERS`: inner packets and inner IPv4 bytes.
+/// Value of `PEER_COUNTERS`: inner packets and inner IPv4 bytes, and when
+/// the last one was counted (CLOCK_BOOTTIME nanoseconds; 0 = never).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrafficCounters {
     pub packets: u64,
     pub bytes: u64,
+    pub last_seen_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 16);
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 24);
 
 #[cfg(feature = "user")]
 mod user {

@@ -1,6 +1,7 @@
 //! Traffic and drop accounting. Both maps are per-CPU: no atomics on the
 //! packet path; the daemon sums the CPUs when it reads them.
 
+use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
 use ligo_fabric_common::{
     maps::{Direction, PeerCounterKey},
     DropReason,
@@ -25,10 +26,11 @@ pub fn count_peer_traffic(peer_id: u32, direction: Direction, bytes: u32) {
     };
     if let Some(counters) = PEER_COUNTERS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value of an entry the daemon created; only this
-        // CPU writes it.
+        // CPU writes it. bpf_ktime_get_boot_ns has no preconditions.
         unsafe {
             (*counters).packets += 1;
             (*counters).bytes += bytes as u64;
+            (*counters).last_seen_ns = bpf_ktime_get_boot_ns();
         }
     }
 }

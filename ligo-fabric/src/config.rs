@@ -4,7 +4,12 @@
 //! into a [`ValidConfig`] or into a [`ConfigError`] naming the field and the
 //! problem.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, net::SocketAddrV4, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+};
 
 use ipnetwork::Ipv4Network;
 use ligo_fabric_common::maps::{MAX_NODE_SLICES, MAX_PEERS, MAX_PEER_VIEWS};
@@ -14,6 +19,8 @@ use serde::Deserialize;
 /// Flannel/Cilium VXLAN 8472, Calico 4789, Geneve 6081/6091.
 pub const DEFAULT_FABRIC_PORT: u16 = 4799;
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ligo";
+/// Where `/metrics`, `/healthz` and `/readyz` are served by default.
+pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:9477";
 /// VNIs are 24 bits; 0 is reserved as "no peer".
 const MAX_CLUSTER_ID: u32 = 0x00ff_ffff;
 
@@ -28,6 +35,9 @@ pub struct FileConfig {
     /// bpffs directory where maps are pinned (one per daemon).
     #[serde(default)]
     pub pin_dir: Option<PathBuf>,
+    /// `ip:port` for `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default)]
+    pub metrics_address: Option<String>,
     #[serde(default)]
     pub node: Option<NodeSection>,
     #[serde(default)]
@@ -136,6 +146,7 @@ pub struct ValidConfig {
     pub pod_cidrs: Vec<Ipv4Network>,
     pub fabric_port: u16,
     pub pin_dir: PathBuf,
+    pub metrics_address: SocketAddr,
     pub role: RoleConfig,
     /// Peers by id.
     pub peers: BTreeMap<u32, PeerConfig>,
@@ -196,6 +207,16 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
         }
         pod_cidrs.push(net);
     }
+    let metrics_text = file
+        .metrics_address
+        .as_deref()
+        .unwrap_or(DEFAULT_METRICS_ADDRESS);
+    let metrics_address: SocketAddr = metrics_text.parse().map_err(|_| {
+        err(
+            "metrics_address",
+            format!("{metrics_text:?} is not an ip:port"),
+        )
+    })?;
     let fabric_port = file.fabric_port.unwrap_or(DEFAULT_FABRIC_PORT);
     if fabric_port == 0 {
         return Err(err("fabric_port", "0 is not a usable UDP port"));
@@ -368,6 +389,7 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
         pin_dir: file
             .pin_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+        metrics_address,
         role,
         peers,
     })
@@ -457,6 +479,7 @@ endpoint = "203.0.113.2:4800"
             (NODE, "underlay_ip = \"192.0.2.11\"", "underlay_ip = \"192.0.2.311\"", "invalid IPv4 address"),
             (NODE, "[node]", "[gateway]", "line 7: unknown field `gateway_ip`"),
             (NODE, "pod_cidrs = [\"10.244.0.0/16\"]", "pod_cidrs = []", "pod_cidrs: at least one"),
+            (NODE, "cluster_id = 1", "cluster_id = 1\nmetrics_address = \"localhost\"", "metrics_address: \"localhost\" is not an ip:port"),
             (GATEWAY, "endpoint = \"203.0.113.2:4800\"", "endpoint = \"peer-gw:4800\"", "peers[0].endpoint: \"peer-gw:4800\" is not an IPv4 address:port"),
             (GATEWAY, "endpoint = \"203.0.113.2:4800\"\n", "", "peers[0].endpoint: required on a gateway"),
             (GATEWAY, "10.244.2.0/24", "10.244.1.128/25", "gateway.node_slices[1].pod_cidr: 10.244.1.128/25 overlaps the slice 10.244.1.0/24"),

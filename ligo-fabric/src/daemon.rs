@@ -18,6 +18,7 @@ use crate::{
     config::{self, RoleConfig, ValidConfig},
     desired::{desired_state, ENCAP_OVERHEAD},
     fabric_maps::{remove_pins, FabricMaps},
+    metrics::{self, DaemonMetrics},
     programs,
     routes::RouteManager,
 };
@@ -52,7 +53,14 @@ fn resolve_interfaces(role: &RoleConfig) -> Result<(u32, u32)> {
 }
 
 /// The parts of a configuration that a reload cannot change.
-fn restart_only(cfg: &ValidConfig) -> (std::mem::Discriminant<RoleConfig>, Vec<String>, PathBuf) {
+fn restart_only(
+    cfg: &ValidConfig,
+) -> (
+    std::mem::Discriminant<RoleConfig>,
+    Vec<String>,
+    PathBuf,
+    std::net::SocketAddr,
+) {
     let interfaces = match &cfg.role {
         RoleConfig::Node { uplink, .. } => vec![uplink.clone()],
         RoleConfig::Gateway {
@@ -67,16 +75,19 @@ fn restart_only(cfg: &ValidConfig) -> (std::mem::Discriminant<RoleConfig>, Vec<S
         std::mem::discriminant(&cfg.role),
         interfaces,
         cfg.pin_dir.clone(),
+        cfg.metrics_address,
     )
 }
 
 struct Fabric {
     cfg: ValidConfig,
+    metrics: DaemonMetrics,
     interfaces: (u32, u32),
     maps: FabricMaps,
     routes: RouteManager,
     /// Owns the loaded programs; dropping it detaches them.
     ebpf: Option<Ebpf>,
+    attached: bool,
 }
 
 impl Fabric {
@@ -98,6 +109,31 @@ impl Fabric {
     /// into a table that lacks its entry), then routes.
     async fn apply(&mut self) -> Result<()> {
         let started = Instant::now();
+        self.metrics.set_ready(false);
+        let result = self.apply_inner(started).await;
+        match &result {
+            Ok(()) => {
+                self.metrics.reconciles.inc();
+                self.metrics
+                    .reconcile_duration
+                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.set_peer_names(
+                    self.cfg
+                        .peers
+                        .values()
+                        .map(|p| (p.id, p.name.clone()))
+                        .collect(),
+                );
+                self.metrics.set_ready(self.attached);
+            }
+            Err(_) => {
+                self.metrics.reconcile_errors.inc();
+            }
+        }
+        result
+    }
+
+    async fn apply_inner(&mut self, started: Instant) -> Result<()> {
         let desired = desired_state(&self.cfg);
         let map_changes = self.maps.apply(&desired, self.interfaces)?;
         let route_changes = match self.cfg.role {
@@ -121,7 +157,7 @@ impl Fabric {
 
     fn attach(&mut self) -> Result<()> {
         let ebpf = self.ebpf.as_mut().context("programs already unloaded")?;
-        match &self.cfg.role {
+        let result = match &self.cfg.role {
             RoleConfig::Node { uplink, .. } => {
                 programs::attach_node(ebpf, uplink, self.interfaces.0)
             }
@@ -136,11 +172,14 @@ impl Fabric {
                     (public_interface, self.interfaces.1),
                 ],
             ),
-        }
+        };
+        self.attached = result.is_ok();
+        result
     }
 
     /// Detaches programs, removes our routes and the pinned maps.
     async fn teardown(mut self) -> Result<()> {
+        self.metrics.set_ready(false);
         self.ebpf.take();
         let removed = self.routes.remove_all().await?;
         drop(self.maps);
@@ -156,14 +195,24 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let ebpf = programs::load(&cfg.pin_dir)?;
     let maps = FabricMaps::open(&cfg.pin_dir)?;
     let routes = RouteManager::new()?;
+    let metrics = DaemonMetrics::new();
     let mut fabric = Fabric {
         cfg,
+        metrics: metrics.clone(),
         interfaces,
         maps,
         routes,
         ebpf: Some(ebpf),
+        attached: false,
     };
-    if let Err(e) = fabric.apply().await.and_then(|()| fabric.attach()) {
+    let started = async {
+        // The endpoints come up first: /readyz answers 503 until ready.
+        let scrape_maps = FabricMaps::open(&fabric.cfg.pin_dir)?;
+        metrics::serve(fabric.cfg.metrics_address, &metrics, scrape_maps).await?;
+        fabric.apply().await?;
+        fabric.attach()
+    };
+    if let Err(e) = started.await {
         error!(
             error = format!("{e:#}"),
             "start-up failed; removing what was installed"
@@ -176,6 +225,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
         return Err(e);
     }
+    metrics.set_ready(true);
     info!(config = %config_path.display(), "fabric ready");
 
     let mut hangup = signal(SignalKind::hangup())?;
@@ -209,12 +259,14 @@ async fn reload(fabric: &mut Fabric, path: &Path, reason: &str) {
     let cfg = match read_config(path) {
         Ok(cfg) => cfg,
         Err(e) => {
+            fabric.metrics.config_rejections.inc();
             error!(reason, error = format!("{e:#}"), "new configuration rejected; the running state is unchanged. Fix the file and save it again");
             return;
         }
     };
     if restart_only(&cfg) != restart_only(&fabric.cfg) {
-        error!(reason, "new configuration changes the role, an interface or pin_dir; these need a restart of the daemon. The running state is unchanged");
+        fabric.metrics.config_rejections.inc();
+        error!(reason, "new configuration changes the role, an interface, pin_dir or metrics_address; these need a restart of the daemon. The running state is unchanged");
         return;
     }
     if cfg == fabric.cfg {

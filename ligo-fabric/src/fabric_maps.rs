@@ -34,6 +34,12 @@ pub struct FabricMaps {
     pub drop_counters: PerCpuArray<MapData, u64>,
 }
 
+impl std::fmt::Debug for FabricMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FabricMaps")
+    }
+}
+
 /// Every map name, for pin clean-up.
 pub const ALL_MAP_NAMES: [&str; 7] = [
     names::CONFIG,
@@ -123,6 +129,7 @@ impl FabricMaps {
                 .fold(TrafficCounters::default(), |acc, c| TrafficCounters {
                     packets: acc.packets + c.packets,
                     bytes: acc.bytes + c.bytes,
+                    last_seen_ns: acc.last_seen_ns.max(c.last_seen_ns),
                 });
             snap.peer_counters.insert((k.peer_id, k.direction), sum);
         }

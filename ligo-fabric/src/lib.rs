@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod desired;
 pub mod fabric_maps;
 pub mod inspect;
+pub mod metrics;
 pub mod programs;
 pub mod routes;
