@@ -2,6 +2,7 @@
 //! reconciliation, program loading, and the `inspect` views. The binary in
 //! `main.rs` is a thin CLI over these modules.
 
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod desired;

@@ -1,6 +1,6 @@
 //! `ligo-fabric`: the Ligo fabric node daemon and its CLI.
 
-use ligo_fabric::{config, daemon, fabric_maps, inspect};
+use ligo_fabric::{config, daemon, fabric_maps, inspect, routes};
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -54,14 +54,26 @@ enum Command {
 
 #[derive(Subcommand)]
 enum InspectWhat {
-    /// Peers, views, node slices, counters and drops from the pinned maps.
-    Maps {
-        /// The daemon's pin_dir.
-        #[arg(long, default_value = config::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
+    /// Everything in the pinned maps: config, peers, views, node slices, counters, drops.
+    Maps(InspectArgs),
+    /// Per peer: mapping, endpoint, traffic each way, last packet; drops by reason.
+    Peers(InspectArgs),
+    /// Per-peer counters and every drop reason.
+    Counters(InspectArgs),
+    /// The steering routes the daemon installed in this network namespace.
+    Routes(InspectArgs),
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// The daemon's pin_dir (default: from --config, else /sys/fs/bpf/ligo).
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// The daemon's config file: gives pin_dir and peer names.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 fn init_logging(format: LogFormat) {
@@ -99,15 +111,63 @@ fn execute(command: Command) -> Result<()> {
             println!("{}: valid ({} peers)", config.display(), cfg.peers.len());
             Ok(())
         }
-        Command::Inspect {
-            what: InspectWhat::Maps { pin_dir, output },
-        } => {
-            let snapshot = fabric_maps::FabricMaps::open(&pin_dir)?.snapshot()?;
-            match output {
-                Output::Table => print!("{}", inspect::maps_table(&snapshot)),
-                Output::Json => println!("{:#}", inspect::maps_json(&snapshot)),
-            }
-            Ok(())
-        }
+        Command::Inspect { what } => inspect(what),
     }
+}
+
+fn inspect(what: InspectWhat) -> Result<()> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum View {
+        Maps,
+        Peers,
+        Counters,
+        Routes,
+    }
+    let (args, view) = match what {
+        InspectWhat::Maps(a) => (a, View::Maps),
+        InspectWhat::Peers(a) => (a, View::Peers),
+        InspectWhat::Counters(a) => (a, View::Counters),
+        InspectWhat::Routes(a) => (a, View::Routes),
+    };
+    let config = args
+        .config
+        .as_deref()
+        .map(daemon::read_config)
+        .transpose()?;
+    let names: inspect::PeerNames = config
+        .iter()
+        .flat_map(|c| c.peers.values().map(|p| (p.id, p.name.clone())))
+        .collect();
+    let json = matches!(args.output, Output::Json);
+    if view == View::Routes {
+        let (routes, interfaces) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let manager = routes::RouteManager::new()?;
+                let current = manager.current().await?;
+                let names = manager.interface_names().await?;
+                anyhow::Ok((current, names))
+            })?;
+        match json {
+            true => println!("{:#}", inspect::routes_json(&routes, &interfaces)),
+            false => print!("{}", inspect::routes_table(&routes, &interfaces)),
+        }
+        return Ok(());
+    }
+    let pin_dir = args
+        .pin_dir
+        .or_else(|| config.map(|c| c.pin_dir))
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PIN_DIR));
+    let snapshot = fabric_maps::FabricMaps::open(&pin_dir)?.snapshot()?;
+    let text = match (view, json) {
+        (View::Peers, true) => format!("{:#}\n", inspect::peers_json(&snapshot, &names)),
+        (View::Peers, false) => inspect::peers_table(&snapshot, &names),
+        (View::Counters, true) => format!("{:#}\n", inspect::counters_json(&snapshot, &names)),
+        (View::Counters, false) => inspect::counters_table(&snapshot, &names),
+        (_, true) => format!("{:#}\n", inspect::maps_json(&snapshot)),
+        (_, false) => inspect::maps_table(&snapshot),
+    };
+    print!("{text}");
+    Ok(())
 }

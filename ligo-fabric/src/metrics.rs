@@ -12,7 +12,6 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, RwLock,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result};
@@ -33,7 +32,10 @@ use prometheus_client::{
 };
 use tracing::{info, warn};
 
-use crate::fabric_maps::{FabricMaps, Snapshot};
+use crate::{
+    clock,
+    fabric_maps::{FabricMaps, Snapshot},
+};
 
 /// Counters and state the daemon updates; shared with the HTTP handlers.
 #[derive(Clone)]
@@ -91,15 +93,6 @@ fn direction_label(direction: u32) -> &'static str {
     } else {
         "from_peer"
     }
-}
-
-/// CLOCK_BOOTTIME nanoseconds (the eBPF timestamps) to Unix seconds.
-fn boot_ns_to_unix_seconds(boot_ns: u64) -> Option<f64> {
-    let now_boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
-    let now_boot_ns = now_boot.tv_sec() as u64 * 1_000_000_000 + now_boot.tv_nsec() as u64;
-    let age = Duration::from_nanos(now_boot_ns.checked_sub(boot_ns)?);
-    let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
-    Some(now_unix.checked_sub(age)?.as_secs_f64())
 }
 
 impl MapCollector {
@@ -169,10 +162,7 @@ impl MapCollector {
             MetricType::Gauge,
         )?;
         for ((peer, dir), c) in &snap.peer_counters {
-            if c.last_seen_ns == 0 {
-                continue;
-            }
-            if let Some(ts) = boot_ns_to_unix_seconds(c.last_seen_ns) {
+            if let Some(ts) = clock::unix_seconds(c.last_seen_ns) {
                 ConstGauge::new(ts).encode(last.encode_family(&peer_labels(*peer, *dir))?)?;
             }
         }
@@ -236,7 +226,8 @@ impl MapCollector {
             MetricType::Gauge,
         )?;
         for (map, n, _) in &entries {
-            ConstGauge::new(*n as i64).encode(used.encode_family(&[("map", map.to_lowercase())])?)?;
+            ConstGauge::new(*n as i64)
+                .encode(used.encode_family(&[("map", map.to_lowercase())])?)?;
         }
         let mut capacity = encoder.encode_descriptor(
             "ligo_fabric_map_capacity_entries",
@@ -245,7 +236,8 @@ impl MapCollector {
             MetricType::Gauge,
         )?;
         for (map, _, max) in &entries {
-            ConstGauge::new(i64::from(*max)).encode(capacity.encode_family(&[("map", map.to_lowercase())])?)?;
+            ConstGauge::new(i64::from(*max))
+                .encode(capacity.encode_family(&[("map", map.to_lowercase())])?)?;
         }
         Ok(())
     }

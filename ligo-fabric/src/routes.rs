@@ -140,6 +140,20 @@ impl RouteManager {
             .with_context(|| format!("removing route {destination}"))
     }
 
+    /// Interface index -> name, for display.
+    pub async fn interface_names(&self) -> Result<BTreeMap<u32, String>> {
+        let mut links = self.handle.link().get().execute();
+        let mut names = BTreeMap::new();
+        while let Some(link) = links.try_next().await.context("listing interfaces")? {
+            for attr in link.attributes {
+                if let netlink_packet_route::link::LinkAttribute::IfName(name) = attr {
+                    names.insert(link.header.index, name);
+                }
+            }
+        }
+        Ok(names)
+    }
+
     /// Removes every route we own.
     pub async fn remove_all(&self) -> Result<usize> {
         let current = self.current().await?;
