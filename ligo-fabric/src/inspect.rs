@@ -34,7 +34,11 @@ fn endpoint(p: &ligo_fabric_common::maps::Peer) -> String {
     if p.endpoint_ip == [0; 4] {
         return "-".into();
     }
-    format!("{}:{}", ip(p.endpoint_ip), u16::from_be_bytes(p.endpoint_port))
+    format!(
+        "{}:{}",
+        ip(p.endpoint_ip),
+        u16::from_be_bytes(p.endpoint_port)
+    )
 }
 
 fn direction_name(d: u32) -> &'static str {
@@ -109,11 +113,7 @@ pub fn maps_table(s: &Snapshot) -> String {
             id,
             cidr(p.real_to_view.from_network, p.real_to_view.host_mask),
             cidr(p.real_to_view.to_network, p.real_to_view.host_mask),
-            format!(
-                "{}:{}",
-                ip(p.endpoint_ip),
-                u16::from_be_bytes(p.endpoint_port)
-            )
+            endpoint(p)
         );
     }
     let _ = writeln!(
@@ -231,11 +231,7 @@ pub fn peers_table(s: &Snapshot, names: &PeerNames) -> String {
             peer_name(names, *id),
             cidr(p.real_to_view.from_network, p.real_to_view.host_mask),
             cidr(p.real_to_view.to_network, p.real_to_view.host_mask),
-            format!(
-                "{}:{}",
-                ip(p.endpoint_ip),
-                u16::from_be_bytes(p.endpoint_port)
-            ),
+            endpoint(p),
             tx.packets,
             tx.bytes,
             clock::human_age(tx.last_seen_ns),
