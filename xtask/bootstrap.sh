@@ -8,7 +8,7 @@ USERSPACE_TOOLCHAIN=1.99.0
 EBPF_TOOLCHAIN=nightly-2026-06-25
 BPF_LINKER_VERSION=0.13.0
 DEBIAN_PACKAGES=(llvm-22-dev libpolly-22-dev iproute2 iperf3 tshark iputils-ping
-  bpftool nftables ethtool procps)
+  bpftool nftables ethtool procps prometheus)
 
 log() { echo "bootstrap: $*" >&2; }
 

@@ -5,6 +5,7 @@
 //! clears leftovers of a killed run with the same prefix.
 
 use std::{
+    ffi::OsStr,
     fmt::Write as _,
     fs,
     net::Ipv4Addr,
@@ -22,7 +23,7 @@ pub struct Lab {
     pub prefix: String,
     run_dir: PathBuf,
     bpffs_mounted: bool,
-    daemons: Vec<(String, Child)>,
+    processes: Vec<(String, Child)>,
     torn_down: bool,
 }
 
@@ -36,7 +37,7 @@ impl Lab {
             prefix: prefix.into(),
             run_dir,
             bpffs_mounted: false,
-            daemons: vec![],
+            processes: vec![],
             torn_down: false,
         })
     }
@@ -85,23 +86,14 @@ impl Lab {
             self.bpffs_mounted = true;
         }
         fs::write(self.config_path(ns), config)?;
+        let config_path = self.config_path(ns);
+        let args = [
+            OsStr::new("run"),
+            OsStr::new("--config"),
+            config_path.as_os_str(),
+        ];
+        self.spawn(ns, ns, daemon.as_os_str(), &args)?;
         let log_path = self.log_path(ns);
-        let log = fs::File::create(&log_path)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(daemon)
-            .arg("run")
-            .arg("--config")
-            .arg(self.config_path(ns))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", daemon.display()))?;
-        fs::write(self.pid_path(ns), child.id().to_string())?;
-        self.daemons.push((ns.to_owned(), child));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let log = fs::read_to_string(&log_path).unwrap_or_default();
@@ -109,7 +101,7 @@ impl Lab {
                 return Ok(());
             }
             let exited = self
-                .daemons
+                .processes
                 .iter_mut()
                 .find(|(n, _)| n == ns)
                 .and_then(|(_, c)| c.try_wait().ok().flatten());
@@ -123,10 +115,35 @@ impl Lab {
         }
     }
 
+    /// Starts `program args` in namespace `ns` as process `name` (its log
+    /// and pid file are named after it); the lab stops it on teardown.
+    pub fn spawn(&mut self, ns: &str, name: &str, program: &OsStr, args: &[&OsStr]) -> Result<()> {
+        let log = fs::File::create(self.log_path(name))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} in {ns}", program.to_string_lossy()))?;
+        fs::write(self.pid_path(name), child.id().to_string())?;
+        self.processes.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    /// A file in this lab's run directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.run_dir.join(name)
+    }
+
     /// Stops the daemon in `ns` with SIGTERM and waits; returns its log.
     pub fn stop_daemon(&mut self, ns: &str) -> Result<String> {
-        if let Some(pos) = self.daemons.iter().position(|(n, _)| n == ns) {
-            let (_, mut child) = self.daemons.remove(pos);
+        if let Some(pos) = self.processes.iter().position(|(n, _)| n == ns) {
+            let (_, mut child) = self.processes.remove(pos);
             terminate(&mut child);
         }
         Ok(fs::read_to_string(self.log_path(ns)).unwrap_or_default())
@@ -151,7 +168,7 @@ impl Lab {
     /// The daemon logs, for failure reports.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for (ns, _) in &self.daemons {
+        for (ns, _) in &self.processes {
             let _ = writeln!(
                 out,
                 "--- {ns} ---\n{}",
@@ -164,7 +181,7 @@ impl Lab {
     /// Leaves the lab and its daemons running after `self` is dropped.
     pub fn detach(mut self) {
         self.torn_down = true;
-        self.daemons.clear();
+        self.processes.clear();
     }
 
     pub fn down(&mut self) -> Result<()> {
@@ -172,7 +189,7 @@ impl Lab {
             return Ok(());
         }
         self.torn_down = true;
-        for (_, mut child) in self.daemons.drain(..) {
+        for (_, mut child) in self.processes.drain(..) {
             terminate(&mut child);
         }
         clear_leftovers(&self.prefix, &self.run_dir);

@@ -3,6 +3,7 @@
 
 pub mod lab;
 pub mod netns;
+pub mod prometheus;
 pub mod testbed;
 pub mod traffic;
 

@@ -17,6 +17,8 @@ use crate::{
 };
 
 pub const FABRIC_PORT: u16 = 4799;
+/// Where every daemon serves /metrics (the daemon's default port).
+pub const METRICS_PORT: u16 = 9477;
 
 /// An IPv4 prefix (network, length).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,6 +288,38 @@ impl Testbed {
             let _ = writeln!(c, "endpoint = \"{}:{FABRIC_PORT}\"", peer.public_ip);
         }
         c
+    }
+
+    /// A monitoring host on both underlays (.250 in each) from which every
+    /// daemon's metrics endpoint is reachable. Returns its namespace.
+    pub fn add_monitoring(&self) -> Result<String> {
+        let mon = self.lab.add_ns("mon")?;
+        for plan in self.clusters() {
+            let underlay = self.ns(plan, "ul");
+            let ifname = format!("ul{}", plan.name);
+            netns::veth(&underlay, "mon", &mon, &ifname)?;
+            ipc(&format!("-n {underlay} link set mon master br0"))?;
+            ipc(&format!(
+                "-n {mon} addr add {}/24 dev {ifname}",
+                plan.underlay_ip(250)
+            ))?;
+        }
+        Ok(mon)
+    }
+
+    /// Every daemon's metrics endpoint: (cluster, host, ip:port).
+    pub fn metrics_endpoints(&self) -> Vec<(&'static str, &'static str, String)> {
+        let mut out = vec![];
+        for plan in self.clusters() {
+            for (host, octet) in [("gw", 1u8), ("n1", 11), ("n2", 12)] {
+                out.push((
+                    plan.name,
+                    host,
+                    format!("{}:{METRICS_PORT}", plan.underlay_ip(octet)),
+                ));
+            }
+        }
+        out
     }
 
     /// Starts a daemon on every gateway and node, waiting until each
