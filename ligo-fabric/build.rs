@@ -30,7 +30,9 @@ fn main() -> Result<()> {
         println!("cargo::rerun-if-changed={}", watched.display());
     }
 
-    let target_dir = out_dir.join("ebpf-target");
+    // One target dir for every profile and tool (build, clippy, test), so
+    // the eBPF crate compiles once; the nested cargo locks it properly.
+    let target_dir = workspace.join("target").join("ebpf");
     let mut cmd = Command::new("rustup");
     cmd.args([
         "run",

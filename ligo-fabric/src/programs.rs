@@ -85,3 +85,65 @@ pub fn attach_gateway(ebpf: &mut Ebpf, interfaces: &[(&str, u32)]) -> Result<()>
     }
     Ok(())
 }
+
+/// The object loaded with its maps pinned in a private bpffs mounted for
+/// the purpose (unmounted on drop): for tests and benchmarks that run the
+/// programs with BPF_PROG_TEST_RUN without touching a running daemon.
+pub struct ScratchLoad {
+    // Field order matters: the programs and maps close before the unmount.
+    pub ebpf: Ebpf,
+    mount: ScratchMount,
+}
+
+struct ScratchMount {
+    dir: std::path::PathBuf,
+}
+
+impl Drop for ScratchMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+impl ScratchLoad {
+    /// `tag` keeps concurrent scratch loads of one process apart.
+    pub fn new(tag: &str) -> Result<Self> {
+        let dir = std::path::PathBuf::from(format!("/run/ligo-scratch-{tag}-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let mount = ScratchMount { dir };
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&mount.dir)
+            .status()
+            .context("running mount")?;
+        anyhow::ensure!(status.success(), "mounting a bpffs at {}", mount.dir.display());
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&mount.dir)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        Ok(Self { ebpf, mount })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.mount.dir
+    }
+
+    /// A TC program by name, loaded into the kernel.
+    pub fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        classifier(&mut self.ebpf, name)
+    }
+
+    /// An XDP program by name, loaded into the kernel.
+    pub fn xdp(&mut self, name: &str) -> Result<&mut Xdp> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load().with_context(|| format!("verifier rejected {name}"))?;
+        }
+        Ok(program)
+    }
+}

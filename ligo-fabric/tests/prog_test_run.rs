@@ -4,21 +4,16 @@
 
 use std::{
     net::Ipv4Addr,
-    path::PathBuf,
-    process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::{
-    programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
-    Ebpf, EbpfLoader,
-};
+use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use ligo_fabric::{
     config::parse,
     desired::desired_state,
     fabric_maps::{FabricMaps, Snapshot},
-    programs,
+    programs::ScratchLoad,
 };
 use ligo_fabric_common::{
     headers::{encap_header, outer, EncapParams, ENCAP_LEN},
@@ -70,77 +65,33 @@ fn is_root() -> bool {
 /// The eBPF object loaded with its maps pinned in a private bpffs, and
 /// filled from a daemon configuration through the daemon's own code.
 struct Fixture {
-    ebpf: Option<Ebpf>,
-    maps: Option<FabricMaps>,
-    dir: PathBuf,
+    // Dropped in this order: map handles, then the object and its bpffs.
+    maps: FabricMaps,
+    load: ScratchLoad,
 }
 
 static FIXTURES: AtomicU32 = AtomicU32::new(0);
 
 impl Fixture {
     fn new(config: &str) -> Self {
-        let dir = PathBuf::from(format!(
-            "/run/ligo-prog-test-{}-{}",
-            std::process::id(),
-            FIXTURES.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&dir)
-            .status()
-            .expect("mount");
-        assert!(status.success(), "mounting a bpffs at {}", dir.display());
-        let ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&dir)
-            .load(programs::object())
-            .expect("load object");
-        let mut maps = FabricMaps::open(&dir).expect("open maps");
+        let tag = format!("test{}", FIXTURES.fetch_add(1, Ordering::Relaxed));
+        let load = ScratchLoad::new(&tag).expect("load object");
+        let mut maps = FabricMaps::open(load.pin_dir()).expect("open maps");
         let desired = desired_state(&parse(config).expect("config"));
         maps.apply(&desired, (5, 6)).expect("apply");
-        Self {
-            ebpf: Some(ebpf),
-            maps: Some(maps),
-            dir,
-        }
-    }
-
-    fn ebpf(&mut self) -> &mut Ebpf {
-        self.ebpf.as_mut().expect("loaded")
+        Self { maps, load }
     }
 
     fn snapshot(&self) -> Snapshot {
-        self.maps
-            .as_ref()
-            .expect("maps")
-            .snapshot()
-            .expect("snapshot")
+        self.maps.snapshot().expect("snapshot")
     }
 
     fn run_tc(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program: &mut SchedClassifier = self
-            .ebpf()
-            .program_mut(name)
-            .expect(name)
-            .try_into()
-            .expect("tc");
-        if program.fd().is_err() {
-            program.load().expect("verifier");
-        }
-        run(program, frame)
+        run(&*self.load.classifier(name).expect(name), frame)
     }
 
     fn run_xdp(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program: &mut Xdp = self
-            .ebpf()
-            .program_mut(name)
-            .expect(name)
-            .try_into()
-            .expect("xdp");
-        if program.fd().is_err() {
-            program.load().expect("verifier");
-        }
-        run(program, frame)
+        run(&*self.load.xdp(name).expect(name), frame)
     }
 
     fn drops(&self, reason: DropReason) -> u64 {
@@ -178,15 +129,6 @@ where
         .expect("test_run");
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        self.ebpf.take();
-        self.maps.take();
-        let _ = Command::new("umount").arg(&self.dir).status();
-        let _ = std::fs::remove_dir(&self.dir);
-    }
 }
 
 fn ip(s: &str) -> [u8; 4] {

@@ -38,6 +38,12 @@ enum Cmd {
     },
     /// Every check: formatting, lints, unit, eBPF test-run and end-to-end tests.
     Test,
+    /// Measure the fabric against direct routing and the kernel reference design.
+    Bench {
+        /// A short smoke run (CI runs it so the harness never rots).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Leave a testbed running for manual debugging (`ligo-dev-*` namespaces), or remove it.
     Testbed {
         #[arg(value_enum)]
@@ -173,6 +179,7 @@ fn main() -> Result<()> {
             )?;
             test_with_summary()
         }
+        Cmd::Bench { quick } => bench(quick),
         Cmd::Testbed {
             action: TestbedAction::Down,
             ..
@@ -200,6 +207,31 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Builds release binaries and runs the harness; a full run writes its
+/// report to bench/results, a quick one to target/bench.
+fn bench(quick: bool) -> Result<()> {
+    cargo(&["build", "--release", "--package", "ligo-fabric", "--package", "ligo-bench"])?;
+    let root = workspace_root();
+    let out = if quick { root.join("target/bench") } else { root.join("bench/results") };
+    let mut args = vec![
+        "--daemon".to_owned(),
+        root.join("target/release/ligo-fabric").to_string_lossy().into_owned(),
+        "--out".to_owned(),
+        out.to_string_lossy().into_owned(),
+    ];
+    if quick {
+        args.push("--quick".to_owned());
+    }
+    let status = Command::new(root.join("target/release/ligo-bench"))
+        .args(&args)
+        .status()
+        .context("running ligo-bench")?;
+    if !status.success() {
+        bail!("ligo-bench failed ({status})");
+    }
+    Ok(())
 }
 
 const DEMO_PREFIX: &str = "ligo-demo";

@@ -70,7 +70,7 @@ pub struct ClusterPlan {
 }
 
 impl ClusterPlan {
-    fn underlay_ip(&self, host: u8) -> Ipv4Addr {
+    pub fn underlay_ip(&self, host: u8) -> Ipv4Addr {
         let [a, b, c] = self.underlay;
         Ipv4Addr::new(a, b, c, host)
     }

@@ -1,0 +1,139 @@
+//! `ligo-bench`: builds each path on a fresh testbed and measures it in the
+//! same run, then writes a Markdown report with an SVG chart. Run through
+//! `cargo xtask bench [--quick]` (root: namespaces and eBPF).
+
+mod control;
+mod endtoend;
+mod paths;
+mod programs;
+mod report;
+mod stats;
+
+use std::{fs, path::PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use paths::PathKind;
+use report::{PathFigures, Report};
+use stats::Samples;
+
+#[derive(Parser)]
+struct Args {
+    /// A short smoke run (what CI executes); its report is not for quoting.
+    #[arg(long)]
+    quick: bool,
+    /// The ligo-fabric daemon binary the testbed runs.
+    #[arg(long)]
+    daemon: PathBuf,
+    /// Where the report and chart go.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+struct Settings {
+    repetitions: u32,
+    tcp_seconds: u32,
+    udp_seconds: u32,
+    latency_samples: u64,
+    single_runs: u32,
+    repeat: u32,
+}
+
+fn machine() -> String {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1)))
+        .map(str::trim)
+        .unwrap_or("unknown CPU")
+        .to_owned();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{model}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn measure_path(kind: PathKind, rep: u32, daemon: &std::path::Path, s: &Settings, figures: &mut PathFigures) -> Result<()> {
+    let prefix = format!("lb-{}{rep}", &kind.name()[..3]);
+    let (mut bed, client, server) = paths::build(kind, &prefix, daemon).with_context(|| format!("building {}", kind.name()))?;
+    let dst = paths::server_address(&bed, kind, &server);
+    let result = (|| -> Result<()> {
+        xtask::traffic::ping(&client, dst, 1).with_context(|| format!("{} path does not carry traffic", kind.name()))?;
+        let one = endtoend::tcp_throughput(&client, &server, dst, 1, s.tcp_seconds)?;
+        figures.tcp1_gbps.push(one.gbit_per_s);
+        figures.cpu_s_per_gbit.push(one.cpu_s_per_gbit);
+        figures.tcp4_gbps.push(endtoend::tcp_throughput(&client, &server, dst, 4, s.tcp_seconds)?.gbit_per_s);
+        figures.udp_kpps.push(endtoend::udp_pps(&client, &server, dst, s.udp_seconds)? / 1e3);
+        let latency = endtoend::latency(&client, &server, dst, s.latency_samples)?;
+        figures.p50_us.push(latency.p50_us);
+        figures.p99_us.push(latency.p99_us);
+        figures.p999_us.push(latency.p999_us);
+        Ok(())
+    })();
+    if result.is_err() {
+        eprintln!("{}", bed.lab.logs());
+    }
+    bed.lab.down()?;
+    result
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the bench builds network namespaces and loads eBPF programs: run it as root");
+    }
+    let s = if args.quick {
+        Settings { repetitions: 1, tcp_seconds: 2, udp_seconds: 2, latency_samples: 2_000, single_runs: 20_000, repeat: 100_000 }
+    } else {
+        Settings { repetitions: 5, tcp_seconds: 10, udp_seconds: 5, latency_samples: 100_000, single_runs: 1_000_000, repeat: 1_000_000 }
+    };
+
+    let mut paths: Vec<(PathKind, PathFigures)> = PathKind::ALL.iter().map(|k| (*k, PathFigures::default())).collect();
+    let mut change_to_packet_ms = Samples::default();
+    let mut apply_10k_ms = Samples::default();
+    for rep in 0..s.repetitions {
+        // Paths interleave within each repetition, so slow phases of a
+        // shared machine hit every path alike.
+        for (kind, figures) in paths.iter_mut() {
+            eprintln!("bench: repetition {}/{}: {}", rep + 1, s.repetitions, kind.name());
+            measure_path(*kind, rep, &args.daemon, &s, figures)?;
+        }
+        let (mut bed, client, server) = paths::build(PathKind::LigoPlain, &format!("lb-ctl{rep}"), &args.daemon)?;
+        let change = control::config_change_to_first_packet_ms(&bed, &client, &server);
+        bed.lab.down()?;
+        change_to_packet_ms.push(change?);
+        apply_10k_ms.push(programs::apply_time_ms(10_000)?);
+    }
+    eprintln!("bench: program costs");
+    let program_costs = programs::costs(s.single_runs, s.repeat)?;
+    let lookup = programs::lookup_scaling(&[10, 1_000, 10_000], s.single_runs / 4)?;
+
+    let date = String::from_utf8_lossy(&std::process::Command::new("date").arg("+%Y-%m-%d").output()?.stdout)
+        .trim()
+        .to_owned();
+    let machine = machine();
+    let report = Report {
+        title: format!("Ligo bench, {date}{}", if args.quick { " (quick smoke run)" } else { "" }),
+        machine,
+        command: format!("cargo xtask bench{}", if args.quick { " --quick" } else { "" }),
+        settings: format!(
+            "{} repetition(s); iperf3 TCP {} s, UDP {} s; {} latency samples; {} single program runs, {} repeats",
+            s.repetitions, s.tcp_seconds, s.udp_seconds, s.latency_samples, s.single_runs, s.repeat
+        ),
+        paths,
+        program_costs,
+        lookup,
+        apply_10k_ms,
+        change_to_packet_ms,
+    };
+    fs::create_dir_all(&args.out)?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let stem = format!("{date}-x86_64-{cores}core{}", if args.quick { "-quick" } else { "" });
+    let chart = format!("{stem}.svg");
+    report.chart(&args.out.join(&chart))?;
+    let md = report.markdown(&chart);
+    let md_path = args.out.join(format!("{stem}.md"));
+    fs::write(&md_path, &md)?;
+    println!("{md}");
+    eprintln!("bench: report written to {}", md_path.display());
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! The three paths measured between a pod in cluster A and a pod in
+//! cluster B, each built on a fresh copy of the same two-cluster testbed.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use xtask::{
+    netns::{self, ipc},
+    testbed::{Cidr, ClusterPlan, Pod, Scenario, Testbed},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathKind {
+    /// Plain routing node -> gateway -> gateway -> node, real addresses, no
+    /// tunnel, no translation: this machine's ceiling.
+    Direct,
+    /// The reference design from kernel parts: VXLAN devices node<->gateway
+    /// and gateway<->gateway, nftables prefix DNAT/SNAT with conntrack on
+    /// the gateways, policy routing.
+    KernelReference,
+    /// The Ligo fabric, plain transport.
+    LigoPlain,
+}
+
+impl PathKind {
+    pub const ALL: [PathKind; 3] = [PathKind::Direct, PathKind::KernelReference, PathKind::LigoPlain];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::KernelReference => "kernel-reference",
+            PathKind::LigoPlain => "ligo-plain",
+        }
+    }
+}
+
+/// Different CIDRs (so `direct` can route real addresses), and each side
+/// remaps its view of the other, so every design translates both ways.
+pub fn scenario() -> Scenario {
+    let mut s = Scenario::different_cidrs();
+    s.b.view_of_peer = Cidr::parse("10.246.0.0/16");
+    s
+}
+
+/// A testbed wired for `kind`, and the (client, server) pods measured.
+pub fn build(kind: PathKind, prefix: &str, daemon: &std::path::Path) -> Result<(Testbed, Pod, Pod)> {
+    let mut bed = Testbed::up(prefix, scenario())?;
+    match kind {
+        PathKind::Direct => direct(&bed)?,
+        PathKind::KernelReference => kernel_reference(&bed)?,
+        PathKind::LigoPlain => bed.start_fabric(daemon)?,
+    }
+    let (client, server) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
+    Ok((bed, client, server))
+}
+
+/// The address the client uses for `server` on this path.
+pub fn server_address(bed: &Testbed, kind: PathKind, server: &Pod) -> Ipv4Addr {
+    match kind {
+        PathKind::Direct => server.ip,
+        _ => bed.address_seen_from_peer(server),
+    }
+}
+
+fn clusters(bed: &Testbed) -> [(&ClusterPlan, &ClusterPlan); 2] {
+    [(&bed.scenario.a, &bed.scenario.b), (&bed.scenario.b, &bed.scenario.a)]
+}
+
+fn direct(bed: &Testbed) -> Result<()> {
+    for (own, peer) in clusters(bed) {
+        let gw = bed.ns(own, "gw");
+        netns::sysctl(&gw, "net.ipv4.ip_forward", "1")?;
+        ipc(&format!("-n {gw} route add {} via {}", peer.pod_cidr, peer.public_ip))?;
+        for (n, node) in ["n1", "n2"].iter().enumerate() {
+            let node_ns = bed.ns(own, node);
+            ipc(&format!("-n {node_ns} route add {} via {}", peer.pod_cidr, own.underlay_ip(1)))?;
+            ipc(&format!("-n {gw} route add {} via {}", own.node_slices[n], own.underlay_ip(11 + n as u8)))?;
+        }
+    }
+    Ok(())
+}
+
+const TUNNEL_PORT: u16 = 4789;
+const POLICY_TABLE: u32 = 100;
+
+fn kernel_reference(bed: &Testbed) -> Result<()> {
+    for (own, peer) in clusters(bed) {
+        let gw = bed.ns(own, "gw");
+        let gw_ip = own.underlay_ip(1);
+        netns::sysctl(&gw, "net.ipv4.ip_forward", "1")?;
+        // Per-node tunnels, each with its own VNI (one VNI per socket).
+        for (n, node) in ["n1", "n2"].iter().enumerate() {
+            let i = n + 1;
+            let node_ns = bed.ns(own, node);
+            let node_ip = own.underlay_ip(11 + n as u8);
+            let vni = 100 + i;
+            for line in [
+                format!("-n {node_ns} link add vxgw type vxlan id {vni} local {node_ip} remote {gw_ip} dstport {TUNNEL_PORT} dev eth0"),
+                format!("-n {node_ns} link set vxgw up"),
+                format!("-n {node_ns} addr add 172.31.{i}.2/30 dev vxgw"),
+                format!("-n {node_ns} route add {} via 172.31.{i}.1 dev vxgw", own.view_of_peer),
+                format!("-n {gw} link add vx{node} type vxlan id {vni} local {gw_ip} remote {node_ip} dstport {TUNNEL_PORT} dev eth0"),
+                format!("-n {gw} link set vx{node} up"),
+                format!("-n {gw} addr add 172.31.{i}.1/30 dev vx{node}"),
+                format!("-n {gw} route add {} via 172.31.{i}.2 dev vx{node} table {POLICY_TABLE}", own.node_slices[n]),
+                format!("-n {gw} route add {} via 172.31.{i}.2 dev vx{node}", own.node_slices[n]),
+            ] {
+                ipc(&line)?;
+            }
+        }
+        // Gateway-to-gateway tunnel; arrivals from the peer use the policy table.
+        let (mine, theirs) = if own.name == "a" { (1, 2) } else { (2, 1) };
+        for line in [
+            format!("-n {gw} link add vxpeer type vxlan id 1000 local {} remote {} dstport {TUNNEL_PORT} dev eth1", own.public_ip, peer.public_ip),
+            format!("-n {gw} link set vxpeer up"),
+            format!("-n {gw} addr add 172.31.100.{mine}/30 dev vxpeer"),
+            format!("-n {gw} route add {} via 172.31.100.{theirs} dev vxpeer", peer.pod_cidr),
+            format!("-n {gw} rule add iif vxpeer lookup {POLICY_TABLE} pref 100"),
+        ] {
+            ipc(&line)?;
+        }
+        // Prefix DNAT toward the peer's real CIDR, prefix SNAT of arrivals
+        // into our view of the peer; conntrack undoes both for replies.
+        let rules = format!(
+            "table ip ligo_reference {{\n\
+             \tchain prerouting {{ type nat hook prerouting priority dstnat; ip daddr {view} dnat ip prefix to {real}; }}\n\
+             \tchain postrouting {{ type nat hook postrouting priority srcnat; iifname \"vxpeer\" ip saddr {peer_real} snat ip prefix to {our_view}; }}\n\
+             }}\n",
+            view = own.view_of_peer,
+            real = peer.pod_cidr,
+            peer_real = peer.pod_cidr,
+            our_view = own.view_of_peer,
+        );
+        let path = std::env::temp_dir().join(format!("{gw}.nft"));
+        std::fs::write(&path, rules)?;
+        netns::exec(&gw, "nft", &["-f", &path.to_string_lossy()])?;
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(())
+}
