@@ -19,7 +19,10 @@ pub fn config_change_to_first_packet_ms(bed: &Testbed, client: &Pod, server: &Po
     const PORT: u16 = 7800;
     let node = bed.ns(&bed.scenario.a, "n1");
     let old_view = bed.scenario.a.view_of_peer;
-    let new_view = Cidr(Ipv4Addr::new(10, 201, old_view.0.octets()[2], 0), old_view.1);
+    let new_view = Cidr(
+        Ipv4Addr::new(10, 201, old_view.0.octets()[2], 0),
+        old_view.1,
+    );
     let new_dst = bed.scenario.b.pod_cidr.translate(server.ip, new_view);
 
     let server_thread = within(&server.netns, move || {
@@ -49,16 +52,29 @@ pub fn config_change_to_first_packet_ms(bed: &Testbed, client: &Pod, server: &Po
         }
         bail!("no reply through the new view {new_dst} within 5 s")
     });
-    started_rx.recv_timeout(Duration::from_secs(5)).context("probe thread did not start")?;
+    started_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("probe thread did not start")?;
 
     let config_path = bed.lab.config_path(&node);
     let config = fs::read_to_string(&config_path)?;
-    let changed = config.replace(&format!("view_cidr = \"{old_view}\""), &format!("view_cidr = \"{new_view}\""));
-    anyhow::ensure!(changed != config, "the node config has no view_cidr {old_view}");
+    let changed = config.replace(
+        &format!("view_cidr = \"{old_view}\""),
+        &format!("view_cidr = \"{new_view}\""),
+    );
+    anyhow::ensure!(
+        changed != config,
+        "the node config has no view_cidr {old_view}"
+    );
     fs::write(&config_path, changed)?;
-    let pid: i32 = fs::read_to_string(bed.lab.pid_path(&node))?.trim().parse()?;
+    let pid: i32 = fs::read_to_string(bed.lab.pid_path(&node))?
+        .trim()
+        .parse()?;
     let signalled = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
     let first_reply = join(client_thread)?;
     join(server_thread)?;
     Ok(first_reply.duration_since(signalled).as_secs_f64() * 1e3)

@@ -23,7 +23,11 @@ const IPERF_PORT: u16 = 5201;
 fn cpu_jiffies() -> Result<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat.lines().next().context("empty /proc/stat")?;
-    let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
     let total: u64 = fields.iter().sum();
     let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
     Ok((total - idle, total))
@@ -31,7 +35,16 @@ fn cpu_jiffies() -> Result<(u64, u64)> {
 
 fn iperf_server(server: &Pod) -> Result<Child> {
     Command::new("ip")
-        .args(["netns", "exec", &server.netns, "iperf3", "-s", "-1", "-p", &IPERF_PORT.to_string()])
+        .args([
+            "netns",
+            "exec",
+            &server.netns,
+            "iperf3",
+            "-s",
+            "-1",
+            "-p",
+            &IPERF_PORT.to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -43,7 +56,17 @@ fn iperf_client(client: &Pod, dst: Ipv4Addr, extra: &[&str]) -> Result<Value> {
     let mut last_err = String::new();
     for _ in 0..50 {
         let out = Command::new("ip")
-            .args(["netns", "exec", &client.netns, "iperf3", "-c", &dst.to_string(), "-p", &IPERF_PORT.to_string(), "-J"])
+            .args([
+                "netns",
+                "exec",
+                &client.netns,
+                "iperf3",
+                "-c",
+                &dst.to_string(),
+                "-p",
+                &IPERF_PORT.to_string(),
+                "-J",
+            ])
             .args(extra)
             .output()?;
         let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
@@ -56,7 +79,10 @@ fn iperf_client(client: &Pod, dst: Ipv4Addr, extra: &[&str]) -> Result<Value> {
         }
         thread::sleep(Duration::from_millis(100));
     }
-    bail!("iperf3 {client_ip} -> {dst}: {last_err}", client_ip = client.ip)
+    bail!(
+        "iperf3 {client_ip} -> {dst}: {last_err}",
+        client_ip = client.ip
+    )
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -67,10 +93,20 @@ pub struct Throughput {
 }
 
 /// TCP throughput with `streams` parallel streams for `seconds`.
-pub fn tcp_throughput(client: &Pod, server: &Pod, dst: Ipv4Addr, streams: u32, seconds: u32) -> Result<Throughput> {
+pub fn tcp_throughput(
+    client: &Pod,
+    server: &Pod,
+    dst: Ipv4Addr,
+    streams: u32,
+    seconds: u32,
+) -> Result<Throughput> {
     let mut srv = iperf_server(server)?;
     let before = cpu_jiffies()?;
-    let json = iperf_client(client, dst, &["-t", &seconds.to_string(), "-P", &streams.to_string()]);
+    let json = iperf_client(
+        client,
+        dst,
+        &["-t", &seconds.to_string(), "-P", &streams.to_string()],
+    );
     let after = cpu_jiffies()?;
     let _ = srv.kill();
     let _ = srv.wait();
@@ -81,13 +117,20 @@ pub fn tcp_throughput(client: &Pod, server: &Pod, dst: Ipv4Addr, streams: u32, s
     let bytes = json["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
     let cpu_s = (after.0 - before.0) as f64 / 100.0;
     let gbits = bytes * 8.0 / 1e9;
-    Ok(Throughput { gbit_per_s: bps / 1e9, cpu_s_per_gbit: if gbits > 0.0 { cpu_s / gbits } else { f64::NAN } })
+    Ok(Throughput {
+        gbit_per_s: bps / 1e9,
+        cpu_s_per_gbit: if gbits > 0.0 { cpu_s / gbits } else { f64::NAN },
+    })
 }
 
 /// Received UDP packets per second with 64-byte datagrams, unthrottled.
 pub fn udp_pps(client: &Pod, server: &Pod, dst: Ipv4Addr, seconds: u32) -> Result<f64> {
     let mut srv = iperf_server(server)?;
-    let json = iperf_client(client, dst, &["-u", "-b", "0", "-l", "64", "-t", &seconds.to_string()]);
+    let json = iperf_client(
+        client,
+        dst,
+        &["-u", "-b", "0", "-l", "64", "-t", &seconds.to_string()],
+    );
     let _ = srv.kill();
     let _ = srv.wait();
     let json = json?;
@@ -123,7 +166,9 @@ pub fn latency(client: &Pod, server: &Pod, dst: Ipv4Addr, samples: u64) -> Resul
         }
         Ok(())
     });
-    ready_rx.recv_timeout(Duration::from_secs(5)).context("latency server did not start")?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("latency server did not start")?;
     let client_thread = within(&client.netns, move || {
         let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
         socket.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -148,6 +193,14 @@ pub fn latency(client: &Pod, server: &Pod, dst: Ipv4Addr, samples: u64) -> Resul
     let histogram = join(client_thread)?;
     join(server_thread)?;
     let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-    anyhow::ensure!(histogram.len() == samples, "recorded {} of {samples} samples", histogram.len());
-    Ok(Latency { p50_us: us(0.5), p99_us: us(0.99), p999_us: us(0.999) })
+    anyhow::ensure!(
+        histogram.len() == samples,
+        "recorded {} of {samples} samples",
+        histogram.len()
+    );
+    Ok(Latency {
+        p50_us: us(0.5),
+        p99_us: us(0.99),
+        p999_us: us(0.999),
+    })
 }

@@ -43,26 +43,43 @@ fn machine() -> String {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1)))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split(':').nth(1))
+        })
         .map(str::trim)
         .unwrap_or("unknown CPU")
         .to_owned();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{model}, {cores} cores, Linux {}", kernel.trim())
 }
 
-fn measure_path(kind: PathKind, rep: u32, daemon: &std::path::Path, s: &Settings, figures: &mut PathFigures) -> Result<()> {
+fn measure_path(
+    kind: PathKind,
+    rep: u32,
+    daemon: &std::path::Path,
+    s: &Settings,
+    figures: &mut PathFigures,
+) -> Result<()> {
     let prefix = format!("lb-{}{rep}", &kind.name()[..3]);
-    let (mut bed, client, server) = paths::build(kind, &prefix, daemon).with_context(|| format!("building {}", kind.name()))?;
+    let (mut bed, client, server) =
+        paths::build(kind, &prefix, daemon).with_context(|| format!("building {}", kind.name()))?;
     let dst = paths::server_address(&bed, kind, &server);
     let result = (|| -> Result<()> {
-        xtask::traffic::ping(&client, dst, 1).with_context(|| format!("{} path does not carry traffic", kind.name()))?;
+        xtask::traffic::ping(&client, dst, 1)
+            .with_context(|| format!("{} path does not carry traffic", kind.name()))?;
         let one = endtoend::tcp_throughput(&client, &server, dst, 1, s.tcp_seconds)?;
         figures.tcp1_gbps.push(one.gbit_per_s);
         figures.cpu_s_per_gbit.push(one.cpu_s_per_gbit);
-        figures.tcp4_gbps.push(endtoend::tcp_throughput(&client, &server, dst, 4, s.tcp_seconds)?.gbit_per_s);
-        figures.udp_kpps.push(endtoend::udp_pps(&client, &server, dst, s.udp_seconds)? / 1e3);
+        figures
+            .tcp4_gbps
+            .push(endtoend::tcp_throughput(&client, &server, dst, 4, s.tcp_seconds)?.gbit_per_s);
+        figures
+            .udp_kpps
+            .push(endtoend::udp_pps(&client, &server, dst, s.udp_seconds)? / 1e3);
         let latency = endtoend::latency(&client, &server, dst, s.latency_samples)?;
         figures.p50_us.push(latency.p50_us);
         figures.p99_us.push(latency.p99_us);
@@ -82,22 +99,45 @@ fn main() -> Result<()> {
         bail!("the bench builds network namespaces and loads eBPF programs: run it as root");
     }
     let s = if args.quick {
-        Settings { repetitions: 1, tcp_seconds: 2, udp_seconds: 2, latency_samples: 2_000, single_runs: 20_000, repeat: 100_000 }
+        Settings {
+            repetitions: 1,
+            tcp_seconds: 2,
+            udp_seconds: 2,
+            latency_samples: 2_000,
+            single_runs: 20_000,
+            repeat: 100_000,
+        }
     } else {
-        Settings { repetitions: 5, tcp_seconds: 10, udp_seconds: 5, latency_samples: 100_000, single_runs: 1_000_000, repeat: 1_000_000 }
+        Settings {
+            repetitions: 5,
+            tcp_seconds: 10,
+            udp_seconds: 5,
+            latency_samples: 100_000,
+            single_runs: 1_000_000,
+            repeat: 1_000_000,
+        }
     };
 
-    let mut paths: Vec<(PathKind, PathFigures)> = PathKind::ALL.iter().map(|k| (*k, PathFigures::default())).collect();
+    let mut paths: Vec<(PathKind, PathFigures)> = PathKind::ALL
+        .iter()
+        .map(|k| (*k, PathFigures::default()))
+        .collect();
     let mut change_to_packet_ms = Samples::default();
     let mut apply_10k_ms = Samples::default();
     for rep in 0..s.repetitions {
         // Paths interleave within each repetition, so slow phases of a
         // shared machine hit every path alike.
         for (kind, figures) in paths.iter_mut() {
-            eprintln!("bench: repetition {}/{}: {}", rep + 1, s.repetitions, kind.name());
+            eprintln!(
+                "bench: repetition {}/{}: {}",
+                rep + 1,
+                s.repetitions,
+                kind.name()
+            );
             measure_path(*kind, rep, &args.daemon, &s, figures)?;
         }
-        let (mut bed, client, server) = paths::build(PathKind::LigoPlain, &format!("lb-ctl{rep}"), &args.daemon)?;
+        let (mut bed, client, server) =
+            paths::build(PathKind::LigoPlain, &format!("lb-ctl{rep}"), &args.daemon)?;
         let change = control::config_change_to_first_packet_ms(&bed, &client, &server);
         bed.lab.down()?;
         change_to_packet_ms.push(change?);
@@ -107,9 +147,14 @@ fn main() -> Result<()> {
     let program_costs = programs::costs(s.single_runs, s.repeat)?;
     let lookup = programs::lookup_scaling(&[10, 1_000, 10_000], s.single_runs / 4)?;
 
-    let date = String::from_utf8_lossy(&std::process::Command::new("date").arg("+%Y-%m-%d").output()?.stdout)
-        .trim()
-        .to_owned();
+    let date = String::from_utf8_lossy(
+        &std::process::Command::new("date")
+            .arg("+%Y-%m-%d")
+            .output()?
+            .stdout,
+    )
+    .trim()
+    .to_owned();
     let machine = machine();
     let report = Report {
         title: format!("Ligo bench, {date}{}", if args.quick { " (quick smoke run)" } else { "" }),
@@ -126,8 +171,13 @@ fn main() -> Result<()> {
         change_to_packet_ms,
     };
     fs::create_dir_all(&args.out)?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let stem = format!("{date}-x86_64-{cores}core{}", if args.quick { "-quick" } else { "" });
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let stem = format!(
+        "{date}-x86_64-{cores}core{}",
+        if args.quick { "-quick" } else { "" }
+    );
     let chart = format!("{stem}.svg");
     report.chart(&args.out.join(&chart))?;
     let md = report.markdown(&chart);

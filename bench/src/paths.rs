@@ -23,7 +23,11 @@ pub enum PathKind {
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 3] = [PathKind::Direct, PathKind::KernelReference, PathKind::LigoPlain];
+    pub const ALL: [PathKind; 3] = [
+        PathKind::Direct,
+        PathKind::KernelReference,
+        PathKind::LigoPlain,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -43,7 +47,11 @@ pub fn scenario() -> Scenario {
 }
 
 /// A testbed wired for `kind`, and the (client, server) pods measured.
-pub fn build(kind: PathKind, prefix: &str, daemon: &std::path::Path) -> Result<(Testbed, Pod, Pod)> {
+pub fn build(
+    kind: PathKind,
+    prefix: &str,
+    daemon: &std::path::Path,
+) -> Result<(Testbed, Pod, Pod)> {
     let mut bed = Testbed::up(prefix, scenario())?;
     match kind {
         PathKind::Direct => direct(&bed)?,
@@ -63,18 +71,32 @@ pub fn server_address(bed: &Testbed, kind: PathKind, server: &Pod) -> Ipv4Addr {
 }
 
 fn clusters(bed: &Testbed) -> [(&ClusterPlan, &ClusterPlan); 2] {
-    [(&bed.scenario.a, &bed.scenario.b), (&bed.scenario.b, &bed.scenario.a)]
+    [
+        (&bed.scenario.a, &bed.scenario.b),
+        (&bed.scenario.b, &bed.scenario.a),
+    ]
 }
 
 fn direct(bed: &Testbed) -> Result<()> {
     for (own, peer) in clusters(bed) {
         let gw = bed.ns(own, "gw");
         netns::sysctl(&gw, "net.ipv4.ip_forward", "1")?;
-        ipc(&format!("-n {gw} route add {} via {}", peer.pod_cidr, peer.public_ip))?;
+        ipc(&format!(
+            "-n {gw} route add {} via {}",
+            peer.pod_cidr, peer.public_ip
+        ))?;
         for (n, node) in ["n1", "n2"].iter().enumerate() {
             let node_ns = bed.ns(own, node);
-            ipc(&format!("-n {node_ns} route add {} via {}", peer.pod_cidr, own.underlay_ip(1)))?;
-            ipc(&format!("-n {gw} route add {} via {}", own.node_slices[n], own.underlay_ip(11 + n as u8)))?;
+            ipc(&format!(
+                "-n {node_ns} route add {} via {}",
+                peer.pod_cidr,
+                own.underlay_ip(1)
+            ))?;
+            ipc(&format!(
+                "-n {gw} route add {} via {}",
+                own.node_slices[n],
+                own.underlay_ip(11 + n as u8)
+            ))?;
         }
     }
     Ok(())

@@ -28,7 +28,12 @@ where
 {
     let mut out = vec![0u8; 4096];
     program
-        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
         .context("BPF_PROG_TEST_RUN")
 }
 
@@ -98,7 +103,8 @@ fn encapsulated(outer_src: [u8; 4], outer_dst: [u8; 4], vni: u32, inner: &[u8]) 
     f
 }
 
-const PEER: &str = "[[peers]]\nid = 2\npod_cidr = \"10.100.16.0/20\"\nview_cidr = \"10.200.32.0/20\"\n";
+const PEER: &str =
+    "[[peers]]\nid = 2\npod_cidr = \"10.100.16.0/20\"\nview_cidr = \"10.200.32.0/20\"\n";
 
 fn node_config() -> String {
     format!("cluster_id = 1\npod_cidrs = [\"10.244.0.0/16\"]\n[node]\nuplink = \"eth0\"\nunderlay_ip = \"192.0.2.11\"\ngateway_ip = \"192.0.2.1\"\n{PEER}")
@@ -128,7 +134,12 @@ pub fn costs(calls: u32, repeat: u32) -> Result<Vec<ProgramCost>> {
     let mut results = vec![];
     let to_view = udp_frame([10, 244, 1, 10], [10, 200, 33, 11], 53);
     let in_cluster = udp_frame([10, 244, 1, 10], [10, 244, 2, 11], 53);
-    let from_gateway = encapsulated([192, 0, 2, 1], [192, 0, 2, 11], 2, &udp_frame([10, 100, 17, 11], [10, 244, 1, 10], 53));
+    let from_gateway = encapsulated(
+        [192, 0, 2, 1],
+        [192, 0, 2, 11],
+        2,
+        &udp_frame([10, 100, 17, 11], [10, 244, 1, 10], 53),
+    );
     let plain_to_node = udp_frame([192, 0, 2, 1], [192, 0, 2, 11], 53);
     let from_node = encapsulated([192, 0, 2, 11], [192, 0, 2, 1], 2, &to_view);
     let plain_to_gateway = udp_frame([192, 0, 2, 11], [192, 0, 2, 1], 53);
@@ -142,17 +153,47 @@ pub fn costs(calls: u32, repeat: u32) -> Result<Vec<ProgramCost>> {
     let egress_pass = repeated_ns(&*node.classifier("node_egress")?, &in_cluster, repeat)?;
     let ingress = median_single_run_ns(&*node.xdp("node_ingress")?, &from_gateway, calls)?;
     let ingress_pass = repeated_ns(&*node.xdp("node_ingress")?, &plain_to_node, repeat)?;
-    results.push(ProgramCost { program: "node_egress", path: "remap + encapsulate", ns: egress, baseline_ns: tc_base });
-    results.push(ProgramCost { program: "node_egress", path: "pass (not for a peer)", ns: egress_pass, baseline_ns: tc_base_rep });
-    results.push(ProgramCost { program: "node_ingress", path: "decapsulate + remap", ns: ingress, baseline_ns: xdp_base });
-    results.push(ProgramCost { program: "node_ingress", path: "pass (not fabric)", ns: ingress_pass, baseline_ns: xdp_base_rep });
+    results.push(ProgramCost {
+        program: "node_egress",
+        path: "remap + encapsulate",
+        ns: egress,
+        baseline_ns: tc_base,
+    });
+    results.push(ProgramCost {
+        program: "node_egress",
+        path: "pass (not for a peer)",
+        ns: egress_pass,
+        baseline_ns: tc_base_rep,
+    });
+    results.push(ProgramCost {
+        program: "node_ingress",
+        path: "decapsulate + remap",
+        ns: ingress,
+        baseline_ns: xdp_base,
+    });
+    results.push(ProgramCost {
+        program: "node_ingress",
+        path: "pass (not fabric)",
+        ns: ingress_pass,
+        baseline_ns: xdp_base_rep,
+    });
     drop((node_maps, node));
 
     let (_maps, mut gw) = loaded("bench-gw", &gateway_config())?;
     let forward = median_single_run_ns(&*gw.classifier("gateway")?, &from_node, calls)?;
     let gw_pass = repeated_ns(&*gw.classifier("gateway")?, &plain_to_gateway, repeat)?;
-    results.push(ProgramCost { program: "gateway", path: "forward node -> peer", ns: forward, baseline_ns: tc_base });
-    results.push(ProgramCost { program: "gateway", path: "pass (not fabric)", ns: gw_pass, baseline_ns: tc_base_rep });
+    results.push(ProgramCost {
+        program: "gateway",
+        path: "forward node -> peer",
+        ns: forward,
+        baseline_ns: tc_base,
+    });
+    results.push(ProgramCost {
+        program: "gateway",
+        path: "pass (not fabric)",
+        ns: gw_pass,
+        baseline_ns: tc_base_rep,
+    });
     Ok(results)
 }
 
@@ -167,7 +208,10 @@ pub fn lookup_scaling(counts: &[u32], calls: u32) -> Result<Vec<(u32, f64)>> {
             // Extra /24 views spread over 11.0.0.0/8..; all map to peer 2.
             let i = installed;
             let view = [11 + (i >> 16) as u8, (i >> 8) as u8, i as u8, 0];
-            let entry = PeerView { peer_id: 2, view_to_real: PrefixRewrite::new(view, [10, 100, 16, 0], 24) };
+            let entry = PeerView {
+                peer_id: 2,
+                view_to_real: PrefixRewrite::new(view, [10, 100, 16, 0], 24),
+            };
             maps.peer_views.insert(&Key::new(24, view), &entry, 0)?;
             installed += 1;
         }
@@ -180,9 +224,19 @@ pub fn lookup_scaling(counts: &[u32], calls: u32) -> Result<Vec<(u32, f64)>> {
 /// Milliseconds to apply `n` node slices to the maps of a gateway.
 pub fn apply_time_ms(n: u32) -> Result<f64> {
     let (mut maps, _load) = loaded("bench-apply", &gateway_config())?;
-    let mut config = gateway_config().replace("pod_cidrs = [\"10.244.0.0/16\"]", "pod_cidrs = [\"10.0.0.0/9\"]");
+    let mut config = gateway_config().replace(
+        "pod_cidrs = [\"10.244.0.0/16\"]",
+        "pod_cidrs = [\"10.0.0.0/9\"]",
+    );
     let slices: Vec<String> = (0..n)
-        .map(|i| format!("{{ node_ip = \"192.0.2.{}\", pod_cidr = \"10.{}.{}.0/24\" }}", 2 + i % 250, i >> 8, i & 0xff))
+        .map(|i| {
+            format!(
+                "{{ node_ip = \"192.0.2.{}\", pod_cidr = \"10.{}.{}.0/24\" }}",
+                2 + i % 250,
+                i >> 8,
+                i & 0xff
+            )
+        })
         .collect();
     config = config.replace(
         "node_slices = [{ node_ip = \"192.0.2.11\", pod_cidr = \"10.244.1.0/24\" }]",
@@ -192,6 +246,9 @@ pub fn apply_time_ms(n: u32) -> Result<f64> {
     let started = std::time::Instant::now();
     let changes = maps.apply(&desired, (1, 1))?;
     let elapsed = started.elapsed();
-    anyhow::ensure!(changes as u32 >= n, "only {changes} changes applied for {n} slices");
+    anyhow::ensure!(
+        changes as u32 >= n,
+        "only {changes} changes applied for {n} slices"
+    );
     Ok(elapsed.as_secs_f64() * 1e3)
 }

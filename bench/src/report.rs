@@ -62,14 +62,46 @@ impl Report {
         let apply = self.apply_10k_ms.median();
         let change = self.change_to_packet_ms.median();
         vec![
-            ("TCP throughput ≥ 1.5x kernel-reference".into(), format!("{tcp_ref:.2}x"), tcp_ref >= 1.5),
-            ("TCP throughput ≥ 0.8x direct".into(), format!("{tcp_direct:.2}x"), tcp_direct >= 0.8),
-            ("p99 latency ≤ 0.8x kernel-reference".into(), format!("{p99_ref:.2}x"), p99_ref <= 0.8),
-            ("p99 latency ≤ 1.1x direct".into(), format!("{p99_direct:.2}x"), p99_direct <= 1.1),
-            ("program cost ≤ 3x do-nothing (worst path)".into(), format!("{worst_program:.2}x"), worst_program <= 3.0),
-            ("cost at 10,000 views ≤ 1.2x cost at 10".into(), format!("{lookup:.2}x"), lookup <= 1.2),
-            ("10,000 map entries applied ≤ 100 ms".into(), format!("{apply:.1} ms"), apply <= 100.0),
-            ("config change to first packet ≤ 50 ms".into(), format!("{change:.1} ms"), change <= 50.0),
+            (
+                "TCP throughput ≥ 1.5x kernel-reference".into(),
+                format!("{tcp_ref:.2}x"),
+                tcp_ref >= 1.5,
+            ),
+            (
+                "TCP throughput ≥ 0.8x direct".into(),
+                format!("{tcp_direct:.2}x"),
+                tcp_direct >= 0.8,
+            ),
+            (
+                "p99 latency ≤ 0.8x kernel-reference".into(),
+                format!("{p99_ref:.2}x"),
+                p99_ref <= 0.8,
+            ),
+            (
+                "p99 latency ≤ 1.1x direct".into(),
+                format!("{p99_direct:.2}x"),
+                p99_direct <= 1.1,
+            ),
+            (
+                "program cost ≤ 3x do-nothing (worst path)".into(),
+                format!("{worst_program:.2}x"),
+                worst_program <= 3.0,
+            ),
+            (
+                "cost at 10,000 views ≤ 1.2x cost at 10".into(),
+                format!("{lookup:.2}x"),
+                lookup <= 1.2,
+            ),
+            (
+                "10,000 map entries applied ≤ 100 ms".into(),
+                format!("{apply:.1} ms"),
+                apply <= 100.0,
+            ),
+            (
+                "config change to first packet ≤ 50 ms".into(),
+                format!("{change:.1} ms"),
+                change <= 50.0,
+            ),
         ]
     }
 
@@ -81,9 +113,16 @@ impl Report {
         let _ = writeln!(md, "- Settings: {}", self.settings);
         let _ = writeln!(md, "- Figures: median (min–max) over the repetitions; ratios use medians measured in this same run.\n");
         let _ = writeln!(md, "![throughput and latency]({chart_file})\n");
-        let _ = writeln!(md, "## Targets\n\n| target | measured | met |\n|---|---|---|");
+        let _ = writeln!(
+            md,
+            "## Targets\n\n| target | measured | met |\n|---|---|---|"
+        );
         for (target, measured, met) in self.targets() {
-            let _ = writeln!(md, "| {target} | {measured} | {} |", if met { "yes" } else { "**no**" });
+            let _ = writeln!(
+                md,
+                "| {target} | {measured} | {} |",
+                if met { "yes" } else { "**no**" }
+            );
         }
         let _ = writeln!(md, "\n## Pod in cluster A to pod in cluster B\n");
         let _ = write!(md, "| figure |");
@@ -116,9 +155,20 @@ impl Report {
         }
         let _ = writeln!(md, "\n## The programs alone (BPF_PROG_TEST_RUN)\n");
         let _ = writeln!(md, "Fabric paths rewrite the packet, so they are the median of single runs (a repeated run would keep working on the rewritten packet); pass paths are one run with many repetitions. Each is compared with a do-nothing program of the same type measured the same way in this run.\n");
-        let _ = writeln!(md, "| program | path | ns | do-nothing ns | ratio |\n|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "| program | path | ns | do-nothing ns | ratio |\n|---|---|---|---|---|"
+        );
         for c in &self.program_costs {
-            let _ = writeln!(md, "| {} | {} | {:.1} | {:.1} | {:.2}x |", c.program, c.path, c.ns, c.baseline_ns, c.ns / c.baseline_ns);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} | {:.1} | {:.2}x |",
+                c.program,
+                c.path,
+                c.ns,
+                c.baseline_ns,
+                c.ns / c.baseline_ns
+            );
         }
         let _ = writeln!(md, "\nRemap lookup (node_egress fabric path) by installed peer views:\n\n| views | ns | vs. first |\n|---|---|---|");
         let first = self.lookup.first().map(|(_, ns)| *ns).unwrap_or(f64::NAN);
@@ -126,8 +176,16 @@ impl Report {
             let _ = writeln!(md, "| {n} | {ns:.1} | {:.2}x |", ns / first);
         }
         let _ = writeln!(md, "\n## Control plane\n");
-        let _ = writeln!(md, "- 10,000 node slices written to the maps: {} ms", self.apply_10k_ms.show(1));
-        let _ = writeln!(md, "- SIGHUP with a moved peer view to the first echo through the new view: {} ms", self.change_to_packet_ms.show(1));
+        let _ = writeln!(
+            md,
+            "- 10,000 node slices written to the maps: {} ms",
+            self.apply_10k_ms.show(1)
+        );
+        let _ = writeln!(
+            md,
+            "- SIGHUP with a moved peer view to the first echo through the new view: {} ms",
+            self.change_to_packet_ms.show(1)
+        );
         md
     }
 
@@ -137,31 +195,59 @@ impl Report {
         root.fill(&WHITE).context("chart")?;
         let (left, right) = root.split_horizontally(450);
         let n = self.paths.len() as f64;
-        let colors = [RGBColor(120, 120, 120), RGBColor(214, 96, 77), RGBColor(33, 102, 172)];
+        let colors = [
+            RGBColor(120, 120, 120),
+            RGBColor(214, 96, 77),
+            RGBColor(33, 102, 172),
+        ];
 
-        let max_tcp = self.paths.iter().map(|(_, f)| f.tcp4_gbps.median().max(f.tcp1_gbps.median())).fold(0.0, f64::max);
+        let max_tcp = self
+            .paths
+            .iter()
+            .map(|(_, f)| f.tcp4_gbps.median().max(f.tcp1_gbps.median()))
+            .fold(0.0, f64::max);
         let mut tcp = ChartBuilder::on(&left)
-            .caption("TCP throughput, Gbit/s (1 and 4 streams)", ("sans-serif", 16))
+            .caption(
+                "TCP throughput, Gbit/s (1 and 4 streams)",
+                ("sans-serif", 16),
+            )
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(40)
             .build_cartesian_2d(0.0..n, 0.0..(max_tcp * 1.15).max(0.1))
             .context("chart")?;
-        tcp.configure_mesh().disable_x_mesh().x_labels(0).draw().context("chart")?;
+        tcp.configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .draw()
+            .context("chart")?;
         for (i, (kind, f)) in self.paths.iter().enumerate() {
             let x = i as f64;
             let color = colors[i % colors.len()];
             tcp.draw_series([
-                Rectangle::new([(x + 0.1, 0.0), (x + 0.48, f.tcp1_gbps.median())], color.filled()),
-                Rectangle::new([(x + 0.52, 0.0), (x + 0.9, f.tcp4_gbps.median())], color.mix(0.6).filled()),
+                Rectangle::new(
+                    [(x + 0.1, 0.0), (x + 0.48, f.tcp1_gbps.median())],
+                    color.filled(),
+                ),
+                Rectangle::new(
+                    [(x + 0.52, 0.0), (x + 0.9, f.tcp4_gbps.median())],
+                    color.mix(0.6).filled(),
+                ),
             ])
             .context("chart")?
             .label(kind.name())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
         }
-        tcp.configure_series_labels().border_style(BLACK).draw().context("chart")?;
+        tcp.configure_series_labels()
+            .border_style(BLACK)
+            .draw()
+            .context("chart")?;
 
-        let max_p99 = self.paths.iter().map(|(_, f)| f.p99_us.median()).fold(0.0, f64::max);
+        let max_p99 = self
+            .paths
+            .iter()
+            .map(|(_, f)| f.p99_us.median())
+            .fold(0.0, f64::max);
         let mut lat = ChartBuilder::on(&right)
             .caption("Request/response p99 latency, µs", ("sans-serif", 16))
             .margin(10)
@@ -169,11 +255,18 @@ impl Report {
             .y_label_area_size(40)
             .build_cartesian_2d(0.0..n, 0.0..(max_p99 * 1.15).max(1.0))
             .context("chart")?;
-        lat.configure_mesh().disable_x_mesh().x_labels(0).draw().context("chart")?;
+        lat.configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .draw()
+            .context("chart")?;
         for (i, (_, f)) in self.paths.iter().enumerate() {
             let x = i as f64;
-            lat.draw_series([Rectangle::new([(x + 0.2, 0.0), (x + 0.8, f.p99_us.median())], colors[i % colors.len()].filled())])
-                .context("chart")?;
+            lat.draw_series([Rectangle::new(
+                [(x + 0.2, 0.0), (x + 0.8, f.p99_us.median())],
+                colors[i % colors.len()].filled(),
+            )])
+            .context("chart")?;
         }
         root.present().context("writing the chart")?;
         Ok(())

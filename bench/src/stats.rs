@@ -36,7 +36,15 @@ impl Samples {
         if self.0.len() <= 1 {
             return format!("{:.*}", decimals, self.median());
         }
-        format!("{:.*} ({:.*}–{:.*})", decimals, self.median(), decimals, self.min(), decimals, self.max())
+        format!(
+            "{:.*} ({:.*}–{:.*})",
+            decimals,
+            self.median(),
+            decimals,
+            self.min(),
+            decimals,
+            self.max()
+        )
     }
 }
 

@@ -4,20 +4,23 @@
 //!   packets bound for a peer view and encapsulate them toward the gateway.
 //! - [`gateway`]: TC ingress on a gateway's interfaces: forward fabric frames
 //!   from local nodes to peer gateways and back, rewriting outer headers only.
-//! - [`node_ingress`]: XDP on a node's uplink: decapsulate, remap the source
-//!   by the sending peer's rule, pass to the stack for delivery.
+//! - [`node_ingress`] (XDP) and [`node_ingress_tc`] (TC ingress) on a node's
+//!   uplink: decapsulate, remap the source by the sending peer's rule, pass
+//!   to the stack for delivery. One of the two is attached, by uplink kind.
 //!
 //! Shared pieces: [`maps`] (the map definitions), [`counters`] (per-peer
-//! traffic and drop accounting). The packet logic itself lives in
+//! traffic and drop accounting), [`decap`] (validation of arriving frames). The packet logic itself lives in
 //! `ligo-fabric-common`, where it is unit-tested on the host.
 #![no_std]
 #![no_main]
 
 mod counters;
+mod decap;
 mod gateway;
 mod maps;
 mod node_egress;
 mod node_ingress;
+mod node_ingress_tc;
 mod noop;
 
 #[cfg(not(test))]

@@ -53,6 +53,20 @@ pub struct NodeSection {
     pub uplink: String,
     pub underlay_ip: Ipv4Addr,
     pub gateway_ip: Ipv4Addr,
+    /// Where arriving fabric frames are decapsulated: "xdp", "tc", or
+    /// "auto" (the default: tc on veth uplinks, xdp elsewhere).
+    #[serde(default)]
+    pub ingress: IngressHook,
+}
+
+/// The hook of the node ingress program.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IngressHook {
+    #[default]
+    Auto,
+    Xdp,
+    Tc,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +133,7 @@ pub enum RoleConfig {
         uplink: String,
         underlay_ip: Ipv4Addr,
         gateway_ip: Ipv4Addr,
+        ingress: IngressHook,
     },
     Gateway {
         underlay_interface: String,
@@ -227,6 +242,7 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
             uplink: non_empty("node.uplink", node.uplink)?,
             underlay_ip: node.underlay_ip,
             gateway_ip: node.gateway_ip,
+            ingress: node.ingress,
         },
         (None, Some(gw)) => {
             let mut node_slices = BTreeMap::new();

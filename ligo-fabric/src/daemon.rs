@@ -15,7 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{self, RoleConfig, ValidConfig},
+    config::{self, IngressHook, RoleConfig, ValidConfig},
     desired::{desired_state, ENCAP_OVERHEAD},
     fabric_maps::{remove_pins, FabricMaps},
     metrics::{self, DaemonMetrics},
@@ -88,6 +88,7 @@ struct Fabric {
     /// Owns the loaded programs; dropping it detaches them.
     ebpf: Option<Ebpf>,
     attached: bool,
+    uplink_is_veth: bool,
 }
 
 impl Fabric {
@@ -155,12 +156,28 @@ impl Fabric {
         Ok(())
     }
 
+    /// `auto` means TC on veth (where XDP forces the peer to segment GSO
+    /// packets and copies frames; see ARCHITECTURE.md), XDP elsewhere.
+    fn ingress_hook(configured: IngressHook, uplink_is_veth: bool) -> IngressHook {
+        match configured {
+            IngressHook::Auto if uplink_is_veth => IngressHook::Tc,
+            IngressHook::Auto => IngressHook::Xdp,
+            chosen => chosen,
+        }
+    }
+
     fn attach(&mut self) -> Result<()> {
+        let is_veth = self.uplink_is_veth;
         let ebpf = self.ebpf.as_mut().context("programs already unloaded")?;
         let result = match &self.cfg.role {
-            RoleConfig::Node { uplink, .. } => {
-                programs::attach_node(ebpf, uplink, self.interfaces.0)
-            }
+            RoleConfig::Node {
+                uplink, ingress, ..
+            } => programs::attach_node(
+                ebpf,
+                uplink,
+                self.interfaces.0,
+                Self::ingress_hook(*ingress, is_veth),
+            ),
             RoleConfig::Gateway {
                 underlay_interface,
                 public_interface,
@@ -204,8 +221,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         routes,
         ebpf: Some(ebpf),
         attached: false,
+        uplink_is_veth: false,
     };
     let started = async {
+        fabric.uplink_is_veth = fabric.routes.is_veth(fabric.interfaces.0).await?;
         // The endpoints come up first: /readyz answers 503 until ready.
         let scrape_maps = FabricMaps::open(&fabric.cfg.pin_dir)?;
         metrics::serve(fabric.cfg.metrics_address, &metrics, scrape_maps).await?;

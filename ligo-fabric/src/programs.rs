@@ -7,7 +7,9 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
-use tracing::warn;
+use tracing::{info, warn};
+
+use crate::config::IngressHook;
 
 /// The programs, built by build.rs from `ligo-fabric-ebpf`.
 static EBPF_OBJECT: &[u8] =
@@ -52,21 +54,35 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassif
 }
 
 /// Node role: remap+encapsulate on uplink egress, decapsulate+remap on
-/// uplink ingress (XDP, native mode when the driver has it).
-pub fn attach_node(ebpf: &mut Ebpf, uplink: &str, uplink_index: u32) -> Result<()> {
+/// uplink ingress with the chosen hook (XDP in native mode when the driver
+/// has it).
+pub fn attach_node(
+    ebpf: &mut Ebpf,
+    uplink: &str,
+    uplink_index: u32,
+    ingress: IngressHook,
+) -> Result<()> {
     classifier(ebpf, "node_egress")?
         .attach(uplink_index, TcAttachType::Egress)
         .with_context(|| format!("attaching node_egress to {uplink} egress"))?;
+    if ingress == IngressHook::Tc {
+        classifier(ebpf, "node_ingress_tc")?
+            .attach(uplink_index, TcAttachType::Ingress)
+            .with_context(|| format!("attaching node_ingress_tc to {uplink} ingress"))?;
+        info!(interface = uplink, "node ingress at TC");
+        return Ok(());
+    }
     let xdp: &mut Xdp = ebpf
         .program_mut("node_ingress")
         .context("program node_ingress missing from the eBPF object")?
         .try_into()?;
     xdp.load().context("verifier rejected node_ingress")?;
     if let Err(native) = xdp.attach(uplink_index, XdpMode::Driver) {
-        warn!(interface = uplink, error = %native, "native XDP unavailable, falling back to generic XDP (slower)");
+        warn!(interface = uplink, error = %native, "native XDP unavailable, falling back to generic XDP (slower); consider ingress = \"tc\"");
         xdp.attach(uplink_index, XdpMode::Skb)
             .with_context(|| format!("attaching node_ingress to {uplink} in generic XDP mode"))?;
     }
+    info!(interface = uplink, "node ingress at XDP");
     Ok(())
 }
 
@@ -109,7 +125,8 @@ impl Drop for ScratchMount {
 impl ScratchLoad {
     /// `tag` keeps concurrent scratch loads of one process apart.
     pub fn new(tag: &str) -> Result<Self> {
-        let dir = std::path::PathBuf::from(format!("/run/ligo-scratch-{tag}-{}", std::process::id()));
+        let dir =
+            std::path::PathBuf::from(format!("/run/ligo-scratch-{tag}-{}", std::process::id()));
         fs::create_dir_all(&dir)?;
         let mount = ScratchMount { dir };
         let status = std::process::Command::new("mount")
@@ -117,7 +134,11 @@ impl ScratchLoad {
             .arg(&mount.dir)
             .status()
             .context("running mount")?;
-        anyhow::ensure!(status.success(), "mounting a bpffs at {}", mount.dir.display());
+        anyhow::ensure!(
+            status.success(),
+            "mounting a bpffs at {}",
+            mount.dir.display()
+        );
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&mount.dir)
             .load(EBPF_OBJECT)
@@ -142,7 +163,9 @@ impl ScratchLoad {
             .with_context(|| format!("program {name} missing from the eBPF object"))?
             .try_into()?;
         if program.fd().is_err() {
-            program.load().with_context(|| format!("verifier rejected {name}"))?;
+            program
+                .load()
+                .with_context(|| format!("verifier rejected {name}"))?;
         }
         Ok(program)
     }

@@ -154,6 +154,22 @@ impl RouteManager {
         Ok(names)
     }
 
+    /// Whether interface `index` is a veth.
+    pub async fn is_veth(&self, index: u32) -> Result<bool> {
+        use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
+        let mut links = self.handle.link().get().match_index(index).execute();
+        while let Some(link) = links.try_next().await.context("reading the uplink")? {
+            for attr in link.attributes {
+                if let LinkAttribute::LinkInfo(infos) = attr {
+                    return Ok(infos
+                        .iter()
+                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))));
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// Removes every route we own.
     pub async fn remove_all(&self) -> Result<usize> {
         let current = self.current().await?;

@@ -212,12 +212,25 @@ fn main() -> Result<()> {
 /// Builds release binaries and runs the harness; a full run writes its
 /// report to bench/results, a quick one to target/bench.
 fn bench(quick: bool) -> Result<()> {
-    cargo(&["build", "--release", "--package", "ligo-fabric", "--package", "ligo-bench"])?;
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "ligo-fabric",
+        "--package",
+        "ligo-bench",
+    ])?;
     let root = workspace_root();
-    let out = if quick { root.join("target/bench") } else { root.join("bench/results") };
+    let out = if quick {
+        root.join("target/bench")
+    } else {
+        root.join("bench/results")
+    };
     let mut args = vec![
         "--daemon".to_owned(),
-        root.join("target/release/ligo-fabric").to_string_lossy().into_owned(),
+        root.join("target/release/ligo-fabric")
+            .to_string_lossy()
+            .into_owned(),
         "--out".to_owned(),
         out.to_string_lossy().into_owned(),
     ];
