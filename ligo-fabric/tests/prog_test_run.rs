@@ -115,6 +115,36 @@ impl Fixture {
     }
 }
 
+/// The two node ingress programs do one job at two hooks.
+#[derive(Clone, Copy, Debug)]
+enum IngressHook {
+    Xdp,
+    Tc,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Drop,
+}
+
+impl Fixture {
+    fn run_ingress(&mut self, hook: IngressHook, frame: &[u8]) -> (Verdict, Vec<u8>) {
+        let (ret, out) = match hook {
+            IngressHook::Xdp => self.run_xdp("node_ingress", frame),
+            IngressHook::Tc => self.run_tc("node_ingress_tc", frame),
+        };
+        let verdict = match (hook, ret) {
+            (IngressHook::Xdp, XDP_PASS) | (IngressHook::Tc, TC_ACT_OK) => Verdict::Pass,
+            (IngressHook::Xdp, XDP_DROP) | (IngressHook::Tc, TC_ACT_SHOT) => Verdict::Drop,
+            other => panic!("unexpected return {other:?}"),
+        };
+        (verdict, out)
+    }
+}
+
+const HOOKS: [IngressHook; 2] = [IngressHook::Xdp, IngressHook::Tc];
+
 fn run<P>(program: &P, frame: &[u8]) -> (u32, Vec<u8>)
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
@@ -503,33 +533,35 @@ fn node_ingress_decapsulates_and_remaps_the_source_exactly() {
     if !is_root() {
         return;
     }
-    let mut fx = Fixture::new(&node_config());
-    for l4 in [L4::Tcp, L4::Udp, L4::Icmp] {
-        // Inner MACs are whatever the sender wrote; the output carries the
-        // outer ones so the stack accepts the frame.
-        let inner = frame(
-            [2, 9, 9, 9, 9, 9],
-            [2, 8, 8, 8, 8, 8],
-            "10.100.17.11",
-            "10.244.1.10",
-            l4,
-            b"reply payload",
-        );
-        let input = encapsulated("192.0.2.1", "192.0.2.11", 2, &inner);
-        let before = fx.traffic(1);
-        let (ret, out) = fx.run_xdp("node_ingress", &input);
-        assert_eq!(ret, XDP_PASS);
-        let expected = frame(
-            GW_MAC,
-            NODE_MAC,
-            "10.200.33.11",
-            "10.244.1.10",
-            l4,
-            b"reply payload",
-        );
-        assert_eq!(out, expected);
-        let after = fx.traffic(1);
-        assert_eq!(after, (before.0 + 1, before.1 + (inner.len() - 14) as u64));
+    for hook in HOOKS {
+        let mut fx = Fixture::new(&node_config());
+        for l4 in [L4::Tcp, L4::Udp, L4::Icmp] {
+            // Inner MACs are whatever the sender wrote; the output carries the
+            // outer ones so the stack accepts the frame.
+            let inner = frame(
+                [2, 9, 9, 9, 9, 9],
+                [2, 8, 8, 8, 8, 8],
+                "10.100.17.11",
+                "10.244.1.10",
+                l4,
+                b"reply payload",
+            );
+            let input = encapsulated("192.0.2.1", "192.0.2.11", 2, &inner);
+            let before = fx.traffic(1);
+            let (verdict, out) = fx.run_ingress(hook, &input);
+            assert_eq!(verdict, Verdict::Pass, "{hook:?}");
+            let expected = frame(
+                GW_MAC,
+                NODE_MAC,
+                "10.200.33.11",
+                "10.244.1.10",
+                l4,
+                b"reply payload",
+            );
+            assert_eq!(out, expected, "{hook:?}");
+            let after = fx.traffic(1);
+            assert_eq!(after, (before.0 + 1, before.1 + (inner.len() - 14) as u64));
+        }
     }
 }
 
@@ -538,74 +570,77 @@ fn node_ingress_drops_with_the_right_reason_and_passes_the_rest() {
     if !is_root() {
         return;
     }
-    let mut fx = Fixture::new(&node_config());
-    let inner = frame(
-        GW_MAC,
-        NODE_MAC,
-        "10.100.17.11",
-        "10.244.1.10",
-        L4::Tcp,
-        b"data",
-    );
-    let mut truncated = encapsulated("192.0.2.1", "192.0.2.11", 2, &inner);
-    truncated.truncate(outer::INNER_IP + 20 + 10);
-    let cases = [
-        (
-            encapsulated("192.0.2.99", "192.0.2.11", 2, &inner),
-            DropReason::NotFromGateway,
-        ),
-        (
-            encapsulated("192.0.2.1", "192.0.2.11", 5, &inner),
-            DropReason::UnknownPeer,
-        ),
-        (
-            encapsulated(
-                "192.0.2.1",
-                "192.0.2.11",
-                2,
-                &frame(
-                    GW_MAC,
-                    NODE_MAC,
-                    "10.244.1.99",
-                    "10.244.1.10",
-                    L4::Udp,
-                    b"spoof",
-                ),
-            ),
-            DropReason::SourceOutsidePeerCidr,
-        ),
-        (truncated, DropReason::TruncatedInnerPacket),
-        (
-            {
-                let mut f = encapsulated("192.0.2.1", "192.0.2.11", 2, &inner);
-                f[outer::INNER_ETH + 12] = 0x86;
-                f[outer::INNER_ETH + 13] = 0xdd;
-                f
-            },
-            DropReason::InnerNotIpv4,
-        ),
-    ];
-    for (input, reason) in cases {
-        let before = fx.drops(reason);
-        let (ret, _) = fx.run_xdp("node_ingress", &input);
-        assert_eq!(ret, XDP_DROP, "{reason:?}");
-        assert_eq!(fx.drops(reason), before + 1, "{reason:?} not counted");
-    }
-    let mut other_port = encapsulated("192.0.2.1", "192.0.2.11", 2, &inner);
-    other_port[outer::UDP + 2..outer::UDP + 4].copy_from_slice(&8472u16.to_be_bytes());
-    let plain = frame(
-        GW_MAC,
-        NODE_MAC,
-        "192.0.2.1",
-        "192.0.2.11",
-        L4::Icmp,
-        b"ping",
-    );
-    for input in [other_port, plain] {
-        assert_eq!(
-            fx.run_xdp("node_ingress", &input),
-            (XDP_PASS, input.clone())
+    for hook in HOOKS {
+        let mut fx = Fixture::new(&node_config());
+        let inner = frame(
+            GW_MAC,
+            NODE_MAC,
+            "10.100.17.11",
+            "10.244.1.10",
+            L4::Tcp,
+            b"data",
         );
+        let mut truncated = encapsulated("192.0.2.1", "192.0.2.11", 2, &inner);
+        truncated.truncate(outer::INNER_IP + 20 + 10);
+        let cases = [
+            (
+                encapsulated("192.0.2.99", "192.0.2.11", 2, &inner),
+                DropReason::NotFromGateway,
+            ),
+            (
+                encapsulated("192.0.2.1", "192.0.2.11", 5, &inner),
+                DropReason::UnknownPeer,
+            ),
+            (
+                encapsulated(
+                    "192.0.2.1",
+                    "192.0.2.11",
+                    2,
+                    &frame(
+                        GW_MAC,
+                        NODE_MAC,
+                        "10.244.1.99",
+                        "10.244.1.10",
+                        L4::Udp,
+                        b"spoof",
+                    ),
+                ),
+                DropReason::SourceOutsidePeerCidr,
+            ),
+            (truncated, DropReason::TruncatedInnerPacket),
+            (
+                {
+                    let mut f = encapsulated("192.0.2.1", "192.0.2.11", 2, &inner);
+                    f[outer::INNER_ETH + 12] = 0x86;
+                    f[outer::INNER_ETH + 13] = 0xdd;
+                    f
+                },
+                DropReason::InnerNotIpv4,
+            ),
+        ];
+        for (input, reason) in cases {
+            let before = fx.drops(reason);
+            let (verdict, _) = fx.run_ingress(hook, &input);
+            assert_eq!(verdict, Verdict::Drop, "{hook:?} {reason:?}");
+            assert_eq!(fx.drops(reason), before + 1, "{reason:?} not counted");
+        }
+        let mut other_port = encapsulated("192.0.2.1", "192.0.2.11", 2, &inner);
+        other_port[outer::UDP + 2..outer::UDP + 4].copy_from_slice(&8472u16.to_be_bytes());
+        let plain = frame(
+            GW_MAC,
+            NODE_MAC,
+            "192.0.2.1",
+            "192.0.2.11",
+            L4::Icmp,
+            b"ping",
+        );
+        for input in [other_port, plain] {
+            assert_eq!(
+                fx.run_ingress(hook, &input),
+                (Verdict::Pass, input.clone()),
+                "{hook:?}"
+            );
+        }
+        assert_eq!(fx.traffic(1), (0, 0));
     }
-    assert_eq!(fx.traffic(1), (0, 0));
 }

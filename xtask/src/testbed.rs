@@ -133,6 +133,8 @@ pub struct Testbed {
     /// Namespaces, daemons and their files; dropping it removes them all.
     pub lab: Lab,
     pub scenario: Scenario,
+    /// `node.ingress` in the node configs: "auto", "xdp" or "tc".
+    pub node_ingress: &'static str,
 }
 
 const NODES: [&str; 2] = ["n1", "n2"];
@@ -143,6 +145,7 @@ impl Testbed {
         let bed = Self {
             lab: Lab::new(prefix)?,
             scenario,
+            node_ingress: "auto",
         };
         bed.build()
             .with_context(|| format!("building testbed {prefix}"))?;
@@ -271,9 +274,10 @@ impl Testbed {
             let octet = if host == "n1" { 11 } else { 12 };
             let _ = writeln!(
                 c,
-                "[node]\nuplink = \"eth0\"\nunderlay_ip = \"{}\"\ngateway_ip = \"{}\"",
+                "[node]\nuplink = \"eth0\"\nunderlay_ip = \"{}\"\ngateway_ip = \"{}\"\ningress = \"{}\"",
                 plan.underlay_ip(octet),
-                plan.underlay_ip(1)
+                plan.underlay_ip(1),
+                self.node_ingress
             );
         }
         let _ = writeln!(
