@@ -64,7 +64,13 @@ fn measure_path(
     s: &Settings,
     figures: &mut PathFigures,
 ) -> Result<()> {
-    let prefix = format!("lb-{}{rep}", &kind.name()[..3]);
+    let tag = match kind {
+        PathKind::Direct => "dir",
+        PathKind::KernelReference => "ref",
+        PathKind::LigoPlain => "tc",
+        PathKind::LigoPlainXdp => "xdp",
+    };
+    let prefix = format!("lb-{tag}{rep}");
     let (mut bed, client, server) =
         paths::build(kind, &prefix, daemon).with_context(|| format!("building {}", kind.name()))?;
     let dst = paths::server_address(&bed, kind, &server);

@@ -18,8 +18,12 @@ pub enum PathKind {
     /// and gateway<->gateway, nftables prefix DNAT/SNAT with conntrack on
     /// the gateways, policy routing.
     KernelReference,
-    /// The Ligo fabric, plain transport.
+    /// The Ligo fabric, plain transport (node ingress at TC, the default
+    /// on veth).
     LigoPlain,
+    /// The same with the node ingress at XDP, to show why TC is the
+    /// default on veth uplinks.
+    LigoPlainXdp,
 }
 
 impl PathKind {
@@ -34,6 +38,7 @@ impl PathKind {
             PathKind::Direct => "direct",
             PathKind::KernelReference => "kernel-reference",
             PathKind::LigoPlain => "ligo-plain",
+            PathKind::LigoPlainXdp => "ligo-plain-xdp",
         }
     }
 }
@@ -57,6 +62,10 @@ pub fn build(
         PathKind::Direct => direct(&bed)?,
         PathKind::KernelReference => kernel_reference(&bed)?,
         PathKind::LigoPlain => bed.start_fabric(daemon)?,
+        PathKind::LigoPlainXdp => {
+            bed.node_ingress = "xdp";
+            bed.start_fabric(daemon)?
+        }
     }
     let (client, server) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
     Ok((bed, client, server))

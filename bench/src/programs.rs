@@ -153,6 +153,9 @@ pub fn costs(calls: u32, repeat: u32) -> Result<Vec<ProgramCost>> {
     let egress_pass = repeated_ns(&*node.classifier("node_egress")?, &in_cluster, repeat)?;
     let ingress = median_single_run_ns(&*node.xdp("node_ingress")?, &from_gateway, calls)?;
     let ingress_pass = repeated_ns(&*node.xdp("node_ingress")?, &plain_to_node, repeat)?;
+    let ingress_tc =
+        median_single_run_ns(&*node.classifier("node_ingress_tc")?, &from_gateway, calls)?;
+    let ingress_tc_pass = repeated_ns(&*node.classifier("node_ingress_tc")?, &in_cluster, repeat)?;
     results.push(ProgramCost {
         program: "node_egress",
         path: "remap + encapsulate",
@@ -176,6 +179,18 @@ pub fn costs(calls: u32, repeat: u32) -> Result<Vec<ProgramCost>> {
         path: "pass (not fabric)",
         ns: ingress_pass,
         baseline_ns: xdp_base_rep,
+    });
+    results.push(ProgramCost {
+        program: "node_ingress_tc",
+        path: "decapsulate + remap",
+        ns: ingress_tc,
+        baseline_ns: tc_base,
+    });
+    results.push(ProgramCost {
+        program: "node_ingress_tc",
+        path: "pass (not fabric)",
+        ns: ingress_tc_pass,
+        baseline_ns: tc_base_rep,
     });
     drop((node_maps, node));
 
