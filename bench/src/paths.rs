@@ -27,10 +27,11 @@ pub enum PathKind {
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 3] = [
+    pub const ALL: [PathKind; 4] = [
         PathKind::Direct,
         PathKind::KernelReference,
         PathKind::LigoPlain,
+        PathKind::LigoPlainXdp,
     ];
 
     pub fn name(self) -> &'static str {
