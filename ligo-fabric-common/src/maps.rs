@@ -15,6 +15,7 @@ pub mod names {
     pub const PEERS: &str = "PEERS";
     pub const PEER_ENDPOINTS: &str = "PEER_ENDPOINTS";
     pub const NODE_SLICES: &str = "NODE_SLICES";
+    pub const POD_INTERFACES: &str = "POD_INTERFACES";
     pub const PEER_COUNTERS: &str = "PEER_COUNTERS";
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
 }
@@ -23,6 +24,7 @@ pub mod names {
 pub const MAX_PEERS: u32 = 4096;
 pub const MAX_PEER_VIEWS: u32 = 16384;
 pub const MAX_NODE_SLICES: u32 = 16384;
+pub const MAX_POD_INTERFACES: u32 = 4096;
 
 /// The role a program set runs in; 0 means "not configured yet", in which
 /// case every program passes every packet untouched.

@@ -16,6 +16,7 @@
 
 mod counters;
 mod decap;
+mod deliver;
 mod gateway;
 mod maps;
 mod node_egress;

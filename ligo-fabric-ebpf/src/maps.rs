@@ -10,7 +10,7 @@ use aya_ebpf::{
 use ligo_fabric_common::{
     maps::{
         FabricConfig, NodeSlice, Peer, PeerCounterKey, PeerView, TrafficCounters, MAX_NODE_SLICES,
-        MAX_PEERS, MAX_PEER_VIEWS,
+        MAX_PEERS, MAX_PEER_VIEWS, MAX_POD_INTERFACES,
     },
     DropReason,
 };
@@ -34,6 +34,12 @@ pub static PEER_ENDPOINTS: HashMap<[u8; 4], u32> = HashMap::pinned(MAX_PEERS, BP
 /// Gateway role: local per-node pod CIDR slices.
 #[map(name = "NODE_SLICES")]
 pub static NODE_SLICES: LpmTrie<[u8; 4], NodeSlice> = LpmTrie::pinned(MAX_NODE_SLICES, 0);
+
+/// Node role: host ends of pod veths, which `deliver` may redirect into.
+/// Filled by the daemon from the interfaces it sees.
+#[map(name = "POD_INTERFACES")]
+pub static POD_INTERFACES: HashMap<u32, u8> =
+    HashMap::pinned(MAX_POD_INTERFACES, BPF_F_NO_PREALLOC);
 
 /// Per-peer, per-direction traffic; entries are created by the daemon.
 #[map(name = "PEER_COUNTERS")]

@@ -3,7 +3,8 @@
 //! the peer segment every GSO packet and the frames are copied into XDP
 //! buffers; here a 64 KiB GSO frame is decapsulated in one piece
 //! (`bpf_skb_adjust_room`, gso_size kept) and the checksum helpers handle
-//! CHECKSUM_PARTIAL packets correctly.
+//! CHECKSUM_PARTIAL packets correctly. Delivery may then skip this node's
+//! stack (`deliver.rs`).
 
 use aya_ebpf::{
     bindings::{
@@ -22,6 +23,7 @@ use ligo_fabric_common::{
 use crate::{
     counters::{count_drop, count_peer_traffic},
     decap::{parse_arriving, HEADERS_READ},
+    deliver::to_pod_or_stack,
     maps::config,
 };
 
@@ -77,5 +79,5 @@ fn try_node_ingress_tc(ctx: &TcContext) -> Result<i32, DropReason> {
         (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64,
     )
     .map_err(|_| DropReason::RewriteFailed)?;
-    Ok(TC_ACT_OK as i32)
+    Ok(to_pod_or_stack(ctx))
 }

@@ -12,7 +12,7 @@ use aya::Ebpf;
 use futures::TryStreamExt;
 use netlink_packet_route::link::LinkAttribute;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{self, IngressHook, RoleConfig, ValidConfig},
@@ -23,7 +23,8 @@ use crate::{
     routes::RouteManager,
 };
 
-/// How often the config file's modification time is checked.
+/// How often the config file's modification time is checked, and the
+/// pod interfaces are listed.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
 
 pub fn read_config(path: &Path) -> Result<ValidConfig> {
@@ -166,6 +167,24 @@ impl Fabric {
         }
     }
 
+    /// Node role: keeps POD_INTERFACES equal to this node's veths (but the
+    /// uplink), so arriving packets can skip the stack on their way in.
+    async fn sync_pod_interfaces(&mut self) -> Result<()> {
+        if !matches!(self.cfg.role, RoleConfig::Node { .. }) {
+            return Ok(());
+        }
+        let veths = self.routes.veth_indexes(self.interfaces.0).await?;
+        let changes = self.maps.sync_pod_interfaces(&veths)?;
+        if changes > 0 {
+            debug!(
+                changes,
+                pod_interfaces = veths.len(),
+                "pod interfaces updated"
+            );
+        }
+        Ok(())
+    }
+
     fn attach(&mut self) -> Result<()> {
         let is_veth = self.uplink_is_veth;
         let ebpf = self.ebpf.as_mut().context("programs already unloaded")?;
@@ -229,6 +248,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         let scrape_maps = FabricMaps::open(&fabric.cfg.pin_dir)?;
         metrics::serve(fabric.cfg.metrics_address, &metrics, scrape_maps).await?;
         fabric.apply().await?;
+        fabric.sync_pod_interfaces().await?;
         fabric.attach()
     };
     if let Err(e) = started.await {
@@ -256,6 +276,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         let reason = tokio::select! {
             _ = hangup.recv() => "SIGHUP",
             _ = poll.tick() => {
+                if let Err(e) = fabric.sync_pod_interfaces().await {
+                    warn!(error = format!("{e:#}"), "listing pod interfaces failed; arriving packets go through the stack until it works again");
+                }
                 let now = modified(config_path);
                 if now == last_modified { continue; }
                 last_modified = now;

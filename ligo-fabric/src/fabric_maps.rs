@@ -2,7 +2,7 @@
 //! writes them) and `inspect` (which reads them from another process).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -30,6 +30,7 @@ pub struct FabricMaps {
     pub peers: HashMap<MapData, u32, Peer>,
     pub peer_endpoints: HashMap<MapData, [u8; 4], u32>,
     pub node_slices: LpmTrie<MapData, [u8; 4], NodeSlice>,
+    pub pod_interfaces: HashMap<MapData, u32, u8>,
     pub peer_counters: PerCpuHashMap<MapData, PeerCounterKey, TrafficCounters>,
     pub drop_counters: PerCpuArray<MapData, u64>,
 }
@@ -41,12 +42,13 @@ impl std::fmt::Debug for FabricMaps {
 }
 
 /// Every map name, for pin clean-up.
-pub const ALL_MAP_NAMES: [&str; 7] = [
+pub const ALL_MAP_NAMES: [&str; 8] = [
     names::CONFIG,
     names::PEER_VIEWS,
     names::PEERS,
     names::PEER_ENDPOINTS,
     names::NODE_SLICES,
+    names::POD_INTERFACES,
     names::PEER_COUNTERS,
     names::DROP_COUNTERS,
 ];
@@ -84,6 +86,7 @@ pub struct Snapshot {
     pub peers: BTreeMap<u32, Peer>,
     pub peer_endpoints: BTreeMap<[u8; 4], u32>,
     pub node_slices: BTreeMap<Prefix, NodeSlice>,
+    pub pod_interfaces: BTreeSet<u32>,
     pub peer_counters: BTreeMap<(u32, u32), TrafficCounters>,
     pub drops: Vec<(DropReason, u64)>,
 }
@@ -96,6 +99,7 @@ impl FabricMaps {
             peers: open(pin_dir, names::PEERS)?,
             peer_endpoints: open(pin_dir, names::PEER_ENDPOINTS)?,
             node_slices: open(pin_dir, names::NODE_SLICES)?,
+            pod_interfaces: open(pin_dir, names::POD_INTERFACES)?,
             peer_counters: open(pin_dir, names::PEER_COUNTERS)?,
             drop_counters: open(pin_dir, names::DROP_COUNTERS)?,
         })
@@ -121,6 +125,10 @@ impl FabricMaps {
         for entry in self.node_slices.iter() {
             let (k, v) = entry.context("reading NODE_SLICES")?;
             snap.node_slices.insert(prefix_of(&k), v);
+        }
+        for key in self.pod_interfaces.keys() {
+            snap.pod_interfaces
+                .insert(key.context("reading POD_INTERFACES")?);
         }
         for entry in self.peer_counters.iter() {
             let (k, per_cpu) = entry.context("reading PEER_COUNTERS")?;
@@ -241,6 +249,33 @@ impl FabricMaps {
             self.config
                 .set(0, &config, 0)
                 .context("writing FABRIC_CONFIG")?;
+            changes += 1;
+        }
+        Ok(changes)
+    }
+}
+
+impl FabricMaps {
+    /// Makes POD_INTERFACES equal `wanted` (host ends of pod veths). New
+    /// entries first; a stale one only matters if a route still points at
+    /// its interface, which the kernel removes with the interface.
+    pub fn sync_pod_interfaces(&mut self, wanted: &BTreeSet<u32>) -> Result<usize> {
+        let current: BTreeSet<u32> = self
+            .pod_interfaces
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("reading POD_INTERFACES")?;
+        let mut changes = 0;
+        for index in wanted.difference(&current) {
+            self.pod_interfaces
+                .insert(index, &1, 0)
+                .context("writing POD_INTERFACES")?;
+            changes += 1;
+        }
+        for index in current.difference(wanted) {
+            self.pod_interfaces
+                .remove(index)
+                .context("removing from POD_INTERFACES")?;
             changes += 1;
         }
         Ok(changes)

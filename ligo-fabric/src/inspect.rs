@@ -77,6 +77,7 @@ pub fn maps_json(s: &Snapshot) -> Value {
         "node_slices": s.node_slices.iter().map(|((addr, len), n)| json!({
             "pod_cidr": format!("{addr}/{len}"), "node_ip": ip(n.node_ip).to_string(),
         })).collect::<Vec<_>>(),
+        "pod_interfaces": s.pod_interfaces.iter().collect::<Vec<_>>(),
         "counters": s.peer_counters.iter().map(|((peer, dir), c)| json!({
             "peer_id": peer, "direction": direction_name(*dir),
             "packets": c.packets, "bytes": c.bytes,

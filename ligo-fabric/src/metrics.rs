@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context, Result};
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use ligo_fabric_common::maps::{
-    names, Direction, Role, MAX_NODE_SLICES, MAX_PEERS, MAX_PEER_VIEWS,
+    names, Direction, Role, MAX_NODE_SLICES, MAX_PEERS, MAX_PEER_VIEWS, MAX_POD_INTERFACES,
 };
 use prometheus_client::{
     collector::Collector,
@@ -213,6 +213,11 @@ impl MapCollector {
             (names::PEERS, snap.peers.len(), MAX_PEERS),
             (names::PEER_ENDPOINTS, snap.peer_endpoints.len(), MAX_PEERS),
             (names::NODE_SLICES, snap.node_slices.len(), MAX_NODE_SLICES),
+            (
+                names::POD_INTERFACES,
+                snap.pod_interfaces.len(),
+                MAX_POD_INTERFACES,
+            ),
             (
                 names::PEER_COUNTERS,
                 snap.peer_counters.len(),

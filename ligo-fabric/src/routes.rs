@@ -154,6 +154,23 @@ impl RouteManager {
         Ok(names)
     }
 
+    /// Indexes of the veth interfaces in this namespace, but `except`.
+    pub async fn veth_indexes(&self, except: u32) -> Result<std::collections::BTreeSet<u32>> {
+        use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
+        let mut links = self.handle.link().get().execute();
+        let mut found = std::collections::BTreeSet::new();
+        while let Some(link) = links.try_next().await.context("listing interfaces")? {
+            let is_veth = link.attributes.iter().any(|a| {
+                matches!(a, LinkAttribute::LinkInfo(infos)
+                    if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+            });
+            if is_veth && link.header.index != except {
+                found.insert(link.header.index);
+            }
+        }
+        Ok(found)
+    }
+
     /// Whether interface `index` is a veth.
     pub async fn is_veth(&self, index: u32) -> Result<bool> {
         use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
