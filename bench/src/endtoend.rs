@@ -52,37 +52,27 @@ fn iperf_server(server: &Pod) -> Result<Child> {
 }
 
 fn iperf_client(client: &Pod, dst: Ipv4Addr, extra: &[&str]) -> Result<Value> {
-    // The server needs a moment to listen; retry the connection briefly.
+    // The server needs a moment to listen; retry refused connections.
     let mut last_err = String::new();
     for _ in 0..50 {
         let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &client.netns,
-                "iperf3",
-                "-c",
-                &dst.to_string(),
-                "-p",
-                &IPERF_PORT.to_string(),
-                "-J",
-            ])
+            .args(["netns", "exec", &client.netns, "iperf3", "-c", &dst.to_string()])
+            .args(["-p", &IPERF_PORT.to_string(), "-J"])
             .args(extra)
             .output()?;
         let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if out.status.success() {
-            return Ok(json);
+        // iperf3 may exit 0 and still report an error in its JSON.
+        match json["error"].as_str() {
+            None if out.status.success() => return Ok(json),
+            Some(e) => last_err = e.to_owned(),
+            None => last_err = format!("iperf3 exited with {}", out.status),
         }
-        last_err = json["error"].as_str().unwrap_or("iperf3 failed").to_owned();
         if !last_err.contains("connect") {
             break;
         }
         thread::sleep(Duration::from_millis(100));
     }
-    bail!(
-        "iperf3 {client_ip} -> {dst}: {last_err}",
-        client_ip = client.ip
-    )
+    bail!("iperf3 {client_ip} -> {dst}: {last_err}", client_ip = client.ip)
 }
 
 #[derive(Clone, Copy, Debug)]
