@@ -199,6 +199,7 @@ impl Report {
             RGBColor(120, 120, 120),
             RGBColor(214, 96, 77),
             RGBColor(33, 102, 172),
+            RGBColor(120, 180, 90),
         ];
 
         let max_tcp = self
@@ -214,7 +215,7 @@ impl Report {
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(40)
-            .build_cartesian_2d(0.0..n, 0.0..(max_tcp * 1.15).max(0.1))
+            .build_cartesian_2d(0.0..n, 0.0..(max_tcp * 1.5).max(0.1))
             .context("chart")?;
         tcp.configure_mesh()
             .disable_x_mesh()
@@ -239,6 +240,8 @@ impl Report {
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
         }
         tcp.configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.9))
             .border_style(BLACK)
             .draw()
             .context("chart")?;
@@ -253,21 +256,30 @@ impl Report {
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(40)
-            .build_cartesian_2d(0.0..n, 0.0..(max_p99 * 1.15).max(1.0))
+            .build_cartesian_2d(0.0..n, 0.0..(max_p99 * 1.5).max(1.0))
             .context("chart")?;
         lat.configure_mesh()
             .disable_x_mesh()
             .x_labels(0)
             .draw()
             .context("chart")?;
-        for (i, (_, f)) in self.paths.iter().enumerate() {
+        for (i, (kind, f)) in self.paths.iter().enumerate() {
             let x = i as f64;
+            let color = colors[i % colors.len()];
             lat.draw_series([Rectangle::new(
                 [(x + 0.2, 0.0), (x + 0.8, f.p99_us.median())],
-                colors[i % colors.len()].filled(),
+                color.filled(),
             )])
-            .context("chart")?;
+            .context("chart")?
+            .label(kind.name())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
         }
+        lat.configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()
+            .context("chart")?;
         root.present().context("writing the chart")?;
         Ok(())
     }
