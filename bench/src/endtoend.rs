@@ -56,7 +56,14 @@ fn iperf_client(client: &Pod, dst: Ipv4Addr, extra: &[&str]) -> Result<Value> {
     let mut last_err = String::new();
     for _ in 0..50 {
         let out = Command::new("ip")
-            .args(["netns", "exec", &client.netns, "iperf3", "-c", &dst.to_string()])
+            .args([
+                "netns",
+                "exec",
+                &client.netns,
+                "iperf3",
+                "-c",
+                &dst.to_string(),
+            ])
             .args(["-p", &IPERF_PORT.to_string(), "-J"])
             .args(extra)
             .output()?;
@@ -72,7 +79,10 @@ fn iperf_client(client: &Pod, dst: Ipv4Addr, extra: &[&str]) -> Result<Value> {
         }
         thread::sleep(Duration::from_millis(100));
     }
-    bail!("iperf3 {client_ip} -> {dst}: {last_err}", client_ip = client.ip)
+    bail!(
+        "iperf3 {client_ip} -> {dst}: {last_err}",
+        client_ip = client.ip
+    )
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -53,6 +53,19 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassif
     Ok(program)
 }
 
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .with_context(|| format!("verifier rejected {name}"))?;
+    }
+    Ok(program)
+}
+
 /// Node role: remap+encapsulate on uplink egress, decapsulate+remap on
 /// uplink ingress with the chosen hook (XDP in native mode when the driver
 /// has it).
@@ -72,11 +85,7 @@ pub fn attach_node(
         info!(interface = uplink, "node ingress at TC");
         return Ok(());
     }
-    let xdp: &mut Xdp = ebpf
-        .program_mut("node_ingress")
-        .context("program node_ingress missing from the eBPF object")?
-        .try_into()?;
-    xdp.load().context("verifier rejected node_ingress")?;
+    let xdp = xdp_program(ebpf, "node_ingress")?;
     if let Err(native) = xdp.attach(uplink_index, XdpMode::Driver) {
         warn!(interface = uplink, error = %native, "native XDP unavailable, falling back to generic XDP (slower); consider ingress = \"tc\"");
         xdp.attach(uplink_index, XdpMode::Skb)
@@ -157,16 +166,6 @@ impl ScratchLoad {
 
     /// An XDP program by name, loaded into the kernel.
     pub fn xdp(&mut self, name: &str) -> Result<&mut Xdp> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?
-            .try_into()?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| format!("verifier rejected {name}"))?;
-        }
-        Ok(program)
+        xdp_program(&mut self.ebpf, name)
     }
 }
