@@ -1,7 +1,8 @@
 //! Steering routes on nodes: one route per peer view, via the gateway, out of
 //! the uplink, with an MTU that leaves room for the encapsulation. Routes we
 //! own carry our routing protocol number, so reconciliation never touches
-//! anyone else's.
+//! anyone else's. The same netlink handle answers the daemon's questions
+//! about links (which are veths, their names).
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
