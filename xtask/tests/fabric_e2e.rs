@@ -256,20 +256,77 @@ fn reload_moves_a_view_and_refuses_bad_config() {
         "old view still reachable"
     );
 
-    fs::write(
-        &config_path,
-        config.replace("10.245.0.0/16", "10.245.0.0/20"),
-    )
-    .expect("write");
-    hangup(&bed, &a_node);
-    wait_for_log(&bed, &a_node, "new configuration rejected", 1).expect("rejection logged");
-    let log = fs::read_to_string(bed.lab.log_path(&a_node)).expect("log");
-    assert!(
-        log.contains("peers[0].view_cidr: prefix length /20 differs"),
-        "{log}"
+    // Broken configurations, one after another: each is refused with a
+    // message naming the field, and the running state stays as it was.
+    let applied = config.replace("10.245.0.0/16", "10.247.0.0/16");
+    let state_before = (mapping_state(&bed, &a_node), proto76_routes(&a_node));
+    let bad: [(String, &str); 6] = [
+        (
+            applied.replace("10.247.0.0/16", "10.247.0.0/20"),
+            "peers[0].view_cidr: prefix length /20 differs",
+        ),
+        (
+            applied.replace("10.247.0.0/16", "10.244.0.0/16"),
+            "peers[0].view_cidr: view 10.244.0.0/16 collides with the local pod CIDR",
+        ),
+        (
+            format!("{applied}\n[[peers]]\nid = 2\npod_cidr = \"10.9.0.0/16\"\n"),
+            "peers[1].id: duplicate peer id 2",
+        ),
+        (
+            applied.replace("cluster_id = 1", "cluster_id = 1\nmtu = 9000"),
+            "unknown field `mtu`",
+        ),
+        (
+            applied.replace("gateway_ip = \"192.0.2.1\"", "gateway_ip = \"192.0.2\""),
+            "invalid IPv4 address",
+        ),
+        (
+            applied.replace("uplink = \"eth0\"", "uplink = \"eth9\""),
+            "need a restart",
+        ),
+    ];
+    for (i, (text, expected)) in bad.iter().enumerate() {
+        fs::write(&config_path, text).expect("write");
+        hangup(&bed, &a_node);
+        let rejected = if expected.contains("restart") {
+            "changes the role, an interface"
+        } else {
+            "new configuration rejected"
+        };
+        let seen = fs::read_to_string(bed.lab.log_path(&a_node))
+            .unwrap_or_default()
+            .matches(rejected)
+            .count();
+        wait_for_log(&bed, &a_node, rejected, seen + 1).expect("rejection logged");
+        let log = fs::read_to_string(bed.lab.log_path(&a_node)).expect("log");
+        assert!(
+            log.contains(expected),
+            "case {i}: {expected:?} not in {log}"
+        );
+    }
+    assert_eq!(
+        (mapping_state(&bed, &a_node), proto76_routes(&a_node)),
+        state_before,
+        "refused configurations changed the running state"
     );
     traffic::udp_exchange(&a, &b, new_dst, 7301, 5)
-        .expect("state unchanged after a refused config");
+        .expect("traffic unchanged after refused configs");
+}
+
+/// The daemon's mapping tables (config, peers, views, slices) without the
+/// counters, which move with traffic.
+fn mapping_state(bed: &Testbed, ns: &str) -> serde_json::Value {
+    let mut json = bed.lab.inspect(&daemon_binary(), ns).expect("inspect");
+    if let Some(map) = json.as_object_mut() {
+        map.remove("counters");
+        map.remove("drops");
+    }
+    json
+}
+
+fn proto76_routes(ns: &str) -> String {
+    netns::ip(&["-n", ns, "route", "show", "proto", "76"]).expect("routes")
 }
 
 /// On SIGTERM a daemon removes its routes and pinned maps.
