@@ -4,6 +4,7 @@
 
 mod control;
 mod endtoend;
+mod in_traffic;
 mod paths;
 mod programs;
 mod report;
@@ -57,12 +58,16 @@ fn machine() -> String {
     format!("{model}, {cores} cores, Linux {}", kernel.trim())
 }
 
+/// Per fabric program: ns per invocation, and the do-nothing beside it.
+type InTraffic = std::collections::BTreeMap<&'static str, (Samples, Samples, u64)>;
+
 fn measure_path(
     kind: PathKind,
     rep: u32,
     daemon: &std::path::Path,
     s: &Settings,
     figures: &mut PathFigures,
+    in_traffic: &mut InTraffic,
 ) -> Result<()> {
     let tag = match kind {
         PathKind::Direct => "dir",
@@ -90,6 +95,20 @@ fn measure_path(
         figures.p50_us.push(latency.p50_us);
         figures.p99_us.push(latency.p99_us);
         figures.p999_us.push(latency.p999_us);
+        if kind == PathKind::LigoPlain {
+            // A separate transfer, so the baselines do not weigh on the
+            // throughput figures above.
+            let baselines = in_traffic::attach_baselines(&in_traffic::fabric_hooks(&bed))?;
+            let costs = in_traffic::measure(&baselines, &in_traffic::FABRIC_PROGRAMS, || {
+                endtoend::tcp_throughput(&client, &server, dst, 1, s.udp_seconds).map(drop)
+            })?;
+            for c in costs {
+                let entry = in_traffic.entry(c.program).or_default();
+                entry.0.push(c.ns);
+                entry.1.push(c.baseline_ns);
+                entry.2 = c.invocations;
+            }
+        }
         Ok(())
     })();
     if result.is_err() {
@@ -130,6 +149,7 @@ fn main() -> Result<()> {
         .collect();
     let mut change_to_packet_ms = Samples::default();
     let mut apply_10k_ms = Samples::default();
+    let mut in_traffic = InTraffic::new();
     for rep in 0..s.repetitions {
         // Paths interleave within each repetition, so slow phases of a
         // shared machine hit every path alike.
@@ -140,7 +160,7 @@ fn main() -> Result<()> {
                 s.repetitions,
                 kind.name()
             );
-            measure_path(*kind, rep, &args.daemon, &s, figures)?;
+            measure_path(*kind, rep, &args.daemon, &s, figures, &mut in_traffic)?;
         }
         let (mut bed, client, server) =
             paths::build(PathKind::LigoPlain, &format!("lb-ctl{rep}"), &args.daemon)?;
@@ -172,6 +192,7 @@ fn main() -> Result<()> {
         ),
         paths,
         program_costs,
+        in_traffic: in_traffic.into_iter().map(|(p, (ns, base, n))| (p, ns, base, n)).collect(),
         lookup,
         apply_10k_ms,
         change_to_packet_ms,

@@ -17,3 +17,13 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
 pub fn tc_pass(_ctx: TcContext) -> i32 {
     TC_ACT_OK as i32
 }
+
+/// TCX "next": hands the packet on to the next program at the hook. The
+/// in-traffic baseline, attached in front of a fabric program.
+#[classifier]
+pub fn tc_next(_ctx: TcContext) -> i32 {
+    TC_NEXT
+}
+
+/// TC_ACT_UNSPEC, which TCX reads as "run the next program".
+const TC_NEXT: i32 = -1;
