@@ -3,7 +3,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result};
-use plotters::prelude::*;
+use plotters::{coord::types::RangedCoordf64, prelude::*};
 
 use crate::{paths::PathKind, programs::ProgramCost, stats::Samples};
 
@@ -263,12 +263,7 @@ impl Report {
             .label(kind.name())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
         }
-        tcp.configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()
-            .context("chart")?;
+        draw_legend(&mut tcp)?;
 
         let max_p99 = self
             .paths
@@ -298,13 +293,23 @@ impl Report {
             .label(kind.name())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
         }
-        lat.configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()
-            .context("chart")?;
+        draw_legend(&mut lat)?;
         root.present().context("writing the chart")?;
         Ok(())
     }
+}
+
+type BarChart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The path legend, top right on a light background.
+fn draw_legend<'a>(chart: &mut BarChart<'a, 'a>) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .context("chart")?;
+    Ok(())
 }
