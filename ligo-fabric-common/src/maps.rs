@@ -93,9 +93,18 @@ pub struct Peer {
     /// Gateway role: the peer gateway's public endpoint.
     pub endpoint_ip: [u8; 4],
     pub endpoint_port: [u8; 2],
-    pub _reserved: [u8; 2],
+    /// Gateway role: [`TRANSPORT_PLAIN`] or [`TRANSPORT_WIREGUARD`].
+    pub transport: u8,
+    pub _reserved: u8,
 }
 const _: () = assert!(core::mem::size_of::<Peer>() == 20);
+
+/// Frames for this peer are re-addressed and forwarded by the gateway
+/// program.
+pub const TRANSPORT_PLAIN: u8 = 0;
+/// Frames for this peer go up the gateway's stack to the userspace
+/// WireGuard tunnel.
+pub const TRANSPORT_WIREGUARD: u8 = 1;
 
 /// Value of `NODE_SLICES`, an LPM trie keyed by a local pod address: the
 /// node that owns the pod CIDR slice.

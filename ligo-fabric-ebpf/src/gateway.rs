@@ -22,7 +22,7 @@ use ligo_fabric_common::{
         outer, retarget_outer_ipv4, vni_from_bytes, vni_to_bytes, ETH_HDR_LEN, ETH_P_IPV4,
         IPPROTO_UDP, IPV4_HDR_LEN, VXLAN_FLAGS,
     },
-    maps::{Direction, FabricConfig, Role},
+    maps::{Direction, FabricConfig, Role, TRANSPORT_WIREGUARD},
     DropReason,
 };
 
@@ -128,7 +128,8 @@ fn from_peer(
     Ok(redirect_neigh(cfg.underlay_ifindex))
 }
 
-/// A frame from a local node for peer `vni`: send to that peer's gateway.
+/// A frame from a local node for peer `vni`: send to that peer's gateway,
+/// or up the stack to the userspace WireGuard tunnel that encrypts it.
 fn from_node(
     ctx: &TcContext,
     cfg: &FabricConfig,
@@ -137,6 +138,9 @@ fn from_node(
     inner_len: u32,
 ) -> Result<i32, DropReason> {
     let peer = peer(vni).ok_or(DropReason::UnknownPeer)?;
+    if peer.transport == TRANSPORT_WIREGUARD {
+        return Ok(TC_ACT_OK as i32);
+    }
     retarget_outer_ipv4(&mut ip, cfg.public_ip, peer.endpoint_ip);
     write_outer(ctx, &ip, peer.endpoint_port, Some(cfg.cluster_id))?;
     count_peer_traffic(vni, Direction::ToPeer, inner_len);

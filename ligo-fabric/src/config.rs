@@ -78,6 +78,13 @@ pub struct GatewaySection {
     pub public_ip: Ipv4Addr,
     #[serde(default)]
     pub node_slices: Vec<NodeSliceSection>,
+    /// File holding this gateway's WireGuard private key (base64, as `wg
+    /// genkey` writes it); must not be readable by group or others.
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    /// UDP port WireGuard listens on, on `public_ip`.
+    #[serde(default)]
+    pub wireguard_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,7 +110,46 @@ pub struct PeerSection {
     /// The peer gateway's public `ip:port` (gateway role).
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// How frames travel between the gateways: "wireguard" (the default)
+    /// or "plain" (unencrypted; for trusted links and measurements).
+    #[serde(default)]
+    pub transport: Transport,
+    /// The peer gateway's WireGuard public key (base64), gateway role.
+    #[serde(default)]
+    pub public_key: Option<String>,
+    /// Optional WireGuard preshared key file, gateway role.
+    #[serde(default)]
+    pub preshared_key_file: Option<PathBuf>,
+    /// Seconds between keepalives when the link is idle (off when unset).
+    #[serde(default)]
+    pub persistent_keepalive: Option<u16>,
 }
+
+/// Gateway-to-gateway transport of a peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Wireguard,
+    Plain,
+}
+
+impl Transport {
+    /// Bytes the gateway-to-gateway hop adds to an inner packet.
+    pub fn overhead(self) -> u32 {
+        match self {
+            // Outer IPv4 + UDP + VXLAN + inner Ethernet.
+            Transport::Plain => ligo_fabric_common::headers::ENCAP_LEN as u32,
+            // Outer IPv4 + UDP + WireGuard data header and tag.
+            Transport::Wireguard => WIREGUARD_OVERHEAD,
+        }
+    }
+}
+
+/// IPv4 (20) + UDP (8) + WireGuard data message header (16) + AEAD tag (16).
+pub const WIREGUARD_OVERHEAD: u32 = 60;
+/// WireGuard's customary port.
+pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
 
 /// A configuration error: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,7 +188,25 @@ pub enum RoleConfig {
         public_ip: Ipv4Addr,
         /// Local node pod CIDR slices -> owning node.
         node_slices: BTreeMap<Ipv4Network, Ipv4Addr>,
+        /// Present when at least one peer uses WireGuard.
+        wireguard: Option<GatewayWireguard>,
     },
+}
+
+/// This gateway's WireGuard settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayWireguard {
+    pub private_key_file: PathBuf,
+    pub port: u16,
+}
+
+/// A peer's WireGuard settings (gateway role). Public material only: the
+/// preshared key stays in its file until the tunnel reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerWireguard {
+    pub public_key: [u8; 32],
+    pub preshared_key_file: Option<PathBuf>,
+    pub persistent_keepalive: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +216,9 @@ pub struct PeerConfig {
     pub pod_cidr: Ipv4Network,
     pub view_cidr: Ipv4Network,
     pub endpoint: Option<SocketAddrV4>,
+    pub transport: Transport,
+    /// Gateway role with `transport = "wireguard"`.
+    pub wireguard: Option<PeerWireguard>,
 }
 
 /// A configuration that passed every check.
@@ -237,7 +304,8 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
         return Err(err("fabric_port", "0 is not a usable UDP port"));
     }
 
-    let role = match (file.node, file.gateway) {
+    let mut gateway_keys = None;
+    let mut role = match (file.node, file.gateway) {
         (Some(node), None) => RoleConfig::Node {
             uplink: non_empty("node.uplink", node.uplink)?,
             underlay_ip: node.underlay_ip,
@@ -269,12 +337,21 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
                 }
                 node_slices.insert(net, slice.node_ip);
             }
+            let wireguard_port = gw.wireguard_port.unwrap_or(DEFAULT_WIREGUARD_PORT);
+            if wireguard_port == 0 || wireguard_port == fabric_port {
+                return Err(err(
+                    "gateway.wireguard_port",
+                    format!("{wireguard_port} is not usable (0, or the fabric_port {fabric_port})"),
+                ));
+            }
+            gateway_keys = Some((gw.private_key_file, wireguard_port));
             RoleConfig::Gateway {
                 underlay_interface: non_empty("gateway.underlay_interface", gw.underlay_interface)?,
                 underlay_ip: gw.underlay_ip,
                 public_interface: non_empty("gateway.public_interface", gw.public_interface)?,
                 public_ip: gw.public_ip,
                 node_slices,
+                wireguard: None,
             }
         }
         (Some(_), Some(_)) => {
@@ -386,6 +463,14 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
                 ));
             }
         }
+        let wireguard = peer_wireguard(
+            &field,
+            is_gateway,
+            p.transport,
+            p.public_key,
+            p.preshared_key_file,
+            p.persistent_keepalive,
+        )?;
         peers.insert(
             p.id,
             PeerConfig {
@@ -394,8 +479,26 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
                 pod_cidr,
                 view_cidr,
                 endpoint,
+                transport: p.transport,
+                wireguard,
             },
         );
+    }
+    if let (RoleConfig::Gateway { wireguard, .. }, Some((key_file, port))) =
+        (&mut role, gateway_keys)
+    {
+        if let Some(peer) = peers.values().find(|p| p.transport == Transport::Wireguard) {
+            let private_key_file = key_file.ok_or_else(|| {
+                err(
+                    "gateway.private_key_file",
+                    format!("required: peer {} uses transport \"wireguard\"", peer.id),
+                )
+            })?;
+            *wireguard = Some(GatewayWireguard {
+                private_key_file,
+                port,
+            });
+        }
     }
 
     Ok(ValidConfig {
@@ -409,6 +512,64 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
         role,
         peers,
     })
+}
+
+/// The WireGuard part of a peer: required on gateways for `wireguard`
+/// peers, refused where it would be ignored.
+fn peer_wireguard(
+    field: &dyn Fn(&str) -> String,
+    is_gateway: bool,
+    transport: Transport,
+    public_key: Option<String>,
+    preshared_key_file: Option<PathBuf>,
+    persistent_keepalive: Option<u16>,
+) -> Result<Option<PeerWireguard>, ConfigError> {
+    let given = [
+        ("public_key", public_key.is_some()),
+        ("preshared_key_file", preshared_key_file.is_some()),
+        ("persistent_keepalive", persistent_keepalive.is_some()),
+    ];
+    let unused_because = if !is_gateway {
+        Some("only gateways use WireGuard settings")
+    } else if transport == Transport::Plain {
+        Some("only used with transport = \"wireguard\"")
+    } else {
+        None
+    };
+    if let Some(why) = unused_because {
+        if let Some((name, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(err(field(name), why));
+        }
+        return Ok(None);
+    }
+    let text = public_key.ok_or_else(|| {
+        err(
+            field("public_key"),
+            "required for transport = \"wireguard\" (the peer gateway's base64 public key)",
+        )
+    })?;
+    let public_key = decode_key(&text)
+        .ok_or_else(|| err(field("public_key"), "not a base64 WireGuard key (32 bytes)"))?;
+    if persistent_keepalive == Some(0) {
+        return Err(err(
+            field("persistent_keepalive"),
+            "0 seconds; leave it out to turn keepalives off",
+        ));
+    }
+    Ok(Some(PeerWireguard {
+        public_key,
+        preshared_key_file,
+        persistent_keepalive,
+    }))
+}
+
+/// Decodes a base64 WireGuard key (as `wg genkey`/`wg pubkey` print it).
+pub fn decode_key(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .ok()?;
+    bytes.try_into().ok()
 }
 
 fn non_empty(field: &str, value: String) -> Result<String, ConfigError> {
@@ -444,6 +605,7 @@ underlay_interface = "eth0"
 underlay_ip = "192.0.2.1"
 public_interface = "eth1"
 public_ip = "203.0.113.1"
+private_key_file = "/etc/ligo/wireguard.key"
 node_slices = [
   { node_ip = "192.0.2.11", pod_cidr = "10.244.1.0/24" },
   { node_ip = "192.0.2.12", pod_cidr = "10.244.2.0/24" },
@@ -452,7 +614,9 @@ node_slices = [
 id = 2
 pod_cidr = "10.100.16.0/20"
 view_cidr = "10.200.32.0/20"
-endpoint = "203.0.113.2:4800"
+endpoint = "203.0.113.2:51820"
+public_key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+persistent_keepalive = 5
 "#;
 
     #[test]
@@ -467,8 +631,36 @@ endpoint = "203.0.113.2:4800"
         assert_eq!(node_slices.len(), 2);
         assert_eq!(
             gw.peers[&2].endpoint,
-            Some("203.0.113.2:4800".parse().unwrap())
+            Some("203.0.113.2:51820".parse().unwrap())
         );
+        assert_eq!(gw.peers[&2].transport, Transport::Wireguard);
+        let wg = gw.peers[&2].wireguard.as_ref().unwrap();
+        assert_eq!(wg.persistent_keepalive, Some(5));
+        assert_eq!(wg.public_key[..3], [0x1c, 0x88, 0x28]);
+        let RoleConfig::Gateway { wireguard, .. } = &gw.role else {
+            panic!("not a gateway")
+        };
+        assert_eq!(
+            wireguard,
+            &Some(GatewayWireguard {
+                private_key_file: "/etc/ligo/wireguard.key".into(),
+                port: DEFAULT_WIREGUARD_PORT
+            })
+        );
+        let plain = parse(
+            &GATEWAY
+                .replace("public_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\npersistent_keepalive = 5\n", "transport = \"plain\"\n")
+                .replace("private_key_file = \"/etc/ligo/wireguard.key\"\n", ""),
+        )
+        .unwrap();
+        assert_eq!(plain.peers[&2].transport, Transport::Plain);
+        assert!(matches!(
+            plain.role,
+            RoleConfig::Gateway {
+                wireguard: None,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -496,8 +688,16 @@ endpoint = "203.0.113.2:4800"
             (NODE, "[node]", "[gateway]", "line 7: unknown field `gateway_ip`"),
             (NODE, "pod_cidrs = [\"10.244.0.0/16\"]", "pod_cidrs = []", "pod_cidrs: at least one"),
             (NODE, "cluster_id = 1", "cluster_id = 1\nmetrics_address = \"localhost\"", "metrics_address: \"localhost\" is not an ip:port"),
-            (GATEWAY, "endpoint = \"203.0.113.2:4800\"", "endpoint = \"peer-gw:4800\"", "peers[0].endpoint: \"peer-gw:4800\" is not an IPv4 address:port"),
-            (GATEWAY, "endpoint = \"203.0.113.2:4800\"\n", "", "peers[0].endpoint: required on a gateway"),
+            (GATEWAY, "endpoint = \"203.0.113.2:51820\"", "endpoint = \"peer-gw:4800\"", "peers[0].endpoint: \"peer-gw:4800\" is not an IPv4 address:port"),
+            (GATEWAY, "endpoint = \"203.0.113.2:51820\"\n", "", "peers[0].endpoint: required on a gateway"),
+            (GATEWAY, "public_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\n", "", "peers[0].public_key: required for transport = \"wireguard\""),
+            (GATEWAY, "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=", "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8y", "peers[0].public_key: not a base64 WireGuard key"),
+            (GATEWAY, "private_key_file = \"/etc/ligo/wireguard.key\"\n", "", "gateway.private_key_file: required: peer 2 uses transport \"wireguard\""),
+            (GATEWAY, "persistent_keepalive = 5", "persistent_keepalive = 5\ntransport = \"plain\"", "peers[0].public_key: only used with transport = \"wireguard\""),
+            (GATEWAY, "persistent_keepalive = 5", "persistent_keepalive = 0", "peers[0].persistent_keepalive: 0 seconds"),
+            (GATEWAY, "public_ip = \"203.0.113.1\"", "public_ip = \"203.0.113.1\"\nwireguard_port = 4800", "gateway.wireguard_port: 4800 is not usable (0, or the fabric_port 4800)"),
+            (GATEWAY, "persistent_keepalive = 5", "persistent_keepalive = 5\ntransport = \"quantum\"", "unknown variant `quantum`"),
+            (NODE, "view_cidr = \"10.245.0.0/16\"", "view_cidr = \"10.245.0.0/16\"\npublic_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"", "peers[0].public_key: only gateways use WireGuard settings"),
             (GATEWAY, "10.244.2.0/24", "10.244.1.128/25", "gateway.node_slices[1].pod_cidr: 10.244.1.128/25 overlaps the slice 10.244.1.0/24"),
             (GATEWAY, "10.244.2.0/24", "10.99.2.0/24", "gateway.node_slices[1].pod_cidr: 10.99.2.0/24 is not inside any of pod_cidrs"),
         ];

@@ -16,11 +16,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{self, IngressHook, RoleConfig, ValidConfig},
-    desired::{desired_state, ENCAP_OVERHEAD},
+    desired::desired_state,
     fabric_maps::{remove_pins, FabricMaps},
     metrics::{self, DaemonMetrics},
     programs,
     routes::RouteManager,
+    tunnel::{Tunnel, TunnelConfig},
 };
 
 /// How often the config file's modification time is checked, and the
@@ -88,23 +89,43 @@ struct Fabric {
     routes: RouteManager,
     /// Owns the loaded programs; dropping it detaches them.
     ebpf: Option<Ebpf>,
+    /// Gateways with WireGuard peers.
+    tunnel: Option<Tunnel>,
     attached: bool,
     uplink_is_veth: bool,
 }
 
 impl Fabric {
-    async fn route_mtu(&self) -> Result<u32> {
+    async fn link_mtu(&self, index: u32) -> Result<u32> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
-        let mut links = handle.link().get().match_index(self.interfaces.0).execute();
-        while let Some(link) = links.try_next().await.context("reading uplink MTU")? {
+        let mut links = handle.link().get().match_index(index).execute();
+        while let Some(link) = links.try_next().await.context("reading an interface MTU")? {
             for attr in link.attributes {
                 if let LinkAttribute::Mtu(mtu) = attr {
-                    return Ok(mtu.saturating_sub(ENCAP_OVERHEAD));
+                    return Ok(mtu);
                 }
             }
         }
-        bail!("uplink reports no MTU")
+        bail!("interface {index} reports no MTU")
+    }
+
+    /// Starts, updates or stops the WireGuard tunnel to match `wanted`.
+    fn reconcile_tunnel(&mut self, wanted: Option<TunnelConfig>) -> Result<()> {
+        match (self.tunnel.as_mut(), wanted) {
+            (Some(running), Some(config)) if !running.needs_restart_for(&config) => {
+                running.update(config);
+            }
+            (_, wanted) => {
+                if let Some(running) = self.tunnel.take() {
+                    running.stop(&self.metrics.tunnel);
+                }
+                if let Some(config) = wanted {
+                    self.tunnel = Some(Tunnel::start(config, &self.metrics.tunnel)?);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Applies `cfg` by difference: maps first (so routes never steer traffic
@@ -136,11 +157,21 @@ impl Fabric {
     }
 
     async fn apply_inner(&mut self, started: Instant) -> Result<()> {
+        // Key files are read (and their permissions checked) before anything
+        // changes, so a bad key leaves the running state alone.
+        let tunnel = match self.cfg.role {
+            RoleConfig::Gateway { .. } => {
+                let public_mtu = self.link_mtu(self.interfaces.1).await?;
+                TunnelConfig::from_config(&self.cfg, public_mtu)?
+            }
+            RoleConfig::Node { .. } => None,
+        };
         let desired = desired_state(&self.cfg);
         let map_changes = self.maps.apply(&desired, self.interfaces)?;
+        self.reconcile_tunnel(tunnel)?;
         let route_changes = match self.cfg.role {
             RoleConfig::Node { .. } => {
-                let mtu = self.route_mtu().await?;
+                let mtu = self.link_mtu(self.interfaces.0).await?;
                 self.routes
                     .reconcile(&desired.routes, self.interfaces.0, mtu)
                     .await?
@@ -216,6 +247,9 @@ impl Fabric {
     /// Detaches programs, removes our routes and the pinned maps.
     async fn teardown(mut self) -> Result<()> {
         self.metrics.set_ready(false);
+        if let Some(tunnel) = self.tunnel.take() {
+            tunnel.stop(&self.metrics.tunnel);
+        }
         self.ebpf.take();
         let removed = self.routes.remove_all().await?;
         drop(self.maps);
@@ -239,6 +273,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         maps,
         routes,
         ebpf: Some(ebpf),
+        tunnel: None,
         attached: false,
         uplink_is_veth: false,
     };

@@ -5,11 +5,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 use ligo_fabric_common::{
-    maps::{FabricConfig, NodeSlice, Peer, PeerView, Role},
+    maps::{FabricConfig, NodeSlice, Peer, PeerView, Role, TRANSPORT_PLAIN, TRANSPORT_WIREGUARD},
     prefix::PrefixRewrite,
 };
 
-use crate::config::{RoleConfig, ValidConfig};
+use crate::config::{RoleConfig, Transport, ValidConfig};
 
 /// Bytes the fabric adds in front of an inner IPv4 packet on the underlay:
 /// outer IPv4 + UDP + VXLAN + inner Ethernet.
@@ -27,6 +27,10 @@ fn prefix(net: Ipv4Network) -> Prefix {
 pub struct SteeringRoute {
     pub destination: Ipv4Network,
     pub via: Ipv4Addr,
+    /// Route MTU = uplink MTU - overhead: the larger of the node-to-gateway
+    /// encapsulation and the gateway-to-gateway transport's (assuming the
+    /// gateway's public link has the uplink's MTU).
+    pub overhead: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -70,7 +74,11 @@ pub fn desired_state(cfg: &ValidConfig) -> DesiredState {
                 real_to_view: PrefixRewrite::new(real, view, len),
                 endpoint_ip,
                 endpoint_port,
-                _reserved: [0; 2],
+                transport: match peer.transport {
+                    Transport::Plain => TRANSPORT_PLAIN,
+                    Transport::Wireguard => TRANSPORT_WIREGUARD,
+                },
+                _reserved: 0,
             },
         );
     }
@@ -89,6 +97,7 @@ pub fn desired_state(cfg: &ValidConfig) -> DesiredState {
                 .map(|p| SteeringRoute {
                     destination: p.view_cidr,
                     via: *gateway_ip,
+                    overhead: ENCAP_OVERHEAD.max(p.transport.overhead()),
                 })
                 .collect();
             state.routes.sort();
@@ -102,7 +111,11 @@ pub fn desired_state(cfg: &ValidConfig) -> DesiredState {
             state.config.role = Role::Gateway as u8;
             state.config.underlay_ip = underlay_ip.octets();
             state.config.public_ip = public_ip.octets();
+            // Only plain peers: WireGuard datagrams go to the tunnel's port.
             for peer in cfg.peers.values() {
+                if peer.transport != Transport::Plain {
+                    continue;
+                }
                 if let Some(ep) = peer.endpoint {
                     state.peer_endpoints.insert(ep.ip().octets(), peer.id);
                 }
@@ -188,10 +201,13 @@ view_cidr = "10.200.32.0/20"
             state.routes,
             vec![SteeringRoute {
                 destination: "10.200.32.0/20".parse().unwrap(),
-                via: Ipv4Addr::new(192, 0, 2, 1)
+                via: Ipv4Addr::new(192, 0, 2, 1),
+                overhead: 60,
             }]
         );
         assert!(state.node_slices.is_empty() && state.peer_endpoints.is_empty());
+        let plain = desired_state(&parse(&format!("{NODE}transport = \"plain\"\n")).unwrap());
+        assert_eq!(plain.routes[0].overhead, 50);
     }
 
     #[test]

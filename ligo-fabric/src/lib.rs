@@ -11,3 +11,4 @@ pub mod inspect;
 pub mod metrics;
 pub mod programs;
 pub mod routes;
+pub mod tunnel;

@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use crate::{
     clock,
     fabric_maps::{FabricMaps, Snapshot},
+    tunnel::StatusSource,
 };
 
 /// Counters and state the daemon updates; shared with the HTTP handlers.
@@ -48,6 +49,8 @@ pub struct DaemonMetrics {
     pub ready: Arc<AtomicBool>,
     /// Peer id -> name, for labels.
     pub peer_names: Arc<RwLock<BTreeMap<u32, String>>>,
+    /// The WireGuard tunnel's live figures (gateways with WireGuard peers).
+    pub tunnel: StatusSource,
 }
 
 impl DaemonMetrics {
@@ -60,6 +63,7 @@ impl DaemonMetrics {
             reconcile_duration: Histogram::new(exponential_buckets(0.0001, 3.0, 10)),
             ready: Arc::new(AtomicBool::new(false)),
             peer_names: Arc::new(RwLock::new(BTreeMap::new())),
+            tunnel: StatusSource::default(),
         }
     }
 
@@ -267,6 +271,82 @@ impl Collector for MapCollector {
     }
 }
 
+/// Reads the tunnel's counters on every scrape.
+#[derive(Debug)]
+struct TunnelCollector(StatusSource);
+
+impl std::fmt::Debug for StatusSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatusSource")
+    }
+}
+
+impl Collector for TunnelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let Some(status) = self.0.status() else {
+            return Ok(());
+        };
+        let labels = |p: &crate::tunnel::PeerStatus| {
+            vec![("peer", p.name.clone()), ("peer_id", p.id.to_string())]
+        };
+        let mut up = encoder.encode_descriptor(
+            "ligo_fabric_tunnel_peer_up",
+            "1 while the peer gateway answers over WireGuard, 0 once it stopped answering",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &status.peers {
+            ConstGauge::new(i64::from(p.up)).encode(up.encode_family(&labels(p))?)?;
+        }
+        let mut age = encoder.encode_descriptor(
+            "ligo_fabric_tunnel_handshake_age_seconds",
+            "Seconds since the latest completed WireGuard handshake (absent before the first)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &status.peers {
+            if let Some(seconds) = p.latest_handshake_seconds_ago {
+                ConstGauge::new(seconds).encode(age.encode_family(&labels(p))?)?;
+            }
+        }
+        for (name, help, pick) in [
+            (
+                "ligo_fabric_tunnel_bytes",
+                "Inner bytes through the WireGuard tunnel",
+                true,
+            ),
+            (
+                "ligo_fabric_tunnel_packets",
+                "Inner packets through the WireGuard tunnel",
+                false,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for p in &status.peers {
+                for (direction, bytes, packets) in [
+                    ("to_peer", p.tx_bytes, p.tx_packets),
+                    ("from_peer", p.rx_bytes, p.rx_packets),
+                ] {
+                    let mut l = labels(p);
+                    l.push(("direction", direction.to_string()));
+                    ConstCounter::new(if pick { bytes } else { packets })
+                        .encode(family.encode_family(&l)?)?;
+                }
+            }
+        }
+        let mut drops = encoder.encode_descriptor(
+            "ligo_fabric_tunnel_drops",
+            "Packets and datagrams the WireGuard tunnel refused, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in &status.drops {
+            ConstCounter::new(*n).encode(drops.encode_family(&[("reason", reason.clone())])?)?;
+        }
+        Ok(())
+    }
+}
+
 fn registry(metrics: &DaemonMetrics, maps: FabricMaps) -> Registry {
     let mut registry = Registry::default();
     registry.register(
@@ -293,12 +373,29 @@ fn registry(metrics: &DaemonMetrics, maps: FabricMaps) -> Registry {
         maps: Mutex::new(maps),
         peer_names: metrics.peer_names.clone(),
     }));
+    registry.register_collector(Box::new(TunnelCollector(metrics.tunnel.clone())));
     registry
 }
 
 struct HttpState {
     registry: Registry,
     ready: Arc<AtomicBool>,
+    tunnel: StatusSource,
+}
+
+/// `/tunnels`: the WireGuard tunnel's state as JSON (public material only),
+/// for `ligo-fabric inspect tunnels`.
+async fn tunnels_handler(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+    match state.tunnel.status() {
+        Some(status) => (
+            StatusCode::OK,
+            serde_json::to_string_pretty(&status).unwrap_or_default(),
+        ),
+        None => (
+            StatusCode::NOT_FOUND,
+            "no WireGuard tunnel runs in this daemon\n".to_string(),
+        ),
+    }
 }
 
 async fn metrics_handler(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
@@ -336,11 +433,13 @@ pub async fn serve(address: SocketAddr, metrics: &DaemonMetrics, maps: FabricMap
     let state = Arc::new(HttpState {
         registry: registry(metrics, maps),
         ready: metrics.ready.clone(),
+        tunnel: metrics.tunnel.clone(),
     });
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_handler))
+        .route("/tunnels", get(tunnels_handler))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(address)
         .await

@@ -101,7 +101,13 @@ impl RouteManager {
 
     /// Makes our routes equal `desired`, by difference: changed and new
     /// routes are replaced in place (no gap), stale ones deleted last.
-    pub async fn reconcile(&self, desired: &[SteeringRoute], oif: u32, mtu: u32) -> Result<usize> {
+    /// `uplink_mtu` less each route's overhead is the route's MTU.
+    pub async fn reconcile(
+        &self,
+        desired: &[SteeringRoute],
+        oif: u32,
+        uplink_mtu: u32,
+    ) -> Result<usize> {
         let current = self.current().await?;
         let desired: BTreeMap<Ipv4Network, RouteTarget> = desired
             .iter()
@@ -111,7 +117,7 @@ impl RouteManager {
                     RouteTarget {
                         via: r.via,
                         oif,
-                        mtu,
+                        mtu: uplink_mtu.saturating_sub(r.overhead),
                     },
                 )
             })

@@ -17,6 +17,8 @@ use crate::{
 };
 
 pub const FABRIC_PORT: u16 = 4799;
+/// WireGuard port of the gateways (the daemon's default).
+pub const WIREGUARD_PORT: u16 = 51820;
 /// Where every daemon serves /metrics (the daemon's default port).
 pub const METRICS_PORT: u16 = 9477;
 
@@ -135,6 +137,36 @@ pub struct Testbed {
     pub scenario: Scenario,
     /// `node.ingress` in the node configs: "auto", "xdp" or "tc".
     pub node_ingress: &'static str,
+    /// Gateway-to-gateway transport: "wireguard" (the default) or "plain".
+    pub transport: &'static str,
+    /// Each cluster's gateway WireGuard key pair (private, public).
+    pub keys: [WireguardKeys; 2],
+}
+
+/// A WireGuard key pair, base64 as `wg` prints it.
+#[derive(Clone, Debug)]
+pub struct WireguardKeys {
+    pub private: String,
+    pub public: String,
+}
+
+impl WireguardKeys {
+    /// A fresh key pair from the kernel's random source.
+    pub fn generate() -> Result<Self> {
+        use base64::Engine as _;
+        use std::io::Read as _;
+        let mut secret = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut secret))
+            .context("reading /dev/urandom")?;
+        let private = boringtun::x25519::StaticSecret::from(secret);
+        let public = boringtun::x25519::PublicKey::from(&private);
+        let b64 = base64::engine::general_purpose::STANDARD;
+        Ok(Self {
+            private: b64.encode(private.to_bytes()),
+            public: b64.encode(public.as_bytes()),
+        })
+    }
 }
 
 const NODES: [&str; 2] = ["n1", "n2"];
@@ -146,6 +178,8 @@ impl Testbed {
             lab: Lab::new(prefix)?,
             scenario,
             node_ingress: "auto",
+            transport: "wireguard",
+            keys: [WireguardKeys::generate()?, WireguardKeys::generate()?],
         };
         bed.build()
             .with_context(|| format!("building testbed {prefix}"))?;
@@ -236,6 +270,33 @@ impl Testbed {
         Ok(())
     }
 
+    /// Where a cluster's gateway keeps its WireGuard private key.
+    pub fn private_key_path(&self, plan: &ClusterPlan) -> std::path::PathBuf {
+        self.lab.file(&format!("{}-wireguard.key", plan.name))
+    }
+
+    fn keys_of(&self, plan: &ClusterPlan) -> &WireguardKeys {
+        &self.keys[usize::from(plan.name != "a")]
+    }
+
+    /// Writes the gateways' private keys, readable by the owner only.
+    pub fn write_keys(&self) -> Result<()> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        for plan in self.clusters() {
+            let path = self.private_key_path(plan);
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            std::io::Write::write_all(&mut file, self.keys_of(plan).private.as_bytes())?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(())
+    }
+
     /// The daemon configuration for `host` ("gw", "n1", "n2") of a cluster.
     pub fn daemon_config(&self, plan: &ClusterPlan, host: &str) -> String {
         let peer = if plan.name == "a" {
@@ -243,6 +304,7 @@ impl Testbed {
         } else {
             &self.scenario.a
         };
+        let wireguard = self.transport == "wireguard";
         let mut c = String::new();
         let _ = writeln!(
             c,
@@ -270,6 +332,13 @@ impl Testbed {
                 );
             }
             let _ = writeln!(c, "]");
+            if wireguard {
+                let _ = writeln!(
+                    c,
+                    "private_key_file = \"{}\"",
+                    self.private_key_path(plan).display()
+                );
+            }
         } else {
             let octet = if host == "n1" { 11 } else { 12 };
             let _ = writeln!(
@@ -288,7 +357,15 @@ impl Testbed {
         if plan.view_of_peer != peer.pod_cidr {
             let _ = writeln!(c, "view_cidr = \"{}\"", plan.view_of_peer);
         }
-        if host == "gw" {
+        let _ = writeln!(c, "transport = \"{}\"", self.transport);
+        if host == "gw" && wireguard {
+            let _ = writeln!(
+                c,
+                "endpoint = \"{}:{WIREGUARD_PORT}\"\npublic_key = \"{}\"\npersistent_keepalive = 1",
+                peer.public_ip,
+                self.keys_of(peer).public
+            );
+        } else if host == "gw" {
             let _ = writeln!(c, "endpoint = \"{}:{FABRIC_PORT}\"", peer.public_ip);
         }
         c
@@ -330,6 +407,7 @@ impl Testbed {
     /// reports ready.
     pub fn start_fabric(&mut self, daemon: &Path) -> Result<()> {
         let plans: Vec<ClusterPlan> = self.clusters().into_iter().cloned().collect();
+        self.write_keys()?;
         for plan in &plans {
             for host in ["gw", "n1", "n2"] {
                 let ns = self.ns(plan, host);

@@ -1,0 +1,909 @@
+//! The gateway's userspace WireGuard tunnel (boringtun's protocol engine),
+//! for peers with `transport = "wireguard"`.
+//!
+//! - Outbound: the gateway program passes node frames for such peers up the
+//!   stack to a UDP socket on `underlay_ip:fabric_port`. A worker reads them
+//!   in batches (recvmmsg + GRO), cuts GSO super-packets to the tunnel MTU,
+//!   encrypts each packet and sends runs of equal-sized datagrams to the
+//!   peer with one UDP GSO send.
+//! - Inbound: a worker reads WireGuard datagrams from `public_ip:port`,
+//!   decrypts, checks the inner source against the peer's pod CIDR
+//!   (cryptokey routing) and sends the packet to the owning node as a
+//!   fabric frame (VNI = peer id), batched with sendmmsg.
+//! - One outbound and one inbound worker per core, each with its own
+//!   SO_REUSEPORT sockets; the peer table is an immutable snapshot each
+//!   worker re-reads only when its generation changes. A peer's protocol
+//!   state sits behind that peer's own mutex, taken once per batch.
+//! - A timer thread drives handshakes, rekeying and keepalives, and reports
+//!   peers that stop answering.
+
+pub mod batch;
+pub mod keys;
+pub mod packet;
+
+use std::{
+    collections::HashMap,
+    io::IoSliceMut,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use boringtun::{
+    noise::{
+        errors::WireGuardError, handshake::parse_handshake_anon, rate_limiter::RateLimiter, Packet,
+        Tunn, TunnResult,
+    },
+    x25519,
+};
+use ipnetwork::Ipv4Network;
+use quinn_udp::RecvMeta;
+use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{info, warn};
+
+use crate::config::{RoleConfig, Transport, ValidConfig};
+
+use self::{
+    batch::{FrameBatch, GsoBatch, Sender},
+    keys::{public_key_base64, read_key_file, SecretKey},
+    packet::{fabric_header, for_each_tunnel_packet, parse_fabric_payload, SliceTable, TunnelDrop},
+};
+
+/// Handshake initiations per second per peer before cookies are demanded.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Receive buffers per worker, each big enough for a GRO batch or a
+/// GSO super-frame.
+const RECV_BATCH: usize = 16;
+const RECV_BUF: usize = 65_536;
+/// How often WireGuard timers run.
+const TIMER_TICK: Duration = Duration::from_millis(100);
+
+/// Everything the tunnel needs, keys read and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelConfig {
+    pub underlay: SocketAddrV4,
+    pub public: SocketAddrV4,
+    pub private_key: SecretKey,
+    /// Largest inner packet: public link MTU less the WireGuard overhead.
+    pub inner_mtu: usize,
+    pub node_slices: Vec<(Ipv4Network, Ipv4Addr)>,
+    pub fabric_port: u16,
+    pub peers: Vec<PeerSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub id: u32,
+    pub name: String,
+    pub pod_cidr: Ipv4Network,
+    pub public_key: [u8; 32],
+    pub preshared_key: Option<SecretKey>,
+    pub persistent_keepalive: Option<u16>,
+    pub endpoint: SocketAddrV4,
+}
+
+impl TunnelConfig {
+    /// The tunnel part of a gateway config, reading key files; `None` when
+    /// no peer uses WireGuard.
+    pub fn from_config(cfg: &ValidConfig, public_mtu: u32) -> Result<Option<TunnelConfig>> {
+        let RoleConfig::Gateway {
+            underlay_ip,
+            public_ip,
+            node_slices,
+            wireguard: Some(wg),
+            ..
+        } = &cfg.role
+        else {
+            return Ok(None);
+        };
+        let private_key = read_key_file(&wg.private_key_file, "gateway.private_key_file")?;
+        let mut peers = Vec::new();
+        for (i, peer) in cfg.peers.values().enumerate() {
+            let (Transport::Wireguard, Some(peer_wg), Some(endpoint)) =
+                (peer.transport, &peer.wireguard, peer.endpoint)
+            else {
+                continue;
+            };
+            let preshared_key = match &peer_wg.preshared_key_file {
+                Some(path) => Some(read_key_file(
+                    path,
+                    &format!("peers[{i}].preshared_key_file"),
+                )?),
+                None => None,
+            };
+            peers.push(PeerSpec {
+                id: peer.id,
+                name: peer.name.clone(),
+                pod_cidr: peer.pod_cidr,
+                public_key: peer_wg.public_key,
+                preshared_key,
+                persistent_keepalive: peer_wg.persistent_keepalive,
+                endpoint,
+            });
+        }
+        Ok(Some(TunnelConfig {
+            underlay: SocketAddrV4::new(*underlay_ip, cfg.fabric_port),
+            public: SocketAddrV4::new(*public_ip, wg.port),
+            private_key,
+            inner_mtu: public_mtu.saturating_sub(crate::config::WIREGUARD_OVERHEAD) as usize,
+            node_slices: node_slices.iter().map(|(n, a)| (*n, *a)).collect(),
+            fabric_port: cfg.fabric_port,
+            peers,
+        }))
+    }
+}
+
+/// A peer's live state, shared by all workers.
+struct PeerTunnel {
+    spec: PeerSpec,
+    tunn: Mutex<Tunn>,
+    /// Current endpoint (roaming updates it): IPv4 << 16 | port.
+    endpoint: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    rx_packets: AtomicU64,
+    /// Milliseconds since the tunnel started (0 = never).
+    last_rx_ms: AtomicU64,
+    /// First send after the last receive (0 = none pending).
+    unanswered_since_ms: AtomicU64,
+    up: AtomicBool,
+}
+
+fn pack(addr: SocketAddrV4) -> u64 {
+    (u64::from(u32::from(*addr.ip())) << 16) | u64::from(addr.port())
+}
+
+fn unpack(v: u64) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from((v >> 16) as u32), v as u16)
+}
+
+impl PeerTunnel {
+    fn new(spec: PeerSpec, private: &SecretKey, limiter: &Arc<RateLimiter>) -> Self {
+        let tunn = Tunn::new(
+            x25519::StaticSecret::from(private.0),
+            x25519::PublicKey::from(spec.public_key),
+            spec.preshared_key.as_ref().map(|k| k.0),
+            spec.persistent_keepalive,
+            spec.id,
+            Some(limiter.clone()),
+        );
+        PeerTunnel {
+            endpoint: AtomicU64::new(pack(spec.endpoint)),
+            spec,
+            tunn: Mutex::new(tunn),
+            tx_bytes: AtomicU64::new(0),
+            tx_packets: AtomicU64::new(0),
+            rx_bytes: AtomicU64::new(0),
+            rx_packets: AtomicU64::new(0),
+            last_rx_ms: AtomicU64::new(0),
+            unanswered_since_ms: AtomicU64::new(0),
+            up: AtomicBool::new(true),
+        }
+    }
+
+    fn endpoint(&self) -> SocketAddr {
+        SocketAddr::V4(unpack(self.endpoint.load(Ordering::Relaxed)))
+    }
+
+    fn tunn(&self) -> std::sync::MutexGuard<'_, Tunn> {
+        // A worker that panicked while holding the lock leaves a state that
+        // boringtun keeps consistent per call; keep using it.
+        self.tunn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The peer proved itself from `from`: WireGuard roaming moves the
+    /// endpoint there.
+    fn authenticated_from(&self, from: SocketAddr, now_ms: u64) {
+        self.last_rx_ms.store(now_ms, Ordering::Relaxed);
+        self.unanswered_since_ms.store(0, Ordering::Relaxed);
+        let SocketAddr::V4(from) = from else { return };
+        let old = self.endpoint.swap(pack(from), Ordering::Relaxed);
+        if old != pack(from) {
+            info!(
+                peer = self.spec.name,
+                from = %unpack(old),
+                to = %from,
+                "peer endpoint moved; following it"
+            );
+        }
+    }
+
+    fn sent(&self, packets: u64, bytes: u64, now_ms: u64) {
+        if packets == 0 {
+            return;
+        }
+        self.tx_packets.fetch_add(packets, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let _ = self.unanswered_since_ms.compare_exchange(
+            0,
+            now_ms.max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// How long without an answer before the peer is reported down: two
+    /// keepalive intervals and a margin, or WireGuard's passive keepalive
+    /// (10 s) and a margin when keepalives are off.
+    fn unreachable_after(&self) -> Duration {
+        match self.spec.persistent_keepalive {
+            Some(k) => Duration::from_secs(2 * u64::from(k) + 3),
+            None => Duration::from_secs(15),
+        }
+    }
+}
+
+/// An immutable snapshot of the peers; replaced as a whole on reload.
+#[derive(Default)]
+struct PeerTable {
+    /// By peer id, which is also the VNI and the WireGuard index.
+    by_id: HashMap<u32, Arc<PeerTunnel>>,
+    by_key: HashMap<[u8; 32], Arc<PeerTunnel>>,
+    slices: SliceTable,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    started: Instant,
+    table: Mutex<Arc<PeerTable>>,
+    generation: AtomicU64,
+    drops: [AtomicU64; TunnelDrop::ALL.len()],
+    private: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    limiter: Arc<RateLimiter>,
+    inner_mtu: usize,
+    fabric: Vec<Sender>,
+    wireguard: Vec<Sender>,
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn drop(&self, reason: TunnelDrop) {
+        self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Arc<PeerTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The running tunnel. Dropping it stops the workers.
+pub struct Tunnel {
+    shared: Arc<Shared>,
+    config: TunnelConfig,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Per-peer figures for metrics and `inspect tunnels`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub id: u32,
+    pub name: String,
+    pub public_key: String,
+    pub endpoint: String,
+    pub latest_handshake_seconds_ago: Option<f64>,
+    pub up: bool,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TunnelStatus {
+    pub public_key: String,
+    pub listen: String,
+    pub inner_mtu: usize,
+    pub peers: Vec<PeerStatus>,
+    pub drops: Vec<(String, u64)>,
+}
+
+/// The running tunnel's state and its listen address.
+type RunningTunnel = (Arc<Shared>, String);
+
+/// A handle the metrics endpoint reads; empty until a tunnel runs.
+#[derive(Clone, Default)]
+pub struct StatusSource(Arc<Mutex<Option<RunningTunnel>>>);
+
+impl StatusSource {
+    pub fn status(&self) -> Option<TunnelStatus> {
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (shared, listen) = guard.as_ref()?;
+        Some(status(shared, listen))
+    }
+
+    fn set(&self, value: Option<(Arc<Shared>, String)>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = value;
+    }
+}
+
+fn status(shared: &Shared, listen: &str) -> TunnelStatus {
+    let table = shared.snapshot();
+    let mut peers: Vec<PeerStatus> = table
+        .by_id
+        .values()
+        .map(|p| {
+            let (handshake, ..) = p.tunn().stats();
+            PeerStatus {
+                id: p.spec.id,
+                name: p.spec.name.clone(),
+                public_key: public_key_base64(&p.spec.public_key),
+                endpoint: p.endpoint().to_string(),
+                latest_handshake_seconds_ago: handshake.map(|d| d.as_secs_f64()),
+                up: p.up.load(Ordering::Relaxed),
+                tx_bytes: p.tx_bytes.load(Ordering::Relaxed),
+                tx_packets: p.tx_packets.load(Ordering::Relaxed),
+                rx_bytes: p.rx_bytes.load(Ordering::Relaxed),
+                rx_packets: p.rx_packets.load(Ordering::Relaxed),
+            }
+        })
+        .collect();
+    peers.sort_by_key(|p| p.id);
+    TunnelStatus {
+        public_key: public_key_base64(shared.public.as_bytes()),
+        listen: listen.to_string(),
+        inner_mtu: shared.inner_mtu,
+        peers,
+        drops: TunnelDrop::ALL
+            .iter()
+            .map(|r| {
+                (
+                    r.label().to_string(),
+                    shared.drops[r.index()].load(Ordering::Relaxed),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Which socket: frames to and from nodes, or WireGuard to peers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SocketRole {
+    Fabric,
+    Wireguard,
+}
+
+fn reuseport_socket(addr: SocketAddrV4, role: SocketRole) -> Result<Sender> {
+    let what = match role {
+        SocketRole::Fabric => "fabric (from nodes)",
+        SocketRole::Wireguard => "WireGuard",
+    };
+    let make = || -> std::io::Result<UdpSocket> {
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_port(true)?;
+        if role == SocketRole::Fabric {
+            // Fabric frames carry UDP checksum 0 (RFC 7348 allows it over
+            // IPv4), as the gateway program sends them. It also keeps the
+            // frame from reaching a node over veth as CHECKSUM_PARTIAL for
+            // the outer header, which the node program's inner checksum
+            // updates would misread.
+            set_no_udp_checksum(&socket)?;
+        }
+        // Best effort: bursts of GSO-sized batches need deep buffers.
+        let _ = socket.set_recv_buffer_size(8 << 20);
+        let _ = socket.set_send_buffer_size(8 << 20);
+        socket.bind(&addr.into())?;
+        Ok(socket.into())
+    };
+    let socket = make().with_context(|| format!("binding the {what} socket on {addr}"))?;
+    Sender::new(socket).with_context(|| format!("setting up the {what} socket on {addr}"))
+}
+
+fn set_no_udp_checksum(socket: &Socket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: SO_NO_CHECK takes an int; the pointer and length describe `on`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NO_CHECK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn build_table(config: &TunnelConfig, old: &PeerTable, shared_key: &Shared) -> PeerTable {
+    let private = &config.private_key;
+    let mut table = PeerTable {
+        slices: SliceTable::new(config.node_slices.iter().map(|(n, a)| (n, a))),
+        ..Default::default()
+    };
+    for spec in &config.peers {
+        let peer = match old.by_id.get(&spec.id) {
+            // Same identity and keys: keep the sessions; follow a changed
+            // configured endpoint.
+            Some(p)
+                if PeerSpec {
+                    endpoint: p.spec.endpoint,
+                    ..spec.clone()
+                } == p.spec =>
+            {
+                if p.spec.endpoint != spec.endpoint {
+                    p.endpoint.store(pack(spec.endpoint), Ordering::Relaxed);
+                }
+                p.clone()
+            }
+            _ => Arc::new(PeerTunnel::new(spec.clone(), private, &shared_key.limiter)),
+        };
+        table.by_key.insert(spec.public_key, peer.clone());
+        table.by_id.insert(spec.id, peer);
+    }
+    table
+}
+
+impl Tunnel {
+    /// Binds the sockets and starts the workers and the timer thread.
+    pub fn start(config: TunnelConfig, source: &StatusSource) -> Result<Tunnel> {
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let mut fabric = Vec::new();
+        let mut wireguard = Vec::new();
+        for _ in 0..workers {
+            fabric.push(reuseport_socket(config.underlay, SocketRole::Fabric)?);
+            wireguard.push(reuseport_socket(config.public, SocketRole::Wireguard)?);
+        }
+        let private = x25519::StaticSecret::from(config.private_key.0);
+        let public = x25519::PublicKey::from(&private);
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            started: Instant::now(),
+            table: Mutex::new(Arc::new(PeerTable::default())),
+            generation: AtomicU64::new(0),
+            drops: Default::default(),
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            private,
+            public,
+            inner_mtu: config.inner_mtu,
+            fabric,
+            wireguard,
+        });
+        let table = build_table(&config, &PeerTable::default(), &shared);
+        *shared.table.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+        shared.generation.fetch_add(1, Ordering::Release);
+
+        let mut threads = Vec::new();
+        for i in 0..workers {
+            let s = shared.clone();
+            threads.push(spawn(format!("ligo-wg-out-{i}"), move || outbound(&s, i))?);
+            let s = shared.clone();
+            threads.push(spawn(format!("ligo-wg-in-{i}"), move || inbound(&s, i))?);
+        }
+        let s = shared.clone();
+        threads.push(spawn("ligo-wg-timers".into(), move || timers(&s))?);
+        source.set(Some((shared.clone(), config.public.to_string())));
+        info!(
+            listen = %config.public,
+            public_key = public_key_base64(shared.public.as_bytes()),
+            peers = config.peers.len(),
+            workers,
+            inner_mtu = config.inner_mtu,
+            "WireGuard tunnel up"
+        );
+        Ok(Tunnel {
+            shared,
+            config,
+            threads,
+        })
+    }
+
+    /// Takes a new configuration. Peers whose keys are unchanged keep their
+    /// sessions; a new private key or address needs a new tunnel (the
+    /// caller restarts it).
+    pub fn needs_restart_for(&self, config: &TunnelConfig) -> bool {
+        self.config.private_key != config.private_key
+            || self.config.public != config.public
+            || self.config.underlay != config.underlay
+            || self.config.inner_mtu != config.inner_mtu
+    }
+
+    pub fn update(&mut self, config: TunnelConfig) {
+        let old = self.shared.snapshot();
+        let table = build_table(&config, &old, &self.shared);
+        *self.shared.table.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+        self.shared.generation.fetch_add(1, Ordering::Release);
+        self.config = config;
+    }
+
+    pub fn stop(mut self, source: &StatusSource) {
+        source.set(None);
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(f)
+        .with_context(|| format!("starting thread {name}"))
+}
+
+/// Re-reads the peer table when it changed since `generation`.
+fn refresh(shared: &Shared, table: &mut Arc<PeerTable>, generation: &mut u64) {
+    let now = shared.generation.load(Ordering::Acquire);
+    if now != *generation {
+        *table = shared.snapshot();
+        *generation = now;
+    }
+}
+
+/// Receives a batch into `bufs`; `None` on timeout or a transient error.
+fn receive(sender: &Sender, bufs: &mut [Vec<u8>], metas: &mut [RecvMeta]) -> Option<usize> {
+    if !sender.wait_readable(200) {
+        return None;
+    }
+    let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+    match sender
+        .state
+        .recv((&sender.socket).into(), &mut slices, metas)
+    {
+        Ok(n) => Some(n),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "tunnel socket receive failed; retrying");
+            std::thread::sleep(Duration::from_millis(10));
+            None
+        }
+    }
+}
+
+/// Node frames in, encrypted datagrams out.
+fn outbound(shared: &Shared, worker: usize) {
+    let fabric = &shared.fabric[worker];
+    let wireguard = &shared.wireguard[worker];
+    let mut bufs = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
+    let mut metas = vec![RecvMeta::default(); RECV_BATCH];
+    let mut table = shared.snapshot();
+    let mut generation = 0;
+    let mut scratch = Vec::with_capacity(RECV_BUF);
+    let mut batch = GsoBatch::new(wireguard.state.max_gso_segments());
+    while !shared.stop.load(Ordering::Relaxed) {
+        let Some(n) = receive(fabric, &mut bufs, &mut metas) else {
+            continue;
+        };
+        refresh(shared, &mut table, &mut generation);
+        for (buf, meta) in bufs.iter().zip(&metas).take(n) {
+            for frame in buf[..meta.len].chunks(meta.stride.max(1)) {
+                if let Err(reason) =
+                    encrypt_frame(shared, &table, frame, &mut scratch, &mut batch, wireguard)
+                {
+                    shared.drop(reason);
+                }
+            }
+        }
+        batch.flush(wireguard);
+    }
+}
+
+fn encrypt_frame(
+    shared: &Shared,
+    table: &PeerTable,
+    frame: &[u8],
+    scratch: &mut Vec<u8>,
+    batch: &mut GsoBatch,
+    wireguard: &Sender,
+) -> Result<(), TunnelDrop> {
+    let (vni, inner) = parse_fabric_payload(frame)?;
+    let peer = table.by_id.get(&vni).ok_or(TunnelDrop::UnknownPeer)?;
+    let endpoint = peer.endpoint();
+    let mut tunn = peer.tunn();
+    let (mut packets, mut bytes) = (0u64, 0u64);
+    let mut failure = None;
+    for_each_tunnel_packet(inner, shared.inner_mtu, scratch, |packet| {
+        let reserved = packet.len() + 32;
+        let room = batch.reserve(endpoint, reserved.max(148), wireguard);
+        let kept = match tunn.encapsulate(packet, room) {
+            TunnResult::WriteToNetwork(datagram) if datagram.first() == Some(&4) => {
+                packets += 1;
+                bytes += packet.len() as u64;
+                datagram.len()
+            }
+            // No session yet: boringtun queued the packet and asks to send
+            // a handshake initiation.
+            TunnResult::WriteToNetwork(handshake) => {
+                let _ = wireguard.send_one(endpoint, handshake);
+                0
+            }
+            TunnResult::Err(_) => {
+                failure = Some(TunnelDrop::HandshakeRefused);
+                0
+            }
+            _ => 0,
+        };
+        batch.commit(reserved.max(148), kept);
+    })?;
+    drop(tunn);
+    peer.sent(packets, bytes, shared.now_ms());
+    failure.map_or(Ok(()), Err)
+}
+
+/// Which peer a WireGuard datagram is for, by its receiver index (our index
+/// is the peer id, shifted by 8 as boringtun keeps a session ring below it)
+/// or, for a handshake initiation, by the sender's static key.
+fn peer_for_datagram(
+    shared: &Shared,
+    table: &PeerTable,
+    from: SocketAddr,
+    datagram: &[u8],
+    cookie: &mut [u8],
+) -> Result<Arc<PeerTunnel>, Option<usize>> {
+    let index_at = |at: usize| -> Option<u32> {
+        let b = datagram.get(at..at + 4)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> 8)
+    };
+    let by_index = |at: usize| -> Result<Arc<PeerTunnel>, Option<usize>> {
+        let index = index_at(at).ok_or_else(|| {
+            shared.drop(TunnelDrop::MalformedDatagram);
+            None
+        })?;
+        table.by_id.get(&index).cloned().ok_or_else(|| {
+            shared.drop(TunnelDrop::UnknownPeer);
+            None
+        })
+    };
+    match datagram.first() {
+        Some(4) => by_index(4),
+        Some(2) => by_index(8),
+        Some(3) => by_index(4),
+        Some(1) => {
+            let packet = match shared
+                .limiter
+                .verify_packet(Some(from.ip()), datagram, cookie)
+            {
+                Ok(Packet::HandshakeInit(p)) => p,
+                Ok(_) => {
+                    shared.drop(TunnelDrop::MalformedDatagram);
+                    return Err(None);
+                }
+                Err(TunnResult::WriteToNetwork(reply)) => {
+                    shared.drop(TunnelDrop::HandshakeRefused);
+                    return Err(Some(reply.len()));
+                }
+                Err(TunnResult::Err(e)) => {
+                    shared.drop(classify(&e));
+                    return Err(None);
+                }
+                Err(_) => return Err(None),
+            };
+            let half =
+                parse_handshake_anon(&shared.private, &shared.public, &packet).map_err(|e| {
+                    shared.drop(classify(&e));
+                    None
+                })?;
+            table
+                .by_key
+                .get(&half.peer_static_public)
+                .cloned()
+                .ok_or_else(|| {
+                    shared.drop(TunnelDrop::UnknownPeer);
+                    None
+                })
+        }
+        _ => {
+            shared.drop(TunnelDrop::MalformedDatagram);
+            Err(None)
+        }
+    }
+}
+
+fn classify(e: &WireGuardError) -> TunnelDrop {
+    match e {
+        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => TunnelDrop::Replayed,
+        WireGuardError::WrongKey
+        | WireGuardError::InvalidMac
+        | WireGuardError::InvalidAeadTag
+        | WireGuardError::WrongTai64nTimestamp
+        | WireGuardError::InvalidTai64nTimestamp => TunnelDrop::AuthenticationFailed,
+        WireGuardError::WrongIndex | WireGuardError::NoCurrentSession => TunnelDrop::UnknownPeer,
+        WireGuardError::UnderLoad | WireGuardError::UnexpectedPacket => {
+            TunnelDrop::HandshakeRefused
+        }
+        _ => TunnelDrop::MalformedDatagram,
+    }
+}
+
+/// WireGuard datagrams in, frames to nodes out.
+fn inbound(shared: &Shared, worker: usize) {
+    let wireguard = &shared.wireguard[worker];
+    let fabric = &shared.fabric[worker];
+    let mut bufs = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
+    let mut metas = vec![RecvMeta::default(); RECV_BATCH];
+    let mut table = shared.snapshot();
+    let mut generation = 0;
+    let mut plain = vec![0u8; RECV_BUF];
+    let mut frames = FrameBatch::default();
+    let fabric_port = fabric
+        .socket
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or_default();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let Some(n) = receive(wireguard, &mut bufs, &mut metas) else {
+            continue;
+        };
+        refresh(shared, &mut table, &mut generation);
+        for (buf, meta) in bufs.iter().zip(&metas).take(n) {
+            for datagram in buf[..meta.len].chunks(meta.stride.max(1)) {
+                decrypt_datagram(
+                    shared,
+                    &table,
+                    meta.addr,
+                    datagram,
+                    &mut plain,
+                    &mut frames,
+                    wireguard,
+                    fabric,
+                    fabric_port,
+                );
+            }
+        }
+        frames.flush(&fabric.socket);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decrypt_datagram(
+    shared: &Shared,
+    table: &PeerTable,
+    from: SocketAddr,
+    datagram: &[u8],
+    plain: &mut [u8],
+    frames: &mut FrameBatch,
+    wireguard: &Sender,
+    fabric: &Sender,
+    fabric_port: u16,
+) {
+    let from = match from {
+        // The socket is IPv4; map an IPv4-mapped address back.
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(ip) => SocketAddr::new(IpAddr::V4(ip), v6.port()),
+            None => return shared.drop(TunnelDrop::MalformedDatagram),
+        },
+        v4 => v4,
+    };
+    let peer = match peer_for_datagram(shared, table, from, datagram, plain) {
+        Ok(peer) => peer,
+        Err(Some(cookie_len)) => {
+            let _ = wireguard.send_one(from, &plain[..cookie_len]);
+            return;
+        }
+        Err(None) => return,
+    };
+    let now = shared.now_ms();
+    let mut tunn = peer.tunn();
+    match tunn.decapsulate(Some(from.ip()), datagram, plain) {
+        TunnResult::WriteToTunnelV4(packet, source) => {
+            peer.authenticated_from(from, now);
+            if !peer.spec.pod_cidr.contains(source) {
+                return shared.drop(TunnelDrop::SourceNotAllowed);
+            }
+            let Some(dst) = packet.get(16..20) else {
+                return shared.drop(TunnelDrop::MalformedPacket);
+            };
+            let Some(node) = table.slices.lookup([dst[0], dst[1], dst[2], dst[3]]) else {
+                return shared.drop(TunnelDrop::NoNodeForDestination);
+            };
+            peer.rx_packets.fetch_add(1, Ordering::Relaxed);
+            peer.rx_bytes
+                .fetch_add(packet.len() as u64, Ordering::Relaxed);
+            frames.push(
+                &fabric.socket,
+                SocketAddrV4::new(node, fabric_port),
+                &fabric_header(peer.spec.id),
+                packet,
+            );
+        }
+        TunnResult::WriteToTunnelV6(..) => shared.drop(TunnelDrop::NotIpv4),
+        TunnResult::WriteToNetwork(reply) => {
+            if matches!(datagram.first(), Some(1) | Some(2)) {
+                peer.authenticated_from(from, now);
+            }
+            let _ = wireguard.send_one(from, reply);
+            // A completed handshake releases the packets boringtun queued
+            // while it ran.
+            for _ in 0..256 {
+                match tunn.decapsulate(None, &[], plain) {
+                    TunnResult::WriteToNetwork(queued) => {
+                        let _ = wireguard.send_one(peer.endpoint(), queued);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        TunnResult::Done => {
+            // A keepalive (authenticated, empty) or a cookie reply.
+            if datagram.first() == Some(&4) {
+                peer.authenticated_from(from, now);
+            }
+        }
+        TunnResult::Err(e) => shared.drop(classify(&e)),
+    }
+}
+
+/// WireGuard's timers (handshake retries, rekeying, keepalives), the rate
+/// limiter's window, and the report of peers that stop answering.
+fn timers(shared: &Shared) {
+    let mut buf = vec![0u8; 2048];
+    let mut table = shared.snapshot();
+    let mut generation = 0;
+    let mut last_reset = Instant::now();
+    let sender = &shared.wireguard[0];
+    while !shared.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(TIMER_TICK);
+        refresh(shared, &mut table, &mut generation);
+        if last_reset.elapsed() >= Duration::from_secs(1) {
+            shared.limiter.reset_count();
+            last_reset = Instant::now();
+        }
+        let now = shared.now_ms();
+        for peer in table.by_id.values() {
+            let result = peer.tunn().update_timers(&mut buf).into_owned();
+            if let Some(datagram) = result {
+                if sender.send_one(peer.endpoint(), &datagram).is_ok() {
+                    peer.sent(1, 0, now);
+                }
+            }
+            report_liveness(peer, now);
+        }
+    }
+}
+
+trait IntoOwned {
+    fn into_owned(self) -> Option<Vec<u8>>;
+}
+
+impl IntoOwned for TunnResult<'_> {
+    /// The datagram to send, if the timers produced one.
+    fn into_owned(self) -> Option<Vec<u8>> {
+        match self {
+            TunnResult::WriteToNetwork(d) => Some(d.to_vec()),
+            _ => None,
+        }
+    }
+}
+
+fn report_liveness(peer: &PeerTunnel, now_ms: u64) {
+    let since = peer.unanswered_since_ms.load(Ordering::Relaxed);
+    let silent = since != 0
+        && Duration::from_millis(now_ms.saturating_sub(since)) > peer.unreachable_after();
+    let was_up = peer.up.swap(!silent, Ordering::Relaxed);
+    if was_up && silent {
+        warn!(
+            peer = peer.spec.name,
+            endpoint = %peer.endpoint(),
+            seconds = peer.unreachable_after().as_secs(),
+            "peer gateway stopped answering: no authenticated packet since we last sent. Check that its daemon runs and the path to its endpoint; traffic resumes by itself when it answers"
+        );
+    } else if !was_up && !silent {
+        info!(peer = peer.spec.name, endpoint = %peer.endpoint(), "peer gateway answers again");
+    }
+}
