@@ -62,8 +62,12 @@ pub fn build(
     match kind {
         PathKind::Direct => direct(&bed)?,
         PathKind::KernelReference => kernel_reference(&bed)?,
-        PathKind::LigoPlain => bed.start_fabric(daemon)?,
+        PathKind::LigoPlain => {
+            bed.transport = "plain";
+            bed.start_fabric(daemon)?
+        }
         PathKind::LigoPlainXdp => {
+            bed.transport = "plain";
             bed.node_ingress = "xdp";
             bed.start_fabric(daemon)?
         }

@@ -334,3 +334,70 @@ pub fn routes_table(
     }
     out
 }
+
+/// The tunnel state a gateway daemon serves at `/tunnels`.
+pub fn fetch_tunnels(address: std::net::SocketAddr) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context as _;
+    let url = format!("http://{address}/tunnels");
+    let mut response = ureq::get(&url).call().map_err(|e| match e {
+        ureq::Error::StatusCode(404) => anyhow::anyhow!(
+            "the daemon at {address} runs no WireGuard tunnel (not a gateway, or no peer uses transport = \"wireguard\")"
+        ),
+        e => anyhow::anyhow!("cannot reach the daemon at {url}: {e}; is it running, and is this its metrics_address?"),
+    })?;
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .context("reading /tunnels")?;
+    serde_json::from_str(&body).context("parsing /tunnels")
+}
+
+/// `inspect tunnels` as a table.
+pub fn tunnels_table(status: &serde_json::Value) -> String {
+    let mut out = format!(
+        "listen {}  public key {}  inner MTU {}\n\n",
+        status["listen"].as_str().unwrap_or("?"),
+        status["public_key"].as_str().unwrap_or("?"),
+        status["inner_mtu"]
+    );
+    out += &format!(
+        "{:<14} {:<46} {:<22} {:>10} {:>5} {:>14} {:>14}\n",
+        "PEER", "PUBLIC KEY", "ENDPOINT", "HANDSHAKE", "UP", "SENT", "RECEIVED"
+    );
+    for p in status["peers"].as_array().into_iter().flatten() {
+        let handshake = p["latest_handshake_seconds_ago"]
+            .as_f64()
+            .map(|s| format!("{s:.0}s ago"))
+            .unwrap_or_else(|| "never".into());
+        out += &format!(
+            "{:<14} {:<46} {:<22} {:>10} {:>5} {:>14} {:>14}\n",
+            p["name"].as_str().unwrap_or("?"),
+            p["public_key"].as_str().unwrap_or("?"),
+            p["endpoint"].as_str().unwrap_or("?"),
+            handshake,
+            if p["up"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "NO"
+            },
+            format!("{} B", p["tx_bytes"]),
+            format!("{} B", p["rx_bytes"]),
+        );
+    }
+    let drops: Vec<String> = status["drops"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d[1].as_u64().unwrap_or(0) > 0)
+        .map(|d| format!("{} {}", d[0].as_str().unwrap_or("?"), d[1]))
+        .collect();
+    out += &format!(
+        "\ndrops: {}\n",
+        if drops.is_empty() {
+            "none".into()
+        } else {
+            drops.join(", ")
+        }
+    );
+    out
+}

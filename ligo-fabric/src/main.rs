@@ -62,6 +62,21 @@ enum InspectWhat {
     Counters(InspectArgs),
     /// The steering routes the daemon installed in this network namespace.
     Routes(InspectArgs),
+    /// Gateway WireGuard tunnels: public keys, endpoints, latest handshake,
+    /// traffic per peer, drops (asks the daemon's metrics endpoint).
+    Tunnels(TunnelsArgs),
+}
+
+#[derive(clap::Args)]
+struct TunnelsArgs {
+    /// The daemon's config file: gives its metrics_address.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The daemon's metrics address (default: from --config, else 127.0.0.1:9477).
+    #[arg(long, value_name = "IP:PORT")]
+    address: Option<std::net::SocketAddr>,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(clap::Args)]
@@ -115,6 +130,27 @@ fn execute(command: Command) -> Result<()> {
     }
 }
 
+fn inspect_tunnels(args: TunnelsArgs) -> Result<()> {
+    let config = args
+        .config
+        .as_deref()
+        .map(daemon::read_config)
+        .transpose()?;
+    let mut address = args
+        .address
+        .or_else(|| config.map(|c| c.metrics_address))
+        .unwrap_or_else(|| ([127, 0, 0, 1], 9477).into());
+    if address.ip().is_unspecified() {
+        address.set_ip([127, 0, 0, 1].into());
+    }
+    let status = inspect::fetch_tunnels(address)?;
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Output::Table => print!("{}", inspect::tunnels_table(&status)),
+    }
+    Ok(())
+}
+
 fn inspect(what: InspectWhat) -> Result<()> {
     #[derive(Clone, Copy, PartialEq)]
     enum View {
@@ -128,6 +164,7 @@ fn inspect(what: InspectWhat) -> Result<()> {
         InspectWhat::Peers(a) => (a, View::Peers),
         InspectWhat::Counters(a) => (a, View::Counters),
         InspectWhat::Routes(a) => (a, View::Routes),
+        InspectWhat::Tunnels(a) => return inspect_tunnels(a),
     };
     let config = args
         .config

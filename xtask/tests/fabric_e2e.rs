@@ -14,12 +14,18 @@ use xtask::{
 const TRANSFER_BYTES: usize = 8 << 20;
 
 fn fabric(prefix: &str, scenario: Scenario) -> Testbed {
-    fabric_with_ingress(prefix, scenario, "auto")
+    fabric_with(prefix, scenario, "auto", "wireguard")
 }
 
-fn fabric_with_ingress(prefix: &str, scenario: Scenario, ingress: &'static str) -> Testbed {
+fn fabric_with(
+    prefix: &str,
+    scenario: Scenario,
+    ingress: &'static str,
+    transport: &'static str,
+) -> Testbed {
     let mut bed = Testbed::up(prefix, scenario).expect("testbed");
     bed.node_ingress = ingress;
+    bed.transport = transport;
     if let Err(e) = bed.start_fabric(&daemon_binary()) {
         panic!("{e:#}\n{}", bed.lab.logs());
     }
@@ -70,6 +76,36 @@ fn counters(bed: &Testbed, ns: &str) -> serde_json::Value {
     bed.lab.inspect(&daemon_binary(), ns).expect("inspect")
 }
 
+/// The gateway tunnel's figures (`inspect tunnels -o json`) in the shape of
+/// the map counters: one entry per direction, drops by reason.
+fn tunnel_counters(bed: &Testbed, ns: &str) -> serde_json::Value {
+    let config = bed.lab.config_path(ns);
+    let out = netns::exec(
+        ns,
+        &daemon_binary().to_string_lossy(),
+        &[
+            "inspect",
+            "tunnels",
+            "--config",
+            &config.to_string_lossy(),
+            "-o",
+            "json",
+        ],
+    )
+    .expect("inspect tunnels");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("tunnels JSON");
+    let peer = &status["peers"][0];
+    serde_json::json!({
+        "counters": [
+            { "direction": "to_peer", "bytes": peer["tx_bytes"], "packets": peer["tx_packets"] },
+            { "direction": "from_peer", "bytes": peer["rx_bytes"], "packets": peer["rx_packets"] },
+        ],
+        "drops": status["drops"].as_array().into_iter().flatten()
+            .map(|d| serde_json::json!({ "reason": d[0], "packets": d[1] }))
+            .collect::<Vec<_>>(),
+    })
+}
+
 fn counter(json: &serde_json::Value, direction: &str, field: &str) -> u64 {
     json["counters"]
         .as_array()
@@ -89,7 +125,12 @@ fn check_counters(bed: &Testbed) {
     // Every host saw traffic both ways: 2 pairs x 2 directions x 8 MiB.
     let min_bytes = 2 * TRANSFER_BYTES as u64;
     for cluster in [&bed.scenario.a, &bed.scenario.b] {
-        let gw = counters(bed, &bed.ns(cluster, "gw"));
+        let gw_ns = bed.ns(cluster, "gw");
+        let gw = if bed.transport == "wireguard" {
+            tunnel_counters(bed, &gw_ns)
+        } else {
+            counters(bed, &gw_ns)
+        };
         for direction in ["to_peer", "from_peer"] {
             let bytes = counter(&gw, direction, "bytes");
             assert!(
@@ -110,8 +151,8 @@ fn check_counters(bed: &Testbed) {
     }
 }
 
-fn run_scenario(prefix: &str, scenario: Scenario, ingress: &'static str) {
-    let bed = fabric_with_ingress(prefix, scenario, ingress);
+fn run_scenario(prefix: &str, scenario: Scenario, ingress: &'static str, transport: &'static str) {
+    let bed = fabric_with(prefix, scenario, ingress, transport);
     if let Err(e) = exchange_everywhere(&bed) {
         panic!("{e:#}\n{}", bed.lab.logs());
     }
@@ -119,16 +160,30 @@ fn run_scenario(prefix: &str, scenario: Scenario, ingress: &'static str) {
 }
 
 #[test]
-fn identical_pod_cidrs_talk_both_ways() {
-    if require_root("identical_pod_cidrs_talk_both_ways") {
-        run_scenario("lt-same", Scenario::identical_cidrs(), "auto");
+fn identical_pod_cidrs_talk_both_ways_over_wireguard() {
+    if require_root("identical_pod_cidrs_talk_both_ways_over_wireguard") {
+        run_scenario("lt-same", Scenario::identical_cidrs(), "auto", "wireguard");
     }
 }
 
 #[test]
-fn different_pod_cidrs_through_a_remapped_non_octet_view() {
-    if require_root("different_pod_cidrs_through_a_remapped_non_octet_view") {
-        run_scenario("lt-diff", Scenario::different_cidrs(), "auto");
+fn identical_pod_cidrs_talk_both_ways_over_plain() {
+    if require_root("identical_pod_cidrs_talk_both_ways_over_plain") {
+        run_scenario("lt-psame", Scenario::identical_cidrs(), "auto", "plain");
+    }
+}
+
+#[test]
+fn different_pod_cidrs_through_a_remapped_non_octet_view_over_wireguard() {
+    if require_root("different_pod_cidrs_through_a_remapped_non_octet_view_over_wireguard") {
+        run_scenario("lt-diff", Scenario::different_cidrs(), "auto", "wireguard");
+    }
+}
+
+#[test]
+fn different_pod_cidrs_through_a_remapped_non_octet_view_over_plain() {
+    if require_root("different_pod_cidrs_through_a_remapped_non_octet_view_over_plain") {
+        run_scenario("lt-pdiff", Scenario::different_cidrs(), "auto", "plain");
     }
 }
 
@@ -136,25 +191,34 @@ fn different_pod_cidrs_through_a_remapped_non_octet_view() {
 #[test]
 fn xdp_node_ingress_talks_both_ways() {
     if require_root("xdp_node_ingress_talks_both_ways") {
-        run_scenario("lt-xdp", Scenario::different_cidrs(), "xdp");
+        run_scenario("lt-xdp", Scenario::different_cidrs(), "xdp", "plain");
     }
 }
 
 /// With checksum offload off in the pods, packets carry complete checksums
 /// and the receiving kernel verifies them: any error in our incremental
-/// updates (both remap directions) shows up as lost data.
+/// updates (both remap directions, both node hooks) or in the tunnel's
+/// segmentation shows up as lost data.
 #[test]
 fn receivers_verify_full_checksums() {
     if !require_root("receivers_verify_full_checksums") {
         return;
     }
-    for (prefix, ingress) in [("lt-csum-t", "tc"), ("lt-csum-x", "xdp")] {
-        receivers_verify_full_checksums_with(prefix, ingress);
+    for (prefix, ingress, transport) in [
+        ("lt-csum-t", "tc", "plain"),
+        ("lt-csum-x", "xdp", "plain"),
+        ("lt-csum-w", "tc", "wireguard"),
+    ] {
+        receivers_verify_full_checksums_with(prefix, ingress, transport);
     }
 }
 
-fn receivers_verify_full_checksums_with(prefix: &str, ingress: &'static str) {
-    let bed = fabric_with_ingress(prefix, Scenario::different_cidrs(), ingress);
+fn receivers_verify_full_checksums_with(
+    prefix: &str,
+    ingress: &'static str,
+    transport: &'static str,
+) {
+    let bed = fabric_with(prefix, Scenario::different_cidrs(), ingress, transport);
     let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
     for pod in [&a, &b] {
         traffic::disable_tx_checksum_offload(pod).expect("ethtool");
@@ -241,8 +305,8 @@ fn reload_moves_a_view_and_refuses_bad_config() {
         "{routes}"
     );
     assert!(
-        routes.contains("mtu 1450"),
-        "route MTU must leave room for 50 bytes of encapsulation: {routes}"
+        routes.contains("mtu 1440"),
+        "route MTU must leave room for the WireGuard transport (60 bytes): {routes}"
     );
     assert!(
         !routes.contains("10.245.0.0/16"),
