@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a fresh machine of its kind
-# (Debian 12, root): Rust toolchains, bpf-linker, Debian packages, scapy.
+# (Debian 12, root): Rust toolchains, bpf-linker, Debian packages, scapy,
+# boringtun-cli (the independent WireGuard peer of the interop test and bench).
 # Idempotent: each step is skipped when what it installs already answers.
 set -euo pipefail
 
 USERSPACE_TOOLCHAIN=1.99.0
 EBPF_TOOLCHAIN=nightly-2026-06-25
 BPF_LINKER_VERSION=0.13.0
+BORINGTUN_CLI_VERSION=0.7.1
 DEBIAN_PACKAGES=(llvm-22-dev libpolly-22-dev iproute2 iperf3 tshark iputils-ping
-  bpftool nftables ethtool procps prometheus)
+  bpftool nftables ethtool procps prometheus wireguard-tools)
 
 log() { echo "bootstrap: $*" >&2; }
 
@@ -40,6 +42,11 @@ if ! bpf-linker --version >/dev/null 2>&1; then
   log "building bpf-linker $BPF_LINKER_VERSION against LLVM 22 (about 4 minutes)"
   PATH=/usr/lib/llvm-22/bin:$PATH cargo +"$USERSPACE_TOOLCHAIN" install --locked \
     "bpf-linker@$BPF_LINKER_VERSION" --no-default-features --features llvm-22
+fi
+
+if [ "$(boringtun-cli --version 2>/dev/null)" != "boringtun $BORINGTUN_CLI_VERSION" ]; then
+  log "building boringtun-cli $BORINGTUN_CLI_VERSION (about 2 minutes)"
+  cargo +"$USERSPACE_TOOLCHAIN" install --locked "boringtun-cli@$BORINGTUN_CLI_VERSION"
 fi
 
 if ! python3 -c 'import scapy' 2>/dev/null; then
