@@ -19,18 +19,26 @@ use xtask::{
 
 const IPERF_PORT: u16 = 5201;
 
-/// Busy and total CPU time of the whole machine, from /proc/stat (USER_HZ).
-fn cpu_jiffies() -> Result<(u64, u64)> {
+/// Busy and total CPU time from /proc/stat (USER_HZ): the whole machine
+/// first, then each core.
+fn cpu_jiffies() -> Result<Vec<(u64, u64)>> {
     let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
+    let lines: Vec<(u64, u64)> = stat
+        .lines()
+        .take_while(|l| l.starts_with("cpu"))
+        .map(|line| {
+            let fields: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            let total: u64 = fields.iter().sum();
+            let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+            (total - idle, total)
+        })
         .collect();
-    let total: u64 = fields.iter().sum();
-    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-    Ok((total - idle, total))
+    anyhow::ensure!(!lines.is_empty(), "empty /proc/stat");
+    Ok(lines)
 }
 
 fn iperf_server(server: &Pod) -> Result<Child> {
@@ -85,11 +93,13 @@ fn iperf_client(client: &Pod, dst: Ipv4Addr, extra: &[&str]) -> Result<Value> {
     )
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Throughput {
     pub gbit_per_s: f64,
     /// CPU-seconds (all cores) per gigabit carried.
     pub cpu_s_per_gbit: f64,
+    /// Each core's busy share during the run, percent.
+    pub core_busy_pct: Vec<f64>,
 }
 
 /// TCP throughput with `streams` parallel streams for `seconds`.
@@ -115,11 +125,18 @@ pub fn tcp_throughput(
         .as_f64()
         .with_context(|| format!("iperf3 reported no received rate: {}", json["error"]))?;
     let bytes = json["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
-    let cpu_s = (after.0 - before.0) as f64 / 100.0;
+    let cpu_s = (after[0].0 - before[0].0) as f64 / 100.0;
     let gbits = bytes * 8.0 / 1e9;
+    let core_busy_pct = before
+        .iter()
+        .zip(&after)
+        .skip(1)
+        .map(|(b, a)| 100.0 * (a.0 - b.0) as f64 / (a.1 - b.1).max(1) as f64)
+        .collect();
     Ok(Throughput {
         gbit_per_s: bps / 1e9,
         cpu_s_per_gbit: if gbits > 0.0 { cpu_s / gbits } else { f64::NAN },
+        core_busy_pct,
     })
 }
 

@@ -29,6 +29,13 @@ struct Args {
     /// Where the report and chart go.
     #[arg(long)]
     out: PathBuf,
+    /// Measure only these paths (names as in the report), e.g. while
+    /// working on one of them.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
+    /// Skip the program costs and control-plane figures.
+    #[arg(long)]
+    paths_only: bool,
 }
 
 struct Settings {
@@ -74,6 +81,8 @@ fn measure_path(
         PathKind::KernelReference => "ref",
         PathKind::LigoPlain => "tc",
         PathKind::LigoPlainXdp => "xdp",
+        PathKind::LigoWireguard => "wg",
+        PathKind::BoringtunCli => "btc",
     };
     let prefix = format!("lb-{tag}{rep}");
     let (mut bed, client, server) =
@@ -85,6 +94,12 @@ fn measure_path(
         let one = endtoend::tcp_throughput(&client, &server, dst, 1, s.tcp_seconds)?;
         figures.tcp1_gbps.push(one.gbit_per_s);
         figures.cpu_s_per_gbit.push(one.cpu_s_per_gbit);
+        figures
+            .core_busy_pct
+            .resize(one.core_busy_pct.len(), Samples::default());
+        for (samples, busy) in figures.core_busy_pct.iter_mut().zip(&one.core_busy_pct) {
+            samples.push(*busy);
+        }
         figures
             .tcp4_gbps
             .push(endtoend::tcp_throughput(&client, &server, dst, 4, s.tcp_seconds)?.gbit_per_s);
@@ -145,6 +160,7 @@ fn main() -> Result<()> {
 
     let mut paths: Vec<(PathKind, PathFigures)> = PathKind::ALL
         .iter()
+        .filter(|k| args.paths.is_empty() || args.paths.iter().any(|p| p == k.name()))
         .map(|k| (*k, PathFigures::default()))
         .collect();
     let mut change_to_packet_ms = Samples::default();
@@ -162,6 +178,9 @@ fn main() -> Result<()> {
             );
             measure_path(*kind, rep, &args.daemon, &s, figures, &mut in_traffic)?;
         }
+        if args.paths_only {
+            continue;
+        }
         let (mut bed, client, server) =
             paths::build(PathKind::LigoPlain, &format!("lb-ctl{rep}"), &args.daemon)?;
         let change = control::config_change_to_first_packet_ms(&bed, &client, &server);
@@ -169,9 +188,15 @@ fn main() -> Result<()> {
         change_to_packet_ms.push(change?);
         apply_10k_ms.push(programs::apply_time_ms(10_000)?);
     }
-    eprintln!("bench: program costs");
-    let program_costs = programs::costs(s.single_runs, s.repeat)?;
-    let lookup = programs::lookup_scaling(&[10, 1_000, 10_000], s.single_runs / 4)?;
+    let (program_costs, lookup) = if args.paths_only {
+        (vec![], vec![])
+    } else {
+        eprintln!("bench: program costs");
+        (
+            programs::costs(s.single_runs, s.repeat)?,
+            programs::lookup_scaling(&[10, 1_000, 10_000], s.single_runs / 4)?,
+        )
+    };
 
     let date = String::from_utf8_lossy(
         &std::process::Command::new("date")

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use xtask::{
     netns::{self, ipc},
-    testbed::{Cidr, ClusterPlan, Pod, Scenario, Testbed},
+    testbed::{Cidr, ClusterPlan, Pod, Scenario, Testbed, WIREGUARD_PORT},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,14 +24,23 @@ pub enum PathKind {
     /// The same with the node ingress at XDP, to show why TC is the
     /// default on veth uplinks.
     LigoPlainXdp,
+    /// The Ligo fabric with its default transport: WireGuard between the
+    /// gateways (userspace, boringtun's protocol engine).
+    LigoWireguard,
+    /// Direct routing with boringtun-cli (crates.io, its defaults) as the
+    /// WireGuard tunnel between the gateways: the userspace WireGuard users
+    /// run today, with no translation and no fabric.
+    BoringtunCli,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 4] = [
+    pub const ALL: [PathKind; 6] = [
         PathKind::Direct,
         PathKind::KernelReference,
         PathKind::LigoPlain,
         PathKind::LigoPlainXdp,
+        PathKind::LigoWireguard,
+        PathKind::BoringtunCli,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,6 +49,8 @@ impl PathKind {
             PathKind::KernelReference => "kernel-reference",
             PathKind::LigoPlain => "ligo-plain",
             PathKind::LigoPlainXdp => "ligo-plain-xdp",
+            PathKind::LigoWireguard => "ligo-wireguard",
+            PathKind::BoringtunCli => "boringtun-cli",
         }
     }
 }
@@ -71,6 +82,11 @@ pub fn build(
             bed.node_ingress = "xdp";
             bed.start_fabric(daemon)?
         }
+        PathKind::LigoWireguard => {
+            bed.transport = "wireguard";
+            bed.start_fabric(daemon)?
+        }
+        PathKind::BoringtunCli => boringtun_cli(&mut bed)?,
     }
     let (client, server) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
     Ok((bed, client, server))
@@ -79,7 +95,7 @@ pub fn build(
 /// The address the client uses for `server` on this path.
 pub fn server_address(bed: &Testbed, kind: PathKind, server: &Pod) -> Ipv4Addr {
     match kind {
-        PathKind::Direct => server.ip,
+        PathKind::Direct | PathKind::BoringtunCli => server.ip,
         _ => bed.address_seen_from_peer(server),
     }
 }
@@ -92,13 +108,21 @@ fn clusters(bed: &Testbed) -> [(&ClusterPlan, &ClusterPlan); 2] {
 }
 
 fn direct(bed: &Testbed) -> Result<()> {
+    direct_routes(bed, true)
+}
+
+/// Routes between real addresses on every host; between the gateways only
+/// when `gateway_link` (otherwise the caller provides that hop).
+fn direct_routes(bed: &Testbed, gateway_link: bool) -> Result<()> {
     for (own, peer) in clusters(bed) {
         let gw = bed.ns(own, "gw");
         netns::sysctl(&gw, "net.ipv4.ip_forward", "1")?;
-        ipc(&format!(
-            "-n {gw} route add {} via {}",
-            peer.pod_cidr, peer.public_ip
-        ))?;
+        if gateway_link {
+            ipc(&format!(
+                "-n {gw} route add {} via {}",
+                peer.pod_cidr, peer.public_ip
+            ))?;
+        }
         for (n, node) in ["n1", "n2"].iter().enumerate() {
             let node_ns = bed.ns(own, node);
             ipc(&format!(
@@ -112,6 +136,61 @@ fn direct(bed: &Testbed) -> Result<()> {
                 own.underlay_ip(11 + n as u8)
             ))?;
         }
+    }
+    Ok(())
+}
+
+const BORINGTUN_IF: &str = "wgb0";
+
+/// Direct routing with a boringtun-cli tunnel between the gateways,
+/// configured with `wg` as a user would.
+fn boringtun_cli(bed: &mut Testbed) -> Result<()> {
+    direct_routes(bed, false)?;
+    bed.write_keys()?;
+    let plans = [bed.scenario.a.clone(), bed.scenario.b.clone()];
+    for (i, own) in plans.iter().enumerate() {
+        let peer = &plans[1 - i];
+        let gw = bed.ns(own, "gw");
+        bed.lab.spawn(
+            &gw,
+            &format!("{gw}-boringtun"),
+            "boringtun-cli".as_ref(),
+            &[
+                "--foreground".as_ref(),
+                "--disable-drop-privileges".as_ref(),
+                BORINGTUN_IF.as_ref(),
+            ],
+        )?;
+        let key = bed.private_key_path(own);
+        let args = [
+            "set".to_string(),
+            BORINGTUN_IF.into(),
+            "private-key".into(),
+            key.to_string_lossy().into_owned(),
+            "listen-port".into(),
+            WIREGUARD_PORT.to_string(),
+            "peer".into(),
+            bed.keys[1 - i].public.clone(),
+            "endpoint".into(),
+            format!("{}:{WIREGUARD_PORT}", peer.public_ip),
+            "allowed-ips".into(),
+            peer.pod_cidr.to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut configured = Err(anyhow::anyhow!("boringtun-cli never answered wg"));
+        for _ in 0..100 {
+            configured = netns::exec(&gw, "wg", &args).map(drop);
+            if configured.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        configured?;
+        ipc(&format!("-n {gw} link set {BORINGTUN_IF} up"))?;
+        ipc(&format!(
+            "-n {gw} route add {} dev {BORINGTUN_IF}",
+            peer.pod_cidr
+        ))?;
     }
     Ok(())
 }

@@ -13,6 +13,8 @@ pub struct PathFigures {
     pub tcp1_gbps: Samples,
     pub tcp4_gbps: Samples,
     pub cpu_s_per_gbit: Samples,
+    /// Per core, busy percent during the 1-stream TCP run.
+    pub core_busy_pct: Vec<Samples>,
     pub udp_kpps: Samples,
     pub p50_us: Samples,
     pub p99_us: Samples,
@@ -41,7 +43,16 @@ impl Report {
 
     /// ratio of ligo-plain to `base` for one figure.
     fn ratio(&self, base: PathKind, pick: impl Fn(&PathFigures) -> &Samples) -> f64 {
-        match (self.figures(PathKind::LigoPlain), self.figures(base)) {
+        self.ratio_of(PathKind::LigoPlain, base, pick)
+    }
+
+    fn ratio_of(
+        &self,
+        of: PathKind,
+        base: PathKind,
+        pick: impl Fn(&PathFigures) -> &Samples,
+    ) -> f64 {
+        match (self.figures(of), self.figures(base)) {
             (Some(l), Some(b)) => pick(l).median() / pick(b).median(),
             _ => f64::NAN,
         }
@@ -50,6 +61,12 @@ impl Report {
     /// (target, measured, met) rows for the targets.
     pub fn targets(&self) -> Vec<(String, String, bool)> {
         let tcp_ref = self.ratio(PathKind::KernelReference, |f| &f.tcp1_gbps);
+        let wg_btc = self.ratio_of(PathKind::LigoWireguard, PathKind::BoringtunCli, |f| {
+            &f.tcp1_gbps
+        });
+        let wg_plain = self.ratio_of(PathKind::LigoWireguard, PathKind::LigoPlain, |f| {
+            &f.tcp1_gbps
+        });
         let tcp_direct = self.ratio(PathKind::Direct, |f| &f.tcp1_gbps);
         let p99_ref = self.ratio(PathKind::KernelReference, |f| &f.p99_us);
         let p99_direct = self.ratio(PathKind::Direct, |f| &f.p99_us);
@@ -70,6 +87,16 @@ impl Report {
         let apply = self.apply_10k_ms.median();
         let change = self.change_to_packet_ms.median();
         vec![
+            (
+                "encrypted TCP (ligo-wireguard) ≥ 1.5x boringtun-cli".into(),
+                format!("{wg_btc:.2}x"),
+                wg_btc >= 1.5,
+            ),
+            (
+                "encrypted TCP (ligo-wireguard) ≥ 0.5x ligo-plain".into(),
+                format!("{wg_plain:.2}x"),
+                wg_plain >= 0.5,
+            ),
             (
                 "TCP throughput ≥ 1.5x kernel-reference".into(),
                 format!("{tcp_ref:.2}x"),
@@ -116,6 +143,66 @@ impl Report {
                 change <= 50.0,
             ),
         ]
+    }
+
+    /// The WireGuard paths side by side, with each core's load.
+    fn encrypted_section(&self, md: &mut String) {
+        let kinds = [
+            PathKind::LigoWireguard,
+            PathKind::BoringtunCli,
+            PathKind::LigoPlain,
+        ];
+        if kinds.iter().any(|k| self.figures(*k).is_none()) {
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "\n## Encrypted between gateways (WireGuard)\n\nligo-wireguard: the fabric with its userspace WireGuard transport; boringtun-cli: direct routing through a boringtun-cli tunnel between the gateways (its defaults); ligo-plain: the fabric unencrypted. Core load is each core's busy share during the 1-stream TCP run (the whole machine: both clusters, iperf3 and every daemon).\n"
+        );
+        let _ = writeln!(
+            md,
+            "| figure | ligo-wireguard | boringtun-cli | ligo-plain | wireguard / boringtun-cli | wireguard / plain |\n|---|---|---|---|---|---|"
+        );
+        let ratio = |pick: &dyn Fn(&PathFigures) -> &Samples| {
+            (
+                self.ratio_of(kinds[0], kinds[1], pick),
+                self.ratio_of(kinds[0], kinds[2], pick),
+            )
+        };
+        type Pick = fn(&PathFigures) -> &Samples;
+        let rows: [(&str, Pick, usize); 3] = [
+            ("TCP, 1 stream (Gbit/s)", |f| &f.tcp1_gbps, 2),
+            ("TCP, 4 streams (Gbit/s)", |f| &f.tcp4_gbps, 2),
+            ("CPU-seconds per Gbit (1 stream)", |f| &f.cpu_s_per_gbit, 3),
+        ];
+        for (name, pick, decimals) in rows {
+            let (btc, plain) = ratio(&pick);
+            let cells = kinds
+                .map(|k| {
+                    self.figures(k)
+                        .map(|f| pick(f).show(decimals))
+                        .unwrap_or_default()
+                })
+                .join(" | ");
+            let _ = writeln!(md, "| {name} | {cells} | {btc:.2}x | {plain:.2}x |");
+        }
+        let cores = self.figures(kinds[0]).map_or(0, |f| f.core_busy_pct.len());
+        for core in 0..cores {
+            let cells: Vec<String> = kinds
+                .iter()
+                .map(|k| {
+                    self.figures(*k)
+                        .and_then(|f| f.core_busy_pct.get(core))
+                        .map(|s| s.show(0))
+                        .unwrap_or_default()
+                })
+                .collect();
+            let _ = writeln!(
+                md,
+                "| core {core} busy (%), 1 stream | {} | | |",
+                cells.join(" | ")
+            );
+        }
     }
 
     pub fn markdown(&self, chart_file: &str) -> String {
@@ -166,6 +253,7 @@ impl Report {
                 self.ratio(PathKind::KernelReference, pick)
             );
         }
+        self.encrypted_section(&mut md);
         let _ = writeln!(md, "\n## The programs alone (BPF_PROG_TEST_RUN)\n");
         let _ = writeln!(md, "Fabric paths rewrite the packet, so they are the median of single runs (a repeated run would keep working on the rewritten packet); pass paths are one run with many repetitions. Each is compared with a do-nothing program of the same type measured the same way in this run.\n");
         let _ = writeln!(
