@@ -67,6 +67,37 @@ pub const fn vxlan_source_port(flow_hash: u32) -> u16 {
     49152 | (folded & 0x3fff)
 }
 
+/// Decrypted WireGuard traffic enters a gateway's tunnel device (a TAP)
+/// with the peer id in the Ethernet source address: a locally administered
+/// unicast prefix, then the 24-bit id. The device's program reads it back to
+/// choose the VNI.
+pub const TUNNEL_MAC_PREFIX: [u8; 3] = [0x02, 0x4c, 0x47];
+
+/// The source MAC that carries `peer_id` into the tunnel device.
+pub const fn tunnel_source_mac(peer_id: u32) -> [u8; 6] {
+    let v = vni_to_bytes(peer_id);
+    [
+        TUNNEL_MAC_PREFIX[0],
+        TUNNEL_MAC_PREFIX[1],
+        TUNNEL_MAC_PREFIX[2],
+        v[0],
+        v[1],
+        v[2],
+    ]
+}
+
+/// The peer id a tunnel-device frame's source MAC carries, if it has the
+/// prefix.
+pub const fn peer_from_tunnel_mac(mac: [u8; 6]) -> Option<u32> {
+    if mac[0] != TUNNEL_MAC_PREFIX[0]
+        || mac[1] != TUNNEL_MAC_PREFIX[1]
+        || mac[2] != TUNNEL_MAC_PREFIX[2]
+    {
+        return None;
+    }
+    Some(vni_from_bytes([mac[3], mac[4], mac[5]]))
+}
+
 /// What the encapsulating program knows about one packet.
 #[derive(Clone, Copy, Debug)]
 pub struct EncapParams {
@@ -240,5 +271,13 @@ mod tests {
             vxlan_source_port(0x0001_0000),
             vxlan_source_port(0x0002_0000)
         );
+    }
+
+    #[test]
+    fn tunnel_macs_carry_the_peer_id() {
+        let mac = tunnel_source_mac(0x00ab_cdef);
+        assert_eq!(mac, [0x02, 0x4c, 0x47, 0xab, 0xcd, 0xef]);
+        assert_eq!(peer_from_tunnel_mac(mac), Some(0x00ab_cdef));
+        assert_eq!(peer_from_tunnel_mac([0x02, 0, 0, 0, 0, 1]), None);
     }
 }

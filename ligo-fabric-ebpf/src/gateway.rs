@@ -170,7 +170,7 @@ fn write_outer(
 }
 
 #[inline(always)]
-fn redirect_neigh(ifindex: u32) -> i32 {
+pub(crate) fn redirect_neigh(ifindex: u32) -> i32 {
     // SAFETY: a null neighbour parameter with length 0 asks the kernel to
     // resolve the next hop from its FIB; valid from TC programs.
     unsafe { bpf_redirect_neigh(ifindex, ptr::null_mut(), 0, 0) as i32 }

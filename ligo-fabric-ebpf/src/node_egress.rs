@@ -4,20 +4,14 @@
 //! in VXLAN toward the gateway (VNI = peer id).
 
 use aya_ebpf::{
-    bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
-    },
-    helpers::bpf_get_hash_recalc,
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
-    EbpfContext,
 };
 use ligo_fabric_common::{
     headers::{
-        encap_header, ipv4, vxlan_source_port, EncapParams, ENCAP_LEN, ETH_HDR_LEN, ETH_P_IPV4,
-        IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN, TCP_CHECKSUM, UDP_CHECKSUM,
+        ipv4, ETH_HDR_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN, TCP_CHECKSUM,
+        UDP_CHECKSUM,
     },
     maps::{Direction, Role},
     DropReason,
@@ -25,16 +19,9 @@ use ligo_fabric_common::{
 
 use crate::{
     counters::{count_drop, count_peer_traffic},
+    encap::encapsulate,
     maps::{config, lpm_key, PEER_VIEWS},
 };
-
-/// `BPF_ADJ_ROOM_ENCAP_L2(len)`: the inner L2 header length, for GSO.
-const ENCAP_L2_ETH_LEN: u64 = (ETH_HDR_LEN as u64) << 56;
-const ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
-    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
-    | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
-    | BPF_F_ADJ_ROOM_FIXED_GSO) as u64
-    | ENCAP_L2_ETH_LEN;
 
 #[classifier]
 pub fn node_egress(ctx: TcContext) -> i32 {
@@ -99,29 +86,10 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     ctx.store(ETH_HDR_LEN + ipv4::DST, &real_dst, 0)
         .map_err(|_| DropReason::RewriteFailed)?;
 
-    // Encapsulation: grow room after the MAC header and write outer IPv4,
-    // UDP, VXLAN and the inner Ethernet header (a copy of the original, whose
-    // destination MAC is the gateway's: the steering route goes via it).
-    let inner_ip_len = ctx.len().saturating_sub(ETH_HDR_LEN as u32);
-    let macs = ctx
-        .load::<[u8; 12]>(0)
-        .map_err(|_| DropReason::RewriteFailed)?;
-    // SAFETY: the context pointer is the live __sk_buff of this invocation.
-    let flow_hash = unsafe { bpf_get_hash_recalc(ctx.as_ptr().cast()) };
-    ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
-        .map_err(|_| DropReason::RewriteFailed)?;
-    let header = encap_header(&EncapParams {
-        outer_src: cfg.underlay_ip,
-        outer_dst: cfg.gateway_ip,
-        src_port: vxlan_source_port(flow_hash),
-        dst_port: u16::from_be_bytes(cfg.fabric_port),
-        vni: peer_id,
-        inner_ip_len,
-        inner_dst_mac: [macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]],
-        inner_src_mac: [macs[6], macs[7], macs[8], macs[9], macs[10], macs[11]],
-    });
-    ctx.store(ETH_HDR_LEN, &header, 0)
-        .map_err(|_| DropReason::RewriteFailed)?;
+    // Encapsulation toward the gateway. The inner Ethernet header is a copy
+    // of the original, whose destination MAC is the gateway's (the steering
+    // route goes via it).
+    let inner_ip_len = encapsulate(ctx, cfg.underlay_ip, cfg.gateway_ip, &cfg, peer_id)?;
     count_peer_traffic(peer_id, Direction::ToPeer, inner_ip_len);
     Ok(TC_ACT_OK as i32)
 }

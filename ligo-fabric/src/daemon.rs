@@ -91,6 +91,8 @@ struct Fabric {
     ebpf: Option<Ebpf>,
     /// Gateways with WireGuard peers.
     tunnel: Option<Tunnel>,
+    /// The tunnel device `gateway_tunnel` is attached to.
+    tunnel_device_attached: Option<u32>,
     attached: bool,
     uplink_is_veth: bool,
 }
@@ -108,6 +110,21 @@ impl Fabric {
             }
         }
         bail!("interface {index} reports no MTU")
+    }
+
+    /// A new tunnel device gets the `gateway_tunnel` program (a stopped
+    /// tunnel's device disappears with its program).
+    fn attach_tunnel_device(&mut self) -> Result<()> {
+        let wanted = self.tunnel.as_ref().map(Tunnel::device_ifindex);
+        if wanted == self.tunnel_device_attached {
+            return Ok(());
+        }
+        self.tunnel_device_attached = None;
+        if let (Some(ifindex), Some(ebpf)) = (wanted, self.ebpf.as_mut()) {
+            programs::attach_tunnel_device(ebpf, ifindex)?;
+            self.tunnel_device_attached = Some(ifindex);
+        }
+        Ok(())
     }
 
     /// Starts, updates or stops the WireGuard tunnel to match `wanted`.
@@ -169,6 +186,7 @@ impl Fabric {
         let desired = desired_state(&self.cfg);
         let map_changes = self.maps.apply(&desired, self.interfaces)?;
         self.reconcile_tunnel(tunnel)?;
+        self.attach_tunnel_device()?;
         let route_changes = match self.cfg.role {
             RoleConfig::Node { .. } => {
                 let mtu = self.link_mtu(self.interfaces.0).await?;
@@ -274,6 +292,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         routes,
         ebpf: Some(ebpf),
         tunnel: None,
+        tunnel_device_attached: None,
         attached: false,
         uplink_is_veth: false,
     };

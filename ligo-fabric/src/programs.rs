@@ -111,6 +111,14 @@ pub fn attach_gateway(ebpf: &mut Ebpf, interfaces: &[(&str, u32)]) -> Result<()>
     Ok(())
 }
 
+/// Attaches `gateway_tunnel` to the WireGuard tunnel device's ingress.
+pub fn attach_tunnel_device(ebpf: &mut Ebpf, ifindex: u32) -> Result<()> {
+    classifier(ebpf, "gateway_tunnel")?
+        .attach(ifindex, TcAttachType::Ingress)
+        .context("attaching gateway_tunnel to the tunnel device")?;
+    Ok(())
+}
+
 /// The object loaded with its maps pinned in a private bpffs mounted for
 /// the purpose (unmounted on drop): for tests and benchmarks that run the
 /// programs with BPF_PROG_TEST_RUN without touching a running daemon.

@@ -17,17 +17,19 @@ use xtask::{
 /// and how A sees it (A's view of B is 10.200.32.0/20).
 const B_POD: Ipv4Addr = Ipv4Addr::new(10, 100, 31, 1);
 const B_POD_SEEN_FROM_A: Ipv4Addr = Ipv4Addr::new(10, 200, 47, 1);
-const WG_IF: &str = "wgtest0";
 
 struct Interop {
     bed: Testbed,
+    /// boringtun-cli's interface; its control socket lives in
+    /// /var/run/wireguard, shared by all namespaces, so each test has its own.
+    wg_if: String,
     b_gw: String,
     /// A's gateway namespace and its config file.
     a_gw: String,
 }
 
 /// Cluster A's daemons, and boringtun-cli as B's gateway.
-fn interop(prefix: &str) -> Interop {
+fn interop(prefix: &str, wg_if: &str) -> Interop {
     let mut bed = Testbed::up(prefix, Scenario::different_cidrs()).expect("testbed");
     bed.write_keys().expect("keys");
     let a = bed.scenario.a.clone();
@@ -41,7 +43,7 @@ fn interop(prefix: &str) -> Interop {
     let b = bed.scenario.b.clone();
     let b_gw = bed.ns(&b, "gw");
     let a_gw = bed.ns(&a, "gw");
-    let setup = start_boringtun(&mut bed, &b_gw).and_then(|()| {
+    let setup = start_boringtun(&mut bed, &b_gw, wg_if).and_then(|()| {
         netns::exec(
             &b_gw,
             "ip",
@@ -55,7 +57,7 @@ fn interop(prefix: &str) -> Interop {
                 "add",
                 "10.244.0.0/16",
                 "dev",
-                WG_IF,
+                wg_if,
                 "src",
                 &B_POD.to_string(),
             ],
@@ -67,11 +69,16 @@ fn interop(prefix: &str) -> Interop {
     if let Err(e) = setup {
         panic!("{e:#}\n{}", bed.lab.logs());
     }
-    Interop { bed, b_gw, a_gw }
+    Interop {
+        bed,
+        wg_if: wg_if.to_owned(),
+        b_gw,
+        a_gw,
+    }
 }
 
 /// boringtun-cli in the foreground (the lab stops it), configured by `wg`.
-fn start_boringtun(bed: &mut Testbed, ns: &str) -> Result<()> {
+fn start_boringtun(bed: &mut Testbed, ns: &str, wg_if: &str) -> Result<()> {
     bed.lab.spawn(
         ns,
         "boringtun",
@@ -80,7 +87,7 @@ fn start_boringtun(bed: &mut Testbed, ns: &str) -> Result<()> {
             "--foreground".as_ref(),
             "--disable-drop-privileges".as_ref(),
             "--disable-connected-udp".as_ref(),
-            WG_IF.as_ref(),
+            wg_if.as_ref(),
         ],
     )?;
     let b = bed.scenario.b.clone();
@@ -94,7 +101,7 @@ fn start_boringtun(bed: &mut Testbed, ns: &str) -> Result<()> {
             "wg",
             &[
                 "set",
-                WG_IF,
+                wg_if,
                 "private-key",
                 &key_path.to_string_lossy(),
                 "listen-port",
@@ -111,7 +118,7 @@ fn start_boringtun(bed: &mut Testbed, ns: &str) -> Result<()> {
         );
         match r {
             Ok(_) => {
-                netns::exec(ns, "ip", &["link", "set", WG_IF, "up"])?;
+                netns::exec(ns, "ip", &["link", "set", wg_if, "up"])?;
                 return Ok(());
             }
             Err(e) => last = Some(e),
@@ -219,7 +226,7 @@ fn boringtun_cli_peer_interoperates_and_bad_datagrams_are_counted() {
     if !require_root("boringtun_cli_peer_interoperates_and_bad_datagrams_are_counted") {
         return;
     }
-    let mut w = interop("lt-wgi");
+    let mut w = interop("lt-wgi", "wgi0");
     if let Err(e) = w.traffic_both_ways(7400) {
         panic!("{e:#}\n{}", w.bed.lab.logs());
     }
@@ -297,7 +304,7 @@ fn boringtun_cli_peer_interoperates_and_bad_datagrams_are_counted() {
             &[
                 "--foreground".as_ref(),
                 "--disable-drop-privileges".as_ref(),
-                "wgtest1".as_ref(),
+                "wgi1".as_ref(),
             ],
         )
         .expect("second boringtun-cli");
@@ -309,7 +316,7 @@ fn boringtun_cli_peer_interoperates_and_bad_datagrams_are_counted() {
             "wg",
             &[
                 "set",
-                "wgtest1",
+                "wgi1",
                 "private-key",
                 &stranger_key.to_string_lossy(),
                 "listen-port",
@@ -331,7 +338,7 @@ fn boringtun_cli_peer_interoperates_and_bad_datagrams_are_counted() {
         thread::sleep(Duration::from_millis(100));
     }
     assert!(configured, "wg set for the stranger");
-    netns::exec(&w.b_gw, "ip", &["link", "set", "wgtest1", "up"]).expect("up");
+    netns::exec(&w.b_gw, "ip", &["link", "set", "wgi1", "up"]).expect("up");
     let mut refused = false;
     for _ in 0..50 {
         if w.drops("unknown_peer") > before {
@@ -400,7 +407,7 @@ fn roaming_peer_is_followed_and_a_silent_peer_is_reported() {
     if !require_root("roaming_peer_is_followed_and_a_silent_peer_is_reported") {
         return;
     }
-    let mut w = interop("lt-wgr");
+    let mut w = interop("lt-wgr", "wgr0");
     traffic::ping(&w.a_pod(), B_POD_SEEN_FROM_A, 2).expect("tunnel up");
     let b_gw = w.b_gw.clone();
     let mover = thread::spawn(move || -> Result<()> {
@@ -462,7 +469,8 @@ fn roaming_peer_is_followed_and_a_silent_peer_is_reported() {
     );
 
     // B is back (a new process, the same key): traffic resumes.
-    start_boringtun(&mut w.bed, &w.b_gw.clone()).expect("boringtun-cli again");
+    let (b_gw, wg_if) = (w.b_gw.clone(), w.wg_if.clone());
+    start_boringtun(&mut w.bed, &b_gw, &wg_if).expect("boringtun-cli again");
     netns::exec(
         &w.b_gw,
         "ip",
@@ -471,7 +479,7 @@ fn roaming_peer_is_followed_and_a_silent_peer_is_reported() {
             "replace",
             "10.244.0.0/16",
             "dev",
-            WG_IF,
+            &wg_if,
             "src",
             &B_POD.to_string(),
         ],

@@ -6,10 +6,11 @@
 //!   in batches (recvmmsg + GRO), cuts GSO super-packets to the tunnel MTU,
 //!   encrypts each packet and sends runs of equal-sized datagrams to the
 //!   peer with one UDP GSO send.
-//! - Inbound: a worker reads WireGuard datagrams from `public_ip:port`,
-//!   decrypts, checks the inner source against the peer's pod CIDR
-//!   (cryptokey routing) and sends the packet to the owning node as a
-//!   fabric frame (VNI = peer id), batched with sendmmsg.
+//! - Inbound: a worker reads WireGuard datagrams from `public_ip:port`
+//!   (recvmmsg + GRO), decrypts, checks the inner source against the peer's
+//!   pod CIDR (cryptokey routing), coalesces TCP segments as GRO would and
+//!   writes them to the tunnel device (a TAP, see `device`), one GSO
+//!   super-packet per write; its program wraps them in VXLAN for the node.
 //! - One outbound and one inbound worker per core, each with its own
 //!   SO_REUSEPORT sockets; the peer table is an immutable snapshot each
 //!   worker re-reads only when its generation changes. A peer's protocol
@@ -18,6 +19,7 @@
 //!   peers that stop answering.
 
 pub mod batch;
+pub mod device;
 pub mod keys;
 pub mod packet;
 
@@ -50,9 +52,10 @@ use tracing::{info, warn};
 use crate::config::{RoleConfig, Transport, ValidConfig};
 
 use self::{
-    batch::{FrameBatch, GsoBatch, Sender},
+    batch::{GsoBatch, Sender},
+    device::TunnelDevice,
     keys::{public_key_base64, read_key_file, SecretKey},
-    packet::{fabric_header, for_each_tunnel_packet, parse_fabric_payload, SliceTable, TunnelDrop},
+    packet::{for_each_tunnel_packet, parse_fabric_payload, Coalescer, SliceTable, TunnelDrop},
 };
 
 /// Handshake initiations per second per peer before cookies are demanded.
@@ -261,6 +264,7 @@ struct Shared {
     inner_mtu: usize,
     fabric: Vec<Sender>,
     wireguard: Vec<Sender>,
+    device: TunnelDevice,
 }
 
 impl Shared {
@@ -460,6 +464,7 @@ impl Tunnel {
             fabric.push(reuseport_socket(config.underlay, SocketRole::Fabric)?);
             wireguard.push(reuseport_socket(config.public, SocketRole::Wireguard)?);
         }
+        let device = TunnelDevice::create(workers)?;
         let private = x25519::StaticSecret::from(config.private_key.0);
         let public = x25519::PublicKey::from(&private);
         let shared = Arc::new(Shared {
@@ -474,6 +479,7 @@ impl Tunnel {
             inner_mtu: config.inner_mtu,
             fabric,
             wireguard,
+            device,
         });
         let table = build_table(&config, &PeerTable::default(), &shared);
         *shared.table.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
@@ -512,6 +518,11 @@ impl Tunnel {
             || self.config.public != config.public
             || self.config.underlay != config.underlay
             || self.config.inner_mtu != config.inner_mtu
+    }
+
+    /// The tunnel device the `gateway_tunnel` program must be attached to.
+    pub fn device_ifindex(&self) -> u32 {
+        self.shared.device.ifindex
     }
 
     pub fn update(&mut self, config: TunnelConfig) {
@@ -731,21 +742,21 @@ fn classify(e: &WireGuardError) -> TunnelDrop {
     }
 }
 
-/// WireGuard datagrams in, frames to nodes out.
+/// WireGuard datagrams in; decrypted packets out to the tunnel device,
+/// whose program sends them on to the nodes.
 fn inbound(shared: &Shared, worker: usize) {
     let wireguard = &shared.wireguard[worker];
-    let fabric = &shared.fabric[worker];
     let mut bufs = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
     let mut metas = vec![RecvMeta::default(); RECV_BATCH];
     let mut table = shared.snapshot();
     let mut generation = 0;
     let mut plain = vec![0u8; RECV_BUF];
-    let mut frames = FrameBatch::default();
-    let fabric_port = fabric
-        .socket
-        .local_addr()
-        .map(|a| a.port())
-        .unwrap_or_default();
+    let mut coalescer = Coalescer::default();
+    let mut write = |frame: &[u8]| {
+        if shared.device.write(worker, frame).is_err() {
+            shared.drop(TunnelDrop::SendFailed);
+        }
+    };
     while !shared.stop.load(Ordering::Relaxed) {
         let Some(n) = receive(wireguard, &mut bufs, &mut metas) else {
             continue;
@@ -759,28 +770,23 @@ fn inbound(shared: &Shared, worker: usize) {
                     meta.addr,
                     datagram,
                     &mut plain,
-                    &mut frames,
+                    &mut |peer, packet| coalescer.push(peer, packet, &mut write),
                     wireguard,
-                    fabric,
-                    fabric_port,
                 );
             }
         }
-        frames.flush(&fabric.socket);
+        coalescer.flush(&mut write);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn decrypt_datagram(
     shared: &Shared,
     table: &PeerTable,
     from: SocketAddr,
     datagram: &[u8],
     plain: &mut [u8],
-    frames: &mut FrameBatch,
+    deliver: &mut impl FnMut(u32, &[u8]),
     wireguard: &Sender,
-    fabric: &Sender,
-    fabric_port: u16,
 ) {
     let from = match from {
         // The socket is IPv4; map an IPv4-mapped address back.
@@ -809,18 +815,17 @@ fn decrypt_datagram(
             let Some(dst) = packet.get(16..20) else {
                 return shared.drop(TunnelDrop::MalformedPacket);
             };
-            let Some(node) = table.slices.lookup([dst[0], dst[1], dst[2], dst[3]]) else {
+            if table
+                .slices
+                .lookup([dst[0], dst[1], dst[2], dst[3]])
+                .is_none()
+            {
                 return shared.drop(TunnelDrop::NoNodeForDestination);
-            };
+            }
             peer.rx_packets.fetch_add(1, Ordering::Relaxed);
             peer.rx_bytes
                 .fetch_add(packet.len() as u64, Ordering::Relaxed);
-            frames.push(
-                &fabric.socket,
-                SocketAddrV4::new(node, fabric_port),
-                &fabric_header(peer.spec.id),
-                packet,
-            );
+            deliver(peer.spec.id, packet);
         }
         TunnResult::WriteToTunnelV6(..) => shared.drop(TunnelDrop::NotIpv4),
         TunnResult::WriteToNetwork(reply) => {

@@ -13,9 +13,11 @@ use std::{collections::HashMap, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 use ligo_fabric_common::headers::{
-    vni_from_bytes, vni_to_bytes, ETH_HDR_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, VXLAN_FLAGS,
-    VXLAN_HDR_LEN,
+    tunnel_source_mac, vni_from_bytes, vni_to_bytes, ETH_HDR_LEN, ETH_P_IPV4, IPPROTO_TCP,
+    IPPROTO_UDP, VXLAN_FLAGS, VXLAN_HDR_LEN,
 };
+
+use super::device::{VnetHeader, VNET_HDR_LEN};
 
 /// VXLAN header + inner Ethernet header: the UDP payload before the inner
 /// IPv4 packet.
@@ -288,6 +290,161 @@ pub fn for_each_tunnel_packet(
     Ok(count)
 }
 
+/// Source and destination MACs of frames written to the tunnel device: the
+/// source carries the peer id (see `tunnel_source_mac`).
+fn device_ethernet(peer: u32) -> [u8; ETH_HDR_LEN] {
+    let mut eth = [0u8; ETH_HDR_LEN];
+    eth[..6].copy_from_slice(&[0x02, 0x4c, 0x47, 0xff, 0xff, 0xff]);
+    eth[6..12].copy_from_slice(&tunnel_source_mac(peer));
+    eth[12..].copy_from_slice(&ETH_P_IPV4);
+    eth
+}
+
+const TCP_ACK: u8 = 0x10;
+/// Largest IPv4 packet a coalesced frame may become.
+const MAX_COALESCED: usize = 65_535;
+
+/// The TCP segment being grown.
+#[derive(Debug)]
+struct OpenSegment {
+    peer: u32,
+    ihl: usize,
+    thl: usize,
+    segment_size: usize,
+    segments: usize,
+    next_seq: u32,
+    /// A shorter segment or PSH ended the run.
+    closed: bool,
+}
+
+/// Userspace GRO for the tunnel device: consecutive in-order TCP segments of
+/// one flow become one frame with a virtio-net GSO header, which the kernel
+/// then carries as a single GSO packet (the receiving pod sees what GRO
+/// would have given it). Everything else is written as it is.
+///
+/// Frames are `[virtio-net header][Ethernet][IPv4]`.
+#[derive(Debug, Default)]
+pub struct Coalescer {
+    frame: Vec<u8>,
+    open: Option<OpenSegment>,
+}
+
+/// IPv4 header offset within a frame.
+const FRAME_IP: usize = VNET_HDR_LEN + ETH_HDR_LEN;
+
+/// (ihl, thl, payload length) of a TCP segment that may be coalesced: plain
+/// IPv4 header, not a fragment, only ACK (and PSH) set, some payload.
+fn coalescable(packet: &[u8]) -> Option<(usize, usize, usize)> {
+    if packet.len() < 40 || packet[0] != 0x45 || packet[9] != IPPROTO_TCP {
+        return None;
+    }
+    if u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    if usize::from(u16::from_be_bytes([packet[2], packet[3]])) != packet.len() {
+        return None;
+    }
+    let thl = usize::from(packet[20 + 12] >> 4) * 4;
+    let flags = packet[20 + 13];
+    if thl < 20 || packet.len() <= 20 + thl || flags & !TCP_PSH != TCP_ACK {
+        return None;
+    }
+    Some((20, thl, packet.len() - 20 - thl))
+}
+
+impl Coalescer {
+    /// Adds a decrypted packet from `peer`; `write` receives each finished
+    /// frame.
+    pub fn push(&mut self, peer: u32, packet: &[u8], write: &mut impl FnMut(&[u8])) {
+        let Some((ihl, thl, len)) = coalescable(packet) else {
+            self.flush(write);
+            self.frame.clear();
+            self.frame.extend_from_slice(&VnetHeader::default().bytes());
+            self.frame.extend_from_slice(&device_ethernet(peer));
+            self.frame.extend_from_slice(packet);
+            write(&self.frame);
+            self.frame.clear();
+            return;
+        };
+        let seq = u32::from_be_bytes([packet[24], packet[25], packet[26], packet[27]]);
+        if let Some(open) = &mut self.open {
+            let first = &self.frame[FRAME_IP..];
+            let (ip, tcp) = (&packet[..ihl], &packet[ihl..ihl + thl]);
+            let (open_ip, open_tcp) = (&first[..open.ihl], &first[open.ihl..open.ihl + open.thl]);
+            let joins = open.peer == peer
+                && !open.closed
+                && open.thl == thl
+                && seq == open.next_seq
+                && len <= open.segment_size
+                && self.frame.len() - FRAME_IP + len <= MAX_COALESCED
+                && ip[..2] == open_ip[..2]
+                && ip[6..10] == open_ip[6..10]
+                && ip[12..20] == open_ip[12..20]
+                && tcp[..4] == open_tcp[..4]
+                && tcp[8..13] == open_tcp[8..13]
+                && tcp[14..16] == open_tcp[14..16]
+                && tcp[20..] == open_tcp[20..];
+            if joins {
+                self.frame.extend_from_slice(&packet[ihl + thl..]);
+                open.segments += 1;
+                open.next_seq = seq.wrapping_add(len as u32);
+                if len < open.segment_size || tcp[13] & TCP_PSH != 0 {
+                    open.closed = true;
+                    self.frame[FRAME_IP + ihl + 13] |= tcp[13] & TCP_PSH;
+                }
+                return;
+            }
+        }
+        self.flush(write);
+        self.frame.clear();
+        self.frame.extend_from_slice(&VnetHeader::default().bytes());
+        self.frame.extend_from_slice(&device_ethernet(peer));
+        self.frame.extend_from_slice(packet);
+        self.open = Some(OpenSegment {
+            peer,
+            ihl,
+            thl,
+            segment_size: len,
+            segments: 1,
+            next_seq: seq.wrapping_add(len as u32),
+            closed: packet[ihl + 13] & TCP_PSH != 0,
+        });
+    }
+
+    /// Writes the segment being grown, if any.
+    pub fn flush(&mut self, write: &mut impl FnMut(&[u8])) {
+        let Some(open) = self.open.take() else {
+            return;
+        };
+        if open.segments > 1 {
+            let total = self.frame.len() - FRAME_IP;
+            let (head, packet) = self.frame.split_at_mut(FRAME_IP);
+            packet[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            let check = ip_header_checksum(&packet[..open.ihl]);
+            packet[10..12].copy_from_slice(&check.to_be_bytes());
+            // CHECKSUM_PARTIAL: the field holds the pseudo-header sum and the
+            // kernel (or the segmentation) completes it.
+            let partial = fold(pseudo_header_sum(
+                &packet[..open.ihl],
+                IPPROTO_TCP,
+                total - open.ihl,
+            ));
+            packet[open.ihl + TCP_CHECK..open.ihl + TCP_CHECK + 2]
+                .copy_from_slice(&partial.to_be_bytes());
+            let vnet = VnetHeader {
+                needs_csum: true,
+                tcp4_gso_size: Some(open.segment_size as u16),
+                hdr_len: (ETH_HDR_LEN + open.ihl + open.thl) as u16,
+                csum_start: (ETH_HDR_LEN + open.ihl) as u16,
+                csum_offset: TCP_CHECK as u16,
+            };
+            head[..VNET_HDR_LEN].copy_from_slice(&vnet.bytes());
+        }
+        write(&self.frame);
+        self.frame.clear();
+    }
+}
+
 /// Local node pod CIDR slices, looked up longest prefix first.
 #[derive(Debug, Default, Clone)]
 pub struct SliceTable {
@@ -516,5 +673,93 @@ mod tests {
             Some(Ipv4Addr::new(192, 0, 2, 13))
         );
         assert_eq!(table.lookup([10, 100, 32, 1]), None);
+    }
+
+    #[test]
+    fn consecutive_segments_coalesce_into_one_gso_frame_that_splits_back() {
+        let payload: Vec<u8> = (0..6000u32).map(|i| (i % 253) as u8).collect();
+        let mss = 1388;
+        let mut segments = Vec::new();
+        for (i, chunk) in payload.chunks(mss).enumerate() {
+            let mut b = PacketBuilder::ipv4(SRC, DST, 63)
+                .tcp(40000, 5201, 1000 + (i * mss) as u32, 512)
+                .ack(7);
+            if (i + 1) * mss >= payload.len() {
+                b = b.psh();
+            }
+            let mut seg = Vec::new();
+            b.write(&mut seg, chunk).unwrap();
+            seg[4..6].copy_from_slice(&(i as u16).to_be_bytes());
+            let check = ip_header_checksum(&seg[..20]);
+            seg[10..12].copy_from_slice(&check.to_be_bytes());
+            segments.push(seg);
+        }
+        let mut frames = Vec::new();
+        let mut c = Coalescer::default();
+        for seg in &segments {
+            c.push(7, seg, &mut |f| frames.push(f.to_vec()));
+        }
+        c.flush(&mut |f| frames.push(f.to_vec()));
+        assert_eq!(frames.len(), 1, "one frame for the run");
+        let frame = &frames[0];
+        let vnet = &frame[..VNET_HDR_LEN];
+        assert_eq!(vnet[0], 1, "needs checksum");
+        assert_eq!(vnet[1], 1, "TCPv4 GSO");
+        assert_eq!(u16::from_ne_bytes([vnet[4], vnet[5]]), mss as u16);
+        assert_eq!(u16::from_ne_bytes([vnet[6], vnet[7]]), 14 + 20);
+        assert_eq!(
+            ligo_fabric_common::headers::peer_from_tunnel_mac(
+                frame[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12]
+                    .try_into()
+                    .unwrap()
+            ),
+            Some(7)
+        );
+        let packet = &frame[FRAME_IP..];
+        assert_eq!(packet.len(), 40 + payload.len());
+        assert_eq!(&packet[40..], &payload[..]);
+        // The kernel would cut it back; so does our own segmentation, and
+        // the pieces are the original segments, byte for byte.
+        let mut again = Vec::new();
+        for_each_tunnel_packet(packet, 40 + mss, &mut Vec::new(), |s| {
+            again.push(s.to_vec())
+        })
+        .unwrap();
+        assert_eq!(again, segments);
+    }
+
+    #[test]
+    fn other_packets_and_gaps_are_not_merged() {
+        let seg = |seq: u32, data: &[u8]| {
+            let mut out = Vec::new();
+            PacketBuilder::ipv4(SRC, DST, 63)
+                .tcp(40000, 5201, seq, 512)
+                .ack(7)
+                .write(&mut out, data)
+                .unwrap();
+            out
+        };
+        let mut udp = Vec::new();
+        PacketBuilder::ipv4(SRC, DST, 63)
+            .udp(1, 2)
+            .write(&mut udp, b"x")
+            .unwrap();
+        let mut frames = Vec::new();
+        let mut c = Coalescer::default();
+        let mut w = |f: &[u8]| frames.push(f.to_vec());
+        c.push(1, &seg(100, &[1; 100]), &mut w);
+        c.push(1, &seg(300, &[2; 100]), &mut w); // gap: new run
+        c.push(2, &seg(400, &[3; 100]), &mut w); // other peer: new run
+        c.push(2, &udp, &mut w); // not TCP: alone
+        c.flush(&mut w);
+        assert_eq!(frames.len(), 4);
+        for f in &frames {
+            assert_eq!(
+                f[..VNET_HDR_LEN],
+                [0; VNET_HDR_LEN],
+                "no GSO for single packets"
+            );
+        }
+        assert_eq!(&frames[3][FRAME_IP..], &udp[..]);
     }
 }
