@@ -226,6 +226,7 @@ pub fn lookup_scaling(counts: &[u32], calls: u32) -> Result<Vec<(u32, f64)>> {
             let entry = PeerView {
                 peer_id: 2,
                 view_to_real: PrefixRewrite::new(view, [10, 100, 16, 0], 24),
+                ..Default::default()
             };
             maps.peer_views.insert(&Key::new(24, view), &entry, 0)?;
             installed += 1;

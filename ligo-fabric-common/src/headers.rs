@@ -98,6 +98,31 @@ pub const fn peer_from_tunnel_mac(mac: [u8; 6]) -> Option<u32> {
     Some(vni_from_bytes([mac[3], mac[4], mac[5]]))
 }
 
+/// IPv4 and TCP headers without options: what an MSS leaves out of the MTU.
+pub const TCP_IPV4_HEADERS: u32 = 40;
+
+/// MSS clamping: for a TCP header (its first 24 bytes) of a SYN whose first
+/// option is an MSS above `clamp`, the (old, new) MSS values. Senders put
+/// the MSS option first (Linux, Windows, the BSDs), so only that place is
+/// read: a fixed offset the verifier accepts.
+#[inline(always)]
+pub const fn clamped_mss(tcp: &[u8; 24], clamp: u16) -> Option<(u16, u16)> {
+    const SYN: u8 = 0x02;
+    const OPTION_MSS: u8 = 2;
+    let data_offset = (tcp[12] >> 4) as usize * 4;
+    if clamp == 0 || tcp[13] & SYN == 0 || data_offset < 24 {
+        return None;
+    }
+    if tcp[20] != OPTION_MSS || tcp[21] != 4 {
+        return None;
+    }
+    let mss = u16::from_be_bytes([tcp[22], tcp[23]]);
+    if mss <= clamp {
+        return None;
+    }
+    Some((mss, clamp))
+}
+
 /// What the encapsulating program knows about one packet.
 #[derive(Clone, Copy, Debug)]
 pub struct EncapParams {
@@ -279,5 +304,30 @@ mod tests {
         assert_eq!(mac, [0x02, 0x4c, 0x47, 0xab, 0xcd, 0xef]);
         assert_eq!(peer_from_tunnel_mac(mac), Some(0x00ab_cdef));
         assert_eq!(peer_from_tunnel_mac([0x02, 0, 0, 0, 0, 1]), None);
+    }
+
+    #[test]
+    fn syn_mss_above_the_clamp_is_lowered_and_nothing_else() {
+        let mut syn = Vec::new();
+        etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(1000, 80, 1, 64240)
+            .syn()
+            .options(&[
+                etherparse::TcpOptionElement::MaximumSegmentSize(1460),
+                etherparse::TcpOptionElement::SelectiveAcknowledgementPermitted,
+            ])
+            .unwrap()
+            .write(&mut syn, &[])
+            .unwrap();
+        let tcp: [u8; 24] = syn[20..44].try_into().unwrap();
+        assert_eq!(clamped_mss(&tcp, 1400), Some((1460, 1400)));
+        assert_eq!(clamped_mss(&tcp, 1460), None, "already small enough");
+        assert_eq!(clamped_mss(&tcp, 0), None, "no clamp");
+        let mut ack = tcp;
+        ack[13] = 0x10;
+        assert_eq!(clamped_mss(&ack, 1400), None, "not a SYN");
+        let mut other_first = tcp;
+        other_first[20] = 4;
+        assert_eq!(clamped_mss(&other_first, 1400), None, "MSS not first");
     }
 }

@@ -80,8 +80,12 @@ impl FabricConfig {
 pub struct PeerView {
     pub peer_id: u32,
     pub view_to_real: PrefixRewrite,
+    /// Largest TCP MSS a SYN toward this view may announce (0: no clamp):
+    /// the route MTU less 40 bytes of IPv4 and TCP headers.
+    pub mss_clamp: u16,
+    pub _reserved: u16,
 }
-const _: () = assert!(core::mem::size_of::<PeerView>() == 16);
+const _: () = assert!(core::mem::size_of::<PeerView>() == 20);
 
 /// Value of `PEERS`, keyed by peer id (= the peer's cluster id = VNI).
 #[repr(C)]

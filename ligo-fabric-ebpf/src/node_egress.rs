@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use ligo_fabric_common::{
     headers::{
-        ipv4, ETH_HDR_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN, TCP_CHECKSUM,
-        UDP_CHECKSUM,
+        clamped_mss, ipv4, ETH_HDR_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN,
+        TCP_CHECKSUM, UDP_CHECKSUM,
     },
     maps::{Direction, Role},
     DropReason,
@@ -57,7 +57,7 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(view) = PEER_VIEWS.get(&lpm_key(dst)) else {
         return PASS;
     };
-    let (peer_id, view_to_real) = (view.peer_id, view.view_to_real);
+    let (peer_id, view_to_real, mss_clamp) = (view.peer_id, view.view_to_real, view.mss_clamp);
     let real_dst = view_to_real.apply(dst);
 
     // Destination rewrite. The helpers update checksums correctly whether the
@@ -81,6 +81,9 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, DropReason> {
         ctx.l4_csum_replace(at, old, new, flags | 4)
             .map_err(|_| DropReason::TruncatedInnerPacket)?;
     }
+    if ip[ipv4::PROTOCOL] == IPPROTO_TCP && first_fragment {
+        clamp_mss(ctx, l4, mss_clamp)?;
+    }
     ctx.l3_csum_replace(ETH_HDR_LEN + ipv4::CHECKSUM, old, new, 4)
         .map_err(|_| DropReason::RewriteFailed)?;
     ctx.store(ETH_HDR_LEN + ipv4::DST, &real_dst, 0)
@@ -92,4 +95,29 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     let inner_ip_len = encapsulate(ctx, cfg.underlay_ip, cfg.gateway_ip, &cfg, peer_id)?;
     count_peer_traffic(peer_id, Direction::ToPeer, inner_ip_len);
     Ok(TC_ACT_OK as i32)
+}
+
+/// Lowers the MSS a SYN announces to what fits the fabric route (the pod's
+/// own MTU knows nothing of the encapsulation), so TCP never needs a
+/// path-MTU round trip across the fabric.
+#[inline(always)]
+fn clamp_mss(ctx: &TcContext, l4: usize, clamp: u16) -> Result<(), DropReason> {
+    let Ok(tcp) = ctx.load::<[u8; 24]>(l4) else {
+        return Ok(());
+    };
+    let Some((old, new)) = clamped_mss(&tcp, clamp) else {
+        return Ok(());
+    };
+    // A header field, not the pseudo-header: for CHECKSUM_PARTIAL skbs the
+    // helper leaves the field alone (the sum is finished later over the new
+    // bytes); for complete checksums it updates them.
+    ctx.l4_csum_replace(
+        l4 + TCP_CHECKSUM,
+        u16::to_be(old) as u64,
+        u16::to_be(new) as u64,
+        2,
+    )
+    .map_err(|_| DropReason::RewriteFailed)?;
+    ctx.store(l4 + 22, &new.to_be_bytes(), 0)
+        .map_err(|_| DropReason::RewriteFailed)
 }

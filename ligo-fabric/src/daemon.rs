@@ -183,18 +183,24 @@ impl Fabric {
             }
             RoleConfig::Node { .. } => None,
         };
-        let desired = desired_state(&self.cfg);
+        let uplink_mtu = match self.cfg.role {
+            RoleConfig::Node { .. } => Some(self.link_mtu(self.interfaces.0).await?),
+            RoleConfig::Gateway { .. } => None,
+        };
+        let desired = match uplink_mtu {
+            Some(mtu) => desired_state(&self.cfg).with_uplink_mtu(mtu),
+            None => desired_state(&self.cfg),
+        };
         let map_changes = self.maps.apply(&desired, self.interfaces)?;
         self.reconcile_tunnel(tunnel)?;
         self.attach_tunnel_device()?;
-        let route_changes = match self.cfg.role {
-            RoleConfig::Node { .. } => {
-                let mtu = self.link_mtu(self.interfaces.0).await?;
+        let route_changes = match uplink_mtu {
+            Some(mtu) => {
                 self.routes
                     .reconcile(&desired.routes, self.interfaces.0, mtu)
                     .await?
             }
-            RoleConfig::Gateway { .. } => 0,
+            None => 0,
         };
         info!(
             map_changes,

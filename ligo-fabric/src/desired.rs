@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 use ligo_fabric_common::{
+    headers::TCP_IPV4_HEADERS,
     maps::{FabricConfig, NodeSlice, Peer, PeerView, Role, TRANSPORT_PLAIN, TRANSPORT_WIREGUARD},
     prefix::PrefixRewrite,
 };
@@ -62,6 +63,7 @@ pub fn desired_state(cfg: &ValidConfig) -> DesiredState {
             PeerView {
                 peer_id: peer.id,
                 view_to_real: PrefixRewrite::new(view, real, len),
+                ..Default::default()
             },
         );
         let (endpoint_ip, endpoint_port) = match peer.endpoint {
@@ -131,6 +133,22 @@ pub fn desired_state(cfg: &ValidConfig) -> DesiredState {
         }
     }
     state
+}
+
+impl DesiredState {
+    /// Node role: the MSS clamp of each view, from the uplink MTU less the
+    /// route's overhead (as its route MTU) less IPv4 and TCP headers.
+    pub fn with_uplink_mtu(mut self, uplink_mtu: u32) -> Self {
+        for route in &self.routes {
+            if let Some(view) = self.peer_views.get_mut(&prefix(route.destination)) {
+                let mss = uplink_mtu
+                    .saturating_sub(route.overhead)
+                    .saturating_sub(TCP_IPV4_HEADERS);
+                view.mss_clamp = u16::try_from(mss).unwrap_or(u16::MAX);
+            }
+        }
+        self
+    }
 }
 
 /// The changes that turn `current` into `desired`: entries to insert or
@@ -208,6 +226,19 @@ view_cidr = "10.200.32.0/20"
         assert!(state.node_slices.is_empty() && state.peer_endpoints.is_empty());
         let plain = desired_state(&parse(&format!("{NODE}transport = \"plain\"\n")).unwrap());
         assert_eq!(plain.routes[0].overhead, 50);
+        let view = (Ipv4Addr::new(10, 200, 32, 0), 20);
+        assert_eq!(
+            state.peer_views[&view].mss_clamp, 0,
+            "no clamp before the MTU is known"
+        );
+        assert_eq!(
+            state.with_uplink_mtu(1500).peer_views[&view].mss_clamp,
+            1400
+        );
+        assert_eq!(
+            plain.with_uplink_mtu(1500).peer_views[&view].mss_clamp,
+            1410
+        );
     }
 
     #[test]

@@ -414,3 +414,68 @@ fn shutdown_removes_what_the_daemon_installed() {
     let links = netns::exec(&a_node, "ip", &["link", "show", "eth0"]).expect("link");
     assert!(!links.contains("xdp"), "XDP program left attached: {links}");
 }
+
+/// Over WireGuard (the largest overhead): a SYN's MSS is clamped to the
+/// fabric route (MTU 1440 - 40), and DF-marked UDP datagrams of exactly the
+/// route MTU arrive whole, every one.
+#[test]
+fn mss_is_clamped_and_df_datagrams_at_the_route_mtu_pass() {
+    if !require_root("mss_is_clamped_and_df_datagrams_at_the_route_mtu_pass") {
+        return;
+    }
+    let bed = fabric_with("lt-mtu", Scenario::different_cidrs(), "auto", "wireguard");
+    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
+    let dst = bed.address_seen_from_peer(&b);
+    let server = std::process::Command::new("ip")
+        .args(["netns", "exec", &b.netns, "python3", "-c"])
+        .arg(
+            r#"
+import socket
+IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("0.0.0.0", 7600)); t.listen(1)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 7601)); u.settimeout(5)
+c, _ = t.accept()
+print("mss", c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG), flush=True)
+sizes = []
+try:
+    while len(sizes) < 20:
+        sizes.append(len(u.recv(65535)))
+except socket.timeout:
+    pass
+print("udp", len(sizes), min(sizes or [0]), max(sizes or [0]), flush=True)
+"#,
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("server");
+    thread::sleep(Duration::from_millis(500));
+    let client = format!(
+        r#"
+import socket, time
+t = socket.create_connection(("{dst}", 7600), timeout=5)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: DF set
+for _ in range(20):
+    u.sendto(bytes(1440 - 28), ("{dst}", 7601))
+    time.sleep(0.01)
+"#
+    );
+    netns::exec(&a.netns, "python3", &["-c", &client]).expect("client");
+    let out = server.wait_with_output().expect("server output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mss: u32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("mss "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MSS reported: {text}\n{}", bed.lab.logs()));
+    assert!(
+        mss <= 1400,
+        "MSS {mss} not clamped to the route (1440 - 40)"
+    );
+    let udp = text.lines().find(|l| l.starts_with("udp")).unwrap_or("");
+    assert_eq!(
+        udp, "udp 20 1412 1412",
+        "DF datagrams at the route MTU: {text}"
+    );
+}
