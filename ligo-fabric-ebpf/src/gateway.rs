@@ -139,6 +139,9 @@ fn from_node(
 ) -> Result<i32, DropReason> {
     let peer = peer(vni).ok_or(DropReason::UnknownPeer)?;
     if peer.transport == TRANSPORT_WIREGUARD {
+        // Counted here like plain traffic, so the gateway's map counters
+        // show both directions whatever the transport.
+        count_peer_traffic(vni, Direction::ToPeer, inner_len);
         return Ok(TC_ACT_OK as i32);
     }
     retarget_outer_ipv4(&mut ip, cfg.public_ip, peer.endpoint_ip);

@@ -284,7 +284,14 @@ fn demo(scenario: ScenarioName) -> Result<()> {
 fn run_demo(bed: &mut Testbed) -> Result<()> {
     let daemon = daemon_binary();
     bed.start_fabric(&daemon)?;
-    println!("== fabric daemons ready on 2 gateways and 4 nodes");
+    println!(
+        "== fabric daemons ready on 2 gateways and 4 nodes; gateways talk {}",
+        if bed.transport == "wireguard" {
+            "WireGuard (boringtun's protocol engine, in the daemon)"
+        } else {
+            "plain VXLAN"
+        }
+    );
     let a_pod = bed.pod(0, 0, 0);
     let b_pod = bed.pod(1, 1, 1);
     for (from, to, port) in [(&a_pod, &b_pod, 7001), (&b_pod, &a_pod, 7002)] {
@@ -324,6 +331,17 @@ fn run_demo(bed: &mut Testbed) -> Result<()> {
                 "--pin-dir",
                 &bed.lab.pin_dir(&ns).to_string_lossy(),
             ],
+        )?;
+        print!("{out}");
+    }
+    if bed.transport == "wireguard" {
+        let a_gw = bed.ns(&bed.scenario.a, "gw");
+        println!("\n== ligo-fabric inspect tunnels ({a_gw})");
+        let config = bed.lab.config_path(&a_gw);
+        let out = xtask::netns::exec(
+            &a_gw,
+            &daemon.to_string_lossy(),
+            &["inspect", "tunnels", "--config", &config.to_string_lossy()],
         )?;
         print!("{out}");
     }
