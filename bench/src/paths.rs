@@ -140,8 +140,6 @@ fn direct_routes(bed: &Testbed, gateway_link: bool) -> Result<()> {
     Ok(())
 }
 
-const BORINGTUN_IF: &str = "wgb0";
-
 /// Direct routing with a boringtun-cli tunnel between the gateways,
 /// configured with `wg` as a user would.
 fn boringtun_cli(bed: &mut Testbed) -> Result<()> {
@@ -151,6 +149,9 @@ fn boringtun_cli(bed: &mut Testbed) -> Result<()> {
     for (i, own) in plans.iter().enumerate() {
         let peer = &plans[1 - i];
         let gw = bed.ns(own, "gw");
+        // boringtun-cli's control socket is /var/run/wireguard/<name>.sock,
+        // shared by all namespaces: one name per gateway.
+        let wg_if = format!("wgb{}", own.name);
         bed.lab.spawn(
             &gw,
             &format!("{gw}-boringtun"),
@@ -158,13 +159,13 @@ fn boringtun_cli(bed: &mut Testbed) -> Result<()> {
             &[
                 "--foreground".as_ref(),
                 "--disable-drop-privileges".as_ref(),
-                BORINGTUN_IF.as_ref(),
+                wg_if.as_ref(),
             ],
         )?;
         let key = bed.private_key_path(own);
         let args = [
             "set".to_string(),
-            BORINGTUN_IF.into(),
+            wg_if.clone(),
             "private-key".into(),
             key.to_string_lossy().into_owned(),
             "listen-port".into(),
@@ -186,11 +187,8 @@ fn boringtun_cli(bed: &mut Testbed) -> Result<()> {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         configured?;
-        ipc(&format!("-n {gw} link set {BORINGTUN_IF} up"))?;
-        ipc(&format!(
-            "-n {gw} route add {} dev {BORINGTUN_IF}",
-            peer.pod_cidr
-        ))?;
+        ipc(&format!("-n {gw} link set {wg_if} up"))?;
+        ipc(&format!("-n {gw} route add {} dev {wg_if}", peer.pod_cidr))?;
     }
     Ok(())
 }
