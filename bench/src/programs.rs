@@ -111,7 +111,7 @@ fn node_config() -> String {
 }
 
 fn gateway_config() -> String {
-    format!("cluster_id = 1\npod_cidrs = [\"10.244.0.0/16\"]\n[gateway]\nunderlay_interface = \"eth0\"\nunderlay_ip = \"192.0.2.1\"\npublic_interface = \"eth1\"\npublic_ip = \"203.0.113.1\"\nnode_slices = [{{ node_ip = \"192.0.2.11\", pod_cidr = \"10.244.1.0/24\" }}]\n{PEER}endpoint = \"203.0.113.2:4799\"\n")
+    format!("cluster_id = 1\npod_cidrs = [\"10.244.0.0/16\"]\n[gateway]\nunderlay_interface = \"eth0\"\nunderlay_ip = \"192.0.2.1\"\npublic_interface = \"eth1\"\npublic_ip = \"203.0.113.1\"\nnode_slices = [{{ node_ip = \"192.0.2.11\", pod_cidr = \"10.244.1.0/24\" }}]\n{PEER}endpoint = \"203.0.113.2:4799\"\ntransport = \"plain\"\n")
 }
 
 fn loaded(tag: &str, config: &str) -> Result<(FabricMaps, ScratchLoad)> {

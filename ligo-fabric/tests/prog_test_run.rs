@@ -47,8 +47,21 @@ fn node_config() -> String {
 
 fn gateway_config() -> String {
     format!(
-        "cluster_id = 1\npod_cidrs = [\"10.244.0.0/16\"]\n[gateway]\nunderlay_interface = \"eth0\"\nunderlay_ip = \"192.0.2.1\"\npublic_interface = \"eth1\"\npublic_ip = \"203.0.113.1\"\nnode_slices = [{{ node_ip = \"192.0.2.11\", pod_cidr = \"10.244.1.0/24\" }}, {{ node_ip = \"192.0.2.12\", pod_cidr = \"10.244.2.0/24\" }}]\n{PEER}endpoint = \"203.0.113.2:4799\"\n"
+        "cluster_id = 1\npod_cidrs = [\"10.244.0.0/16\"]\n[gateway]\nunderlay_interface = \"eth0\"\nunderlay_ip = \"192.0.2.1\"\npublic_interface = \"eth1\"\npublic_ip = \"203.0.113.1\"\nnode_slices = [{{ node_ip = \"192.0.2.11\", pod_cidr = \"10.244.1.0/24\" }}, {{ node_ip = \"192.0.2.12\", pod_cidr = \"10.244.2.0/24\" }}]\n{PEER}endpoint = \"203.0.113.2:4799\"\ntransport = \"plain\"\n"
     )
+}
+
+/// The gateway with peer 2 over WireGuard (the key file is not read here).
+fn wireguard_gateway_config() -> String {
+    gateway_config()
+        .replace(
+            "endpoint = \"203.0.113.2:4799\"\ntransport = \"plain\"\n",
+            "endpoint = \"203.0.113.2:51820\"\npublic_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\n",
+        )
+        .replace(
+            "public_ip = \"203.0.113.1\"\n",
+            "public_ip = \"203.0.113.1\"\nprivate_key_file = \"/etc/ligo/wg.key\"\n",
+        )
 }
 
 fn is_root() -> bool {
@@ -642,5 +655,75 @@ fn node_ingress_drops_with_the_right_reason_and_passes_the_rest() {
             );
         }
         assert_eq!(fx.traffic(1), (0, 0));
+    }
+}
+
+/// With WireGuard the gateway program hands node frames to the stack (the
+/// tunnel's socket) untouched but counted, and `gateway_tunnel` turns a
+/// decrypted packet written to the tunnel device into the fabric frame a
+/// node expects: VXLAN with VNI = the peer id from the source MAC, toward
+/// the node owning the destination.
+#[test]
+fn wireguard_frames_go_up_and_tunnel_device_frames_go_to_the_owning_node() {
+    if !is_root() {
+        return;
+    }
+    let mut fx = Fixture::new(&wireguard_gateway_config());
+    let inner = frame(
+        NODE_MAC,
+        GW_MAC,
+        "10.244.1.10",
+        "10.100.17.11",
+        L4::Tcp,
+        b"to the peer",
+    );
+    let input = encapsulated("192.0.2.11", "192.0.2.1", 2, &inner);
+    let (ret, out) = fx.run_tc("gateway", &input);
+    assert_eq!(ret, TC_ACT_OK, "up the stack to the tunnel");
+    assert_eq!(out, input, "untouched");
+    assert_eq!(fx.traffic(0), (1, (inner.len() - 14) as u64));
+
+    let tunnel_mac = ligo_fabric_common::headers::tunnel_source_mac(2);
+    let decrypted = frame(
+        tunnel_mac,
+        [0x02, 0x4c, 0x47, 0xff, 0xff, 0xff],
+        "10.100.17.11",
+        "10.244.2.11",
+        L4::Udp,
+        b"from the peer",
+    );
+    let (ret, out) = fx.run_tc("gateway_tunnel", &decrypted);
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    let mut expected = Vec::new();
+    expected.extend_from_slice(&decrypted[..14]);
+    expected.extend_from_slice(&encap_header(&EncapParams {
+        outer_src: ip("192.0.2.1"),
+        outer_dst: ip("192.0.2.12"),
+        src_port: u16::from_be_bytes([out[outer::UDP], out[outer::UDP + 1]]),
+        dst_port: PORT,
+        vni: 2,
+        inner_ip_len: (decrypted.len() - 14) as u32,
+        inner_dst_mac: decrypted[..6].try_into().expect("mac"),
+        inner_src_mac: tunnel_mac,
+    }));
+    expected.extend_from_slice(&decrypted[14..]);
+    assert_eq!(out, expected);
+    assert_eq!(fx.traffic(1), (1, (decrypted.len() - 14) as u64));
+
+    // A peer id nobody configured, a MAC without the prefix, a destination
+    // no node owns: dropped, each with its reason.
+    for (mac, dst, reason) in [
+        (
+            ligo_fabric_common::headers::tunnel_source_mac(9),
+            "10.244.2.11",
+            DropReason::UnknownPeer,
+        ),
+        (NODE_MAC, "10.244.2.11", DropReason::UnknownPeer),
+        (tunnel_mac, "10.244.9.1", DropReason::NoNodeForDestination),
+    ] {
+        let before = fx.drops(reason);
+        let bad = frame(mac, GW_MAC, "10.100.17.11", dst, L4::Udp, b"x");
+        assert_eq!(fx.run_tc("gateway_tunnel", &bad).0, TC_ACT_SHOT);
+        assert_eq!(fx.drops(reason), before + 1, "{reason:?}");
     }
 }
