@@ -1,6 +1,8 @@
-//! `ligo-fabric run`: load and attach the programs, keep maps and routes
-//! equal to the configuration, reload on SIGHUP or when the file changes,
-//! and remove everything it installed on SIGTERM/SIGINT.
+//! `ligo-fabric run`: load and attach the programs (adopting the data path
+//! an earlier daemon left), keep maps and routes equal to the
+//! configuration, reload on SIGHUP or when the file changes. On
+//! SIGTERM/SIGINT the daemon exits and the data path keeps forwarding;
+//! `uninstall` removes it.
 
 use std::{
     path::{Path, PathBuf},
@@ -242,12 +244,14 @@ impl Fabric {
 
     fn attach(&mut self) -> Result<()> {
         let is_veth = self.uplink_is_veth;
+        let pin_dir = self.cfg.pin_dir.clone();
         let ebpf = self.ebpf.as_mut().context("programs already unloaded")?;
         let result = match &self.cfg.role {
             RoleConfig::Node {
                 uplink, ingress, ..
             } => programs::attach_node(
                 ebpf,
+                &pin_dir,
                 uplink,
                 self.interfaces.0,
                 Self::ingress_hook(*ingress, is_veth),
@@ -258,6 +262,7 @@ impl Fabric {
                 ..
             } => programs::attach_gateway(
                 ebpf,
+                &pin_dir,
                 &[
                     (underlay_interface, self.interfaces.0),
                     (public_interface, self.interfaces.1),
@@ -265,27 +270,43 @@ impl Fabric {
             ),
         };
         self.attached = result.is_ok();
-        result
+        if let Ok(programs::Attached::Adopted) = result {
+            info!("adopted the running data path: programs replaced in place, maps and routes reconciled by difference");
+        }
+        result.map(drop)
     }
 
-    /// Detaches programs, removes our routes and the pinned maps.
+    /// Stops the daemon but leaves the data path running: programs stay
+    /// attached through their pinned links, maps and routes stay. Only the
+    /// gateway's WireGuard tunnel (a userspace part) stops with us.
+    fn stop(mut self) {
+        self.metrics.set_ready(false);
+        if let Some(tunnel) = self.tunnel.take() {
+            tunnel.stop(&self.metrics.tunnel);
+        }
+        self.ebpf.take();
+        info!(
+            pin_dir = %self.cfg.pin_dir.display(),
+            "daemon stopped; the data path keeps forwarding. `ligo-fabric uninstall --config FILE` removes it"
+        );
+    }
+
+    /// Removes everything, after a failed first start-up.
     async fn teardown(mut self) -> Result<()> {
         self.metrics.set_ready(false);
         if let Some(tunnel) = self.tunnel.take() {
             tunnel.stop(&self.metrics.tunnel);
         }
         self.ebpf.take();
-        let removed = self.routes.remove_all().await?;
         drop(self.maps);
-        remove_pins(&self.cfg.pin_dir)?;
-        info!(routes_removed = removed, "fabric removed from this host");
-        Ok(())
+        uninstall(&self.cfg.pin_dir).await
     }
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {
     let cfg = read_config(config_path)?;
     let interfaces = resolve_interfaces(&cfg.role)?;
+    let adopting = cfg.pin_dir.join("links").is_dir();
     let ebpf = programs::load(&cfg.pin_dir)?;
     let maps = FabricMaps::open(&cfg.pin_dir)?;
     let routes = RouteManager::new()?;
@@ -312,15 +333,25 @@ pub async fn run(config_path: &Path) -> Result<()> {
         fabric.attach()
     };
     if let Err(e) = started.await {
-        error!(
-            error = format!("{e:#}"),
-            "start-up failed; removing what was installed"
-        );
-        if let Err(cleanup) = fabric.teardown().await {
+        if adopting {
+            // Tearing down a data path that forwarded before we started
+            // would turn a failed upgrade into an outage.
             error!(
-                error = format!("{cleanup:#}"),
-                "clean-up after failed start-up also failed"
+                error = format!("{e:#}"),
+                "start-up failed; the data path an earlier daemon left keeps running unchanged where we did not reach it"
             );
+            fabric.stop();
+        } else {
+            error!(
+                error = format!("{e:#}"),
+                "start-up failed; removing what was installed"
+            );
+            if let Err(cleanup) = fabric.teardown().await {
+                error!(
+                    error = format!("{cleanup:#}"),
+                    "clean-up after failed start-up also failed"
+                );
+            }
         }
         return Err(e);
     }
@@ -350,7 +381,24 @@ pub async fn run(config_path: &Path) -> Result<()> {
         reload(&mut fabric, config_path, reason).await;
     }
     info!("shutting down");
-    fabric.teardown().await
+    fabric.stop();
+    Ok(())
+}
+
+/// `ligo-fabric uninstall`: detaches the programs (removing their pinned
+/// links), removes our routes from this network namespace and the pinned
+/// maps. Run it with no daemon running.
+pub async fn uninstall(pin_dir: &Path) -> Result<()> {
+    let links = programs::remove_links(pin_dir)?;
+    let routes = RouteManager::new()?.remove_all().await?;
+    remove_pins(pin_dir)?;
+    info!(
+        links,
+        routes,
+        pin_dir = %pin_dir.display(),
+        "fabric removed from this host"
+    );
+    Ok(())
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {

@@ -40,6 +40,17 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Remove the data path from this host: detach the programs, delete our
+    /// routes and the pinned maps. Stop the daemon first (it leaves the data
+    /// path running when it exits, so restarts and upgrades lose nothing).
+    Uninstall {
+        /// The daemon's config file (gives pin_dir).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The daemon's pin_dir (default: from --config, else /sys/fs/bpf/ligo).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
     /// Validate a configuration file without applying anything.
     CheckConfig {
         #[arg(long, value_name = "FILE")]
@@ -121,6 +132,17 @@ fn execute(command: Command) -> Result<()> {
             .enable_all()
             .build()?
             .block_on(daemon::run(&config)),
+        Command::Uninstall { config, pin_dir } => {
+            let pin_dir = match (pin_dir, config) {
+                (Some(dir), _) => dir,
+                (None, Some(config)) => daemon::read_config(&config)?.pin_dir,
+                (None, None) => PathBuf::from(config::DEFAULT_PIN_DIR),
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(daemon::uninstall(&pin_dir))
+        }
         Command::CheckConfig { config } => {
             let cfg = daemon::read_config(&config)?;
             println!("{}: valid ({} peers)", config.display(), cfg.peers.len());

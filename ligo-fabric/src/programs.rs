@@ -1,10 +1,19 @@
 //! Loading the eBPF object and attaching its programs for a role.
 
-use std::{fs, os::unix::fs::DirBuilderExt, path::Path};
+use std::{
+    fs,
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use aya::{
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+        LinkOrder, SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use tracing::{info, warn};
@@ -66,55 +75,231 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     Ok(program)
 }
 
+/// Where a program's pinned link at an interface lives. Pinned links keep
+/// the programs attached while no daemon runs (restarts, crashes,
+/// upgrades); a starting daemon swaps its own programs into them.
+fn link_path(pin_dir: &Path, program: &str, interface: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("{program}@{interface}"))
+}
+
+/// The hook a program attaches to.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    Tc(TcAttachType),
+    Xdp,
+}
+
+/// What attaching found at the hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A pinned link from an earlier daemon: its program was replaced
+    /// atomically (`bpf_link_update`), so no packet saw neither program.
+    Adopted,
+    /// Nothing was attached; a new pinned link was made.
+    New,
+}
+
+/// Attaches `program` at `hook` of `interface` through a pinned link.
+fn attach_pinned(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    program: &str,
+    interface: &str,
+    ifindex: u32,
+    hook: Hook,
+) -> Result<(PathBuf, Attached)> {
+    let path = link_path(pin_dir, program, interface);
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let what = format!("{program} at {interface} ({hook:?})");
+    if path.exists() {
+        match adopt(ebpf, &path, program, hook) {
+            Ok(()) => return Ok((path, Attached::Adopted)),
+            Err(e) => {
+                // A link left by a daemon whose interface went away (or of
+                // another kind): replace it.
+                warn!(link = %path.display(), error = format!("{e:#}"), "pinned link not reusable; attaching anew");
+                fs::remove_file(&path)
+                    .with_context(|| format!("removing stale link {}", path.display()))?;
+            }
+        }
+    }
+    let link: FdLink = match hook {
+        Hook::Tc(attach_type) => {
+            let prog = classifier(ebpf, program)?;
+            let id = prog
+                .attach(
+                    ifindex,
+                    TcAttach::Tcx {
+                        attach_type,
+                        order: LinkOrder::default(),
+                    },
+                )
+                .with_context(|| format!("attaching {what} (TCX, Linux >= 6.6)"))?;
+            prog.take_link(id)?.try_into()?
+        }
+        Hook::Xdp => {
+            let prog = xdp_program(ebpf, program)?;
+            let id = match prog.attach(ifindex, XdpMode::Driver) {
+                Ok(id) => id,
+                Err(native) => {
+                    warn!(interface, error = %native, "native XDP unavailable, falling back to generic XDP (slower); consider ingress = \"tc\"");
+                    prog.attach(ifindex, XdpMode::Skb)
+                        .with_context(|| format!("attaching {what} in generic mode"))?
+                }
+            };
+            prog.take_link(id)?
+                .try_into()
+                .with_context(|| format!("{what}: the kernel gave no link to pin"))?
+        }
+    };
+    link.pin(&path)
+        .with_context(|| format!("pinning {what} at {}", path.display()))?;
+    Ok((path, Attached::New))
+}
+
+/// Swaps our program into the pinned link at `path`.
+fn adopt(ebpf: &mut Ebpf, path: &Path, program: &str, hook: Hook) -> Result<()> {
+    let link = FdLink::from(PinnedLink::from_pin(path)?);
+    match hook {
+        Hook::Tc(_) => {
+            let prog = classifier(ebpf, program)?;
+            let id = prog.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+            // The pin keeps the link; our handle may close.
+            drop(prog.take_link(id)?);
+        }
+        Hook::Xdp => {
+            let prog = xdp_program(ebpf, program)?;
+            let id = prog.attach_to_link(XdpLink::try_from(link)?)?;
+            drop(prog.take_link(id)?);
+        }
+    }
+    Ok(())
+}
+
+/// Removes pinned links other than `keep` (a changed ingress hook, a
+/// removed role): unpinning the last reference detaches the program.
+fn remove_other_links(pin_dir: &Path, keep: &[PathBuf]) -> Result<usize> {
+    let dir = pin_dir.join("links");
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let path = entry?.path();
+        if !keep.contains(&path) {
+            fs::remove_file(&path).with_context(|| format!("removing link {}", path.display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes every pinned link under `pin_dir`, detaching the programs.
+pub fn remove_links(pin_dir: &Path) -> Result<usize> {
+    let removed = remove_other_links(pin_dir, &[])?;
+    let _ = fs::remove_dir(pin_dir.join("links"));
+    Ok(removed)
+}
+
+fn report(attached: &[(PathBuf, Attached)], removed: usize) -> Attached {
+    let adopted = attached
+        .iter()
+        .filter(|(_, a)| *a == Attached::Adopted)
+        .count();
+    info!(
+        adopted,
+        new = attached.len() - adopted,
+        removed,
+        "programs attached through pinned links"
+    );
+    if adopted > 0 {
+        Attached::Adopted
+    } else {
+        Attached::New
+    }
+}
+
 /// Node role: remap+encapsulate on uplink egress, decapsulate+remap on
 /// uplink ingress with the chosen hook (XDP in native mode when the driver
 /// has it).
 pub fn attach_node(
     ebpf: &mut Ebpf,
+    pin_dir: &Path,
     uplink: &str,
     uplink_index: u32,
     ingress: IngressHook,
-) -> Result<()> {
-    classifier(ebpf, "node_egress")?
-        .attach(uplink_index, TcAttachType::Egress)
-        .with_context(|| format!("attaching node_egress to {uplink} egress"))?;
-    if ingress == IngressHook::Tc {
-        classifier(ebpf, "node_ingress_tc")?
-            .attach(uplink_index, TcAttachType::Ingress)
-            .with_context(|| format!("attaching node_ingress_tc to {uplink} ingress"))?;
-        info!(interface = uplink, "node ingress at TC");
-        return Ok(());
-    }
-    let xdp = xdp_program(ebpf, "node_ingress")?;
-    if let Err(native) = xdp.attach(uplink_index, XdpMode::Driver) {
-        warn!(interface = uplink, error = %native, "native XDP unavailable, falling back to generic XDP (slower); consider ingress = \"tc\"");
-        xdp.attach(uplink_index, XdpMode::Skb)
-            .with_context(|| format!("attaching node_ingress to {uplink} in generic XDP mode"))?;
-    }
-    info!(interface = uplink, "node ingress at XDP");
-    Ok(())
+) -> Result<Attached> {
+    let mut attached = vec![attach_pinned(
+        ebpf,
+        pin_dir,
+        "node_egress",
+        uplink,
+        uplink_index,
+        Hook::Tc(TcAttachType::Egress),
+    )?];
+    let (program, hook) = if ingress == IngressHook::Tc {
+        ("node_ingress_tc", Hook::Tc(TcAttachType::Ingress))
+    } else {
+        ("node_ingress", Hook::Xdp)
+    };
+    attached.push(attach_pinned(
+        ebpf,
+        pin_dir,
+        program,
+        uplink,
+        uplink_index,
+        hook,
+    )?);
+    info!(interface = uplink, hook = ?hook, "node ingress attached");
+    let keep: Vec<PathBuf> = attached.iter().map(|(p, _)| p.clone()).collect();
+    let removed = remove_other_links(pin_dir, &keep)?;
+    Ok(report(&attached, removed))
 }
 
 /// Gateway role: one TC ingress program on each gateway interface.
-pub fn attach_gateway(ebpf: &mut Ebpf, interfaces: &[(&str, u32)]) -> Result<()> {
-    let program = classifier(ebpf, "gateway")?;
+pub fn attach_gateway(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    interfaces: &[(&str, u32)],
+) -> Result<Attached> {
+    let mut attached = Vec::new();
     let mut done = Vec::new();
     for (name, index) in interfaces {
         if done.contains(index) {
             continue;
         }
-        program
-            .attach(*index, TcAttachType::Ingress)
-            .with_context(|| format!("attaching gateway to {name} ingress"))?;
+        attached.push(attach_pinned(
+            ebpf,
+            pin_dir,
+            "gateway",
+            name,
+            *index,
+            Hook::Tc(TcAttachType::Ingress),
+        )?);
         done.push(*index);
     }
-    Ok(())
+    let keep: Vec<PathBuf> = attached.iter().map(|(p, _)| p.clone()).collect();
+    let removed = remove_other_links(pin_dir, &keep)?;
+    Ok(report(&attached, removed))
 }
 
-/// Attaches `gateway_tunnel` to the WireGuard tunnel device's ingress.
+/// Attaches `gateway_tunnel` to the WireGuard tunnel device's ingress. Not
+/// pinned: the device lives as long as the daemon's tunnel.
 pub fn attach_tunnel_device(ebpf: &mut Ebpf, ifindex: u32) -> Result<()> {
     classifier(ebpf, "gateway_tunnel")?
-        .attach(ifindex, TcAttachType::Ingress)
+        .attach(
+            ifindex,
+            TcAttach::Tcx {
+                attach_type: TcAttachType::Ingress,
+                order: LinkOrder::default(),
+            },
+        )
         .context("attaching gateway_tunnel to the tunnel device")?;
     Ok(())
 }

@@ -73,6 +73,18 @@ impl Lab {
 
     /// Writes `config` and starts a daemon in `ns`, waiting until it is ready.
     pub fn start_daemon(&mut self, daemon: &Path, ns: &str, config: &str) -> Result<()> {
+        self.start_daemon_via(&[], daemon, ns, config)
+    }
+
+    /// Like [`Lab::start_daemon`], the daemon run through `wrapper` (a
+    /// command and its arguments, e.g. `setpriv` with capability options).
+    pub fn start_daemon_via(
+        &mut self,
+        wrapper: &[&str],
+        daemon: &Path,
+        ns: &str,
+        config: &str,
+    ) -> Result<()> {
         if !self.bpffs_mounted {
             netns::run(
                 "mount",
@@ -87,12 +99,15 @@ impl Lab {
         }
         fs::write(self.config_path(ns), config)?;
         let config_path = self.config_path(ns);
-        let args = [
+        let run_args = [
+            daemon.as_os_str(),
             OsStr::new("run"),
             OsStr::new("--config"),
             config_path.as_os_str(),
         ];
-        self.spawn(ns, ns, daemon.as_os_str(), &args)?;
+        let mut command: Vec<&OsStr> = wrapper.iter().map(OsStr::new).collect();
+        command.extend(run_args);
+        self.spawn(ns, ns, command[0], &command[1..])?;
         let log_path = self.log_path(ns);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -147,6 +162,16 @@ impl Lab {
             terminate(&mut child);
         }
         Ok(fs::read_to_string(self.log_path(ns)).unwrap_or_default())
+    }
+
+    /// Kills the daemon in `ns` with SIGKILL (a crash) and reaps it.
+    pub fn kill_daemon(&mut self, ns: &str) -> Result<()> {
+        if let Some(pos) = self.processes.iter().position(|(n, _)| n == ns) {
+            let (_, mut child) = self.processes.remove(pos);
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
     }
 
     /// `ligo-fabric inspect maps -o json` for the daemon in `ns`.

@@ -185,3 +185,121 @@ pub fn udp_exchange(
 pub fn disable_tx_checksum_offload(pod: &Pod) -> Result<()> {
     netns::exec(&pod.netns, "ethtool", &["-K", "eth0", "tx", "off"]).map(drop)
 }
+
+/// What a sequence-numbered UDP stream delivered.
+#[derive(Debug)]
+pub struct StreamOutcome {
+    pub sent: u64,
+    pub received: u64,
+    /// Datagrams that arrived after a later one.
+    pub reordered: u64,
+    pub duplicates: u64,
+    /// Datagrams from an unexpected source or with a corrupted payload.
+    pub mistranslated: u64,
+}
+
+/// Streams `rate` datagrams per second from `client` to `server_addr` while
+/// `during` runs, then a second more; each carries its sequence number and
+/// a payload derived from it, which the receiver checks, along with the
+/// source address it sees (`expected_source`).
+pub fn udp_stream<T>(
+    client: &Pod,
+    server: &Pod,
+    server_addr: Ipv4Addr,
+    expected_source: Ipv4Addr,
+    port: u16,
+    rate: u32,
+    during: impl FnOnce() -> Result<T>,
+) -> Result<(StreamOutcome, T)> {
+    const LEN: usize = 200;
+    fn body(seq: u64) -> [u8; LEN] {
+        let mut b = [0u8; LEN];
+        b[..8].copy_from_slice(&seq.to_be_bytes());
+        for (i, byte) in b[8..].iter_mut().enumerate() {
+            *byte = (seq as usize).wrapping_mul(31).wrapping_add(i) as u8;
+        }
+        b
+    }
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_rx = stop.clone();
+    let receiver = within(&server.netns, move || {
+        let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
+        socket.set_read_timeout(Some(Duration::from_millis(1500)))?;
+        // Seconds of traffic in the buffer: a receiver starved of CPU on a
+        // busy 2-core machine must not count as fabric loss.
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &(32 << 20))?;
+        let _ = ready_tx.send(());
+        let mut seen = std::collections::HashSet::new();
+        let (mut highest, mut out) = (
+            None::<u64>,
+            StreamOutcome {
+                sent: 0,
+                received: 0,
+                reordered: 0,
+                duplicates: 0,
+                mistranslated: 0,
+            },
+        );
+        let mut buf = [0u8; 2048];
+        loop {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    let SocketAddr::V4(from) = from else { continue };
+                    if n != LEN || *from.ip() != expected_source {
+                        out.mistranslated += 1;
+                        continue;
+                    }
+                    let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
+                    if buf[..LEN] != body(seq) {
+                        out.mistranslated += 1;
+                        continue;
+                    }
+                    if !seen.insert(seq) {
+                        out.duplicates += 1;
+                        continue;
+                    }
+                    out.received += 1;
+                    if highest.is_some_and(|h| seq < h) {
+                        out.reordered += 1;
+                    }
+                    highest = highest.max(Some(seq));
+                }
+                Err(_) if stop_rx.load(std::sync::atomic::Ordering::Relaxed) => return Ok(out),
+                Err(_) => {}
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(TIMEOUT)
+        .context("stream receiver did not start")?;
+    let stop_tx = stop.clone();
+    let sender_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender_flag = sender_stop.clone();
+    let sender = within(&client.netns, move || {
+        let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+        let target = SocketAddrV4::new(server_addr, port);
+        let started = std::time::Instant::now();
+        let mut seq = 0u64;
+        while !sender_flag.load(std::sync::atomic::Ordering::Relaxed) {
+            // Paced by the clock: send what is due, then sleep a little.
+            let due = (started.elapsed().as_secs_f64() * f64::from(rate)) as u64;
+            while seq < due {
+                socket.send_to(&body(seq), target)?;
+                seq += 1;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(seq)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let during_result = during();
+    std::thread::sleep(Duration::from_secs(1));
+    sender_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = join(sender).context("stream sender")?;
+    std::thread::sleep(Duration::from_millis(500));
+    stop_tx.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut outcome = join(receiver).context("stream receiver")?;
+    outcome.sent = sent;
+    Ok((outcome, during_result?))
+}

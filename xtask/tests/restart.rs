@@ -1,0 +1,201 @@
+//! The data path outlives its daemon: programs stay attached through pinned
+//! links and maps stay pinned while no daemon runs, and a starting daemon
+//! adopts them (swapping its programs in atomically). A 10,000 packets/s
+//! stream crosses the fabric while daemons are stopped and started, killed
+//! and started, and upgraded. Needs root (skipped with a message otherwise;
+//! under CI=true it must run).
+
+use std::fs;
+
+use anyhow::{Context, Result};
+use xtask::{
+    daemon_binary, netns, require_root,
+    testbed::{Scenario, Testbed},
+    traffic,
+};
+
+#[test]
+fn daemons_restart_crash_and_upgrade_without_losing_a_packet() {
+    if !require_root("daemons_restart_crash_and_upgrade_without_losing_a_packet") {
+        return;
+    }
+    let mut bed = Testbed::up("lt-rst", Scenario::different_cidrs()).expect("testbed");
+    // The plain transport: the WireGuard tunnel is userspace and stops with
+    // its daemon (see the closing note of the robustness issue).
+    bed.transport = "plain";
+    if let Err(e) = bed.start_fabric(&daemon_binary()) {
+        panic!("{e:#}\n{}", bed.lab.logs());
+    }
+    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
+    let dst = bed.address_seen_from_peer(&b);
+    let source_seen = bed.address_seen_from_peer(&a);
+    // "Upgrade" to another binary file: the new daemon loads its own copy
+    // of the programs and swaps them into the running links.
+    let upgraded = bed.lab.file("ligo-fabric-next");
+    fs::copy(daemon_binary(), &upgraded).expect("copy the daemon binary");
+    // Source node, destination node, and both gateways on the way.
+    let (plan_a, plan_b) = (bed.scenario.a.clone(), bed.scenario.b.clone());
+    let hosts: Vec<(String, String)> = [
+        (&plan_a, "n1"),
+        (&plan_b, "n2"),
+        (&plan_a, "gw"),
+        (&plan_b, "gw"),
+    ]
+    .into_iter()
+    .map(|(plan, host)| (bed.ns(plan, host), bed.daemon_config(plan, host)))
+    .collect();
+
+    let restarts = |bed: &mut Testbed| -> Result<Vec<String>> {
+        let mut logs = Vec::new();
+        for (ns, config) in &hosts {
+            for (how, binary) in [
+                ("stop", daemon_binary()),
+                ("kill", daemon_binary()),
+                ("upgrade", upgraded.clone()),
+            ] {
+                match how {
+                    "kill" => bed.lab.kill_daemon(ns)?,
+                    _ => drop(bed.lab.stop_daemon(ns)?),
+                }
+                bed.lab
+                    .start_daemon(&binary, ns, config)
+                    .with_context(|| format!("{how} and start {ns}"))?;
+                logs.push(format!(
+                    "{ns} ({how}): {}",
+                    fs::read_to_string(bed.lab.log_path(ns)).unwrap_or_default()
+                ));
+            }
+        }
+        Ok(logs)
+    };
+    let result = traffic::udp_stream(&a, &b, dst, source_seen, 7700, 10_000, || {
+        restarts(&mut bed)
+    });
+    let (outcome, logs) = match result {
+        Ok(r) => r,
+        Err(e) => panic!("{e:#}\n{}", bed.lab.logs()),
+    };
+    eprintln!("stream across 12 restarts: {outcome:?}");
+    assert!(outcome.sent >= 10_000, "stream too short: {outcome:?}");
+    assert_eq!(outcome.received, outcome.sent, "lost packets: {outcome:?}");
+    assert_eq!(outcome.reordered, 0, "{outcome:?}");
+    assert_eq!(outcome.duplicates, 0, "{outcome:?}");
+    assert_eq!(outcome.mistranslated, 0, "{outcome:?}");
+    assert_eq!(logs.len(), 12, "every daemon restarted three ways");
+    for log in &logs {
+        assert!(
+            log.contains("adopted the running data path"),
+            "a restart did not adopt: {log}"
+        );
+    }
+}
+
+/// SIGTERM leaves the data path forwarding with no daemon at all;
+/// `ligo-fabric uninstall` then removes programs, routes and maps.
+#[test]
+fn stopped_daemon_keeps_forwarding_and_uninstall_removes_everything() {
+    if !require_root("stopped_daemon_keeps_forwarding_and_uninstall_removes_everything") {
+        return;
+    }
+    let mut bed = Testbed::up("lt-stop", Scenario::identical_cidrs()).expect("testbed");
+    bed.transport = "plain";
+    if let Err(e) = bed.start_fabric(&daemon_binary()) {
+        panic!("{e:#}\n{}", bed.lab.logs());
+    }
+    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
+    let dst = bed.address_seen_from_peer(&b);
+    let a_node = bed.ns(&bed.scenario.a, "n1");
+    let pin_dir = bed.lab.pin_dir(&a_node);
+    let log = bed.lab.stop_daemon(&a_node).expect("stop");
+    assert!(log.contains("the data path keeps forwarding"), "{log}");
+    traffic::ping(&a, dst, 3).expect("traffic with the source node's daemon stopped");
+    assert!(pin_dir.join("PEER_VIEWS").exists());
+
+    let out = netns::exec(
+        &a_node,
+        &daemon_binary().to_string_lossy(),
+        &["uninstall", "--pin-dir", &pin_dir.to_string_lossy()],
+    );
+    if let Err(e) = out {
+        panic!("uninstall: {e:#}");
+    }
+    let routes = netns::ip(&["-n", &a_node, "route", "show", "proto", "76"]).expect("routes");
+    assert!(routes.trim().is_empty(), "routes left: {routes}");
+    assert!(!pin_dir.exists(), "pins left");
+    let hooks = netns::exec(&a_node, "bpftool", &["net", "show", "dev", "eth0"]).expect("bpftool");
+    assert!(
+        !hooks.contains("node_"),
+        "programs still attached after uninstall: {hooks}"
+    );
+    assert!(
+        traffic::ping(&a, dst, 1).is_err(),
+        "the fabric still carries traffic after uninstall"
+    );
+}
+
+/// The capabilities the README lists are enough: a node daemon whose
+/// bounding set holds only CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN runs the
+/// fabric; and what it pins cannot be read by other users.
+#[test]
+fn daemon_needs_only_the_listed_capabilities_and_pins_are_private() {
+    if !require_root("daemon_needs_only_the_listed_capabilities_and_pins_are_private") {
+        return;
+    }
+    const CAPS: &str = "-all,+bpf,+net_admin,+sys_admin";
+    let mut bed = Testbed::up("lt-caps", Scenario::different_cidrs()).expect("testbed");
+    bed.transport = "plain";
+    let plans = [bed.scenario.a.clone(), bed.scenario.b.clone()];
+    let wrapper = ["setpriv", "--bounding-set", CAPS, "--inh-caps", CAPS];
+    for plan in &plans {
+        for host in ["gw", "n1", "n2"] {
+            let ns = bed.ns(plan, host);
+            let config = bed.daemon_config(plan, host);
+            if let Err(e) = bed
+                .lab
+                .start_daemon_via(&wrapper, &daemon_binary(), &ns, &config)
+            {
+                panic!("{e:#}\n{}", bed.lab.logs());
+            }
+        }
+    }
+    let a_node = bed.ns(&plans[0], "n1");
+    let pid = fs::read_to_string(bed.lab.pid_path(&a_node)).expect("pid");
+    let status = fs::read_to_string(format!("/proc/{}/status", pid.trim())).expect("status");
+    let bounding = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(u64::MAX))
+        .expect("CapBnd");
+    // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_BPF 39.
+    assert_eq!(bounding, (1 << 12) | (1 << 21) | (1 << 39), "{status}");
+    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
+    traffic::ping(&a, bed.address_seen_from_peer(&b), 3).expect("fabric with reduced capabilities");
+
+    let pin_dir = bed.lab.pin_dir(&a_node);
+    let as_nobody = |args: &[&str]| {
+        let mut full = vec!["--reuid=65534", "--regid=65534", "--clear-groups"];
+        full.extend_from_slice(args);
+        netns::exec(&a_node, "setpriv", &full)
+    };
+    let listing = as_nobody(&["ls", &pin_dir.to_string_lossy()]);
+    assert!(
+        listing.is_err(),
+        "another user can list the pins: {listing:?}"
+    );
+    // A copy anyone may run, so a refusal can only come from the pins.
+    let cli = std::env::temp_dir().join(format!("ligo-fabric-caps-{}", std::process::id()));
+    fs::copy(daemon_binary(), &cli).expect("copy");
+    fs::set_permissions(&cli, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let version = as_nobody(&[&cli.to_string_lossy(), "--version"]);
+    assert!(version.is_ok(), "the copy must run as nobody: {version:?}");
+    let inspect = as_nobody(&[
+        &cli.to_string_lossy(),
+        "inspect",
+        "maps",
+        "--pin-dir",
+        &pin_dir.to_string_lossy(),
+    ]);
+    let _ = fs::remove_file(&cli);
+    let error = format!("{:#}", inspect.expect_err("another user can read the maps"));
+    assert!(error.contains("ermission denied"), "{error}");
+}
