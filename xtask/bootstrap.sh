@@ -10,7 +10,7 @@ EBPF_TOOLCHAIN=nightly-2026-06-25
 BPF_LINKER_VERSION=0.13.0
 BORINGTUN_CLI_VERSION=0.7.1
 DEBIAN_PACKAGES=(llvm-22-dev libpolly-22-dev iproute2 iperf3 tshark iputils-ping
-  bpftool nftables ethtool procps prometheus wireguard-tools)
+  bpftool nftables ethtool procps prometheus wireguard-tools iputils-tracepath)
 
 log() { echo "bootstrap: $*" >&2; }
 

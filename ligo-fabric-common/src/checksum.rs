@@ -28,6 +28,29 @@ pub const fn replace_addr(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     !fold(sum)
 }
 
+/// RFC 1624 eqn. 3 for one 16-bit word changing from `old` to `new`.
+#[inline(always)]
+pub const fn replace_word(check: u16, old: u16, new: u16) -> u16 {
+    let sum = (!check) as u32 + (!old) as u32 + new as u32;
+    !fold(sum)
+}
+
+/// An address quoted in an ICMP error changes from `old` to `new`: the
+/// quoted IPv4 header's checksum changes with it, and the ICMP checksum
+/// (which covers both, and no pseudo-header) follows both. Returns (ICMP
+/// checksum, quoted header checksum).
+#[inline(always)]
+pub const fn replace_quoted_addr(
+    icmp_check: u16,
+    quoted_check: u16,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> (u16, u16) {
+    let quoted = replace_addr(quoted_check, old, new);
+    let icmp = replace_word(replace_addr(icmp_check, old, new), quoted_check, quoted);
+    (icmp, quoted)
+}
+
 /// Like [`replace_addr`] for a UDP checksum, where 0 means "no checksum":
 /// 0 stays 0, and a computed 0 is sent as 0xffff (RFC 768).
 #[inline(always)]
@@ -245,5 +268,49 @@ mod packet_tests {
         rewrite_source(&mut udp, [10, 245, 1, 10]);
         assert_eq!(&udp[26..28], &[0, 0]);
         assert_checksums_valid(&udp, [10, 245, 1, 10]);
+    }
+
+    #[test]
+    fn quoted_address_rewrite_keeps_icmp_and_quoted_checksums_valid() {
+        use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
+        // The packet an ICMP error is about: UDP from 10.246.1.10 to 10.244.2.11.
+        let mut quoted = Vec::new();
+        PacketBuilder::ipv4([10, 246, 1, 10], [10, 244, 2, 11], 63)
+            .udp(40000, 33434)
+            .write(&mut quoted, b"probe")
+            .unwrap();
+        let build = |quote: &[u8]| {
+            let mut out = Vec::new();
+            PacketBuilder::ipv4([10, 244, 2, 11], [10, 246, 1, 10], 64)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    DestUnreachableHeader::Port,
+                ))
+                .write(&mut out, &quote[..28])
+                .unwrap();
+            out
+        };
+        let before = build(&quoted);
+        let (old, new) = ([10, 246, 1, 10], [10, 244, 1, 10]);
+        let icmp = 20;
+        let q = icmp + 8;
+        let (icmp_check, quoted_check) = replace_quoted_addr(
+            u16::from_be_bytes([before[icmp + 2], before[icmp + 3]]),
+            u16::from_be_bytes([before[q + 10], before[q + 11]]),
+            old,
+            new,
+        );
+        let mut rewritten_quote = quoted.clone();
+        rewritten_quote[12..16].copy_from_slice(&new);
+        let header: [u8; 20] = rewritten_quote[..20].try_into().unwrap();
+        rewritten_quote[10..12].copy_from_slice(&ipv4_header_checksum(&header).to_be_bytes());
+        let expected = build(&rewritten_quote);
+        assert_eq!(
+            quoted_check.to_be_bytes(),
+            [expected[q + 10], expected[q + 11]]
+        );
+        assert_eq!(
+            icmp_check.to_be_bytes(),
+            [expected[icmp + 2], expected[icmp + 3]]
+        );
     }
 }

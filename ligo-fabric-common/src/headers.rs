@@ -98,6 +98,25 @@ pub const fn peer_from_tunnel_mac(mac: [u8; 6]) -> Option<u32> {
     Some(vni_from_bytes([mac[3], mac[4], mac[5]]))
 }
 
+/// ICMP error messages (destination unreachable, time exceeded, parameter
+/// problem): they quote the IPv4 header of the packet they are about.
+#[inline(always)]
+pub const fn is_icmp_error(icmp_type: u8) -> bool {
+    matches!(icmp_type, 3 | 11 | 12)
+}
+
+/// Offsets in an ICMP error message, from its ICMP header.
+pub mod icmp_error {
+    pub const CHECKSUM: usize = 2;
+    /// The quoted IPv4 header.
+    pub const QUOTED_IP: usize = 8;
+    pub const QUOTED_CHECKSUM: usize = QUOTED_IP + 10;
+    pub const QUOTED_SRC: usize = QUOTED_IP + 12;
+    pub const QUOTED_DST: usize = QUOTED_IP + 16;
+    /// ICMP header and a quoted IPv4 header without options.
+    pub const LEN: usize = QUOTED_IP + 20;
+}
+
 /// IPv4 and TCP headers without options: what an MSS leaves out of the MTU.
 pub const TCP_IPV4_HEADERS: u32 = 40;
 

@@ -5,11 +5,13 @@
 use core::mem::size_of;
 
 use ligo_fabric_common::{
+    checksum::replace_quoted_addr,
     headers::{
-        ipv4, outer, vni_from_bytes, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN,
-        TCP_CHECKSUM, UDP_CHECKSUM, VXLAN_FLAGS,
+        icmp_error, ipv4, is_icmp_error, outer, vni_from_bytes, ETH_P_IPV4, IPPROTO_ICMP,
+        IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN, TCP_CHECKSUM, UDP_CHECKSUM, VXLAN_FLAGS,
     },
     maps::FabricConfig,
+    prefix::PrefixRewrite,
     DropReason,
 };
 
@@ -40,6 +42,18 @@ pub struct ArrivingFrame {
     /// whether it is UDP's (where 0 means "none").
     pub l4_checksum: Option<(usize, bool)>,
     pub inner_len: u16,
+    /// An ICMP error quoting one of our packets to the peer: its quoted
+    /// destination (the peer's real address) moves into our view too.
+    pub quote: Option<QuoteFix>,
+}
+
+/// The writes that translate the destination quoted in an ICMP error.
+pub struct QuoteFix {
+    /// Offset of the ICMP header in the frame.
+    pub icmp: usize,
+    pub view_dst: [u8; 4],
+    pub icmp_checksum: [u8; 2],
+    pub quoted_checksum: [u8; 2],
 }
 
 /// `Ok(None)`: not fabric traffic, pass it. `Err`: fabric traffic to drop.
@@ -108,11 +122,57 @@ pub fn parse_arriving(
     if let Some((at, _)) = l4_checksum {
         ptr_at::<[u8; 2]>(data, data_end, at).ok_or(DropReason::TruncatedInnerPacket)?;
     }
+    let quote =
+        if h[inner + ipv4::PROTOCOL] == IPPROTO_ICMP && first_fragment && ihl == IPV4_HDR_LEN {
+            quote_fix(data, data_end, inner + IPV4_HDR_LEN, &peer.real_to_view)
+        } else {
+            None
+        };
     Ok(Some(ArrivingFrame {
         vni,
         src,
         view_src: peer.real_to_view.apply(src),
         l4_checksum,
         inner_len: u16::from_be_bytes([h[inner + ipv4::TOTAL_LEN], h[inner + ipv4::TOTAL_LEN + 1]]),
+        quote,
     }))
+}
+
+/// For an ICMP error at `icmp` whose quoted destination lies in the peer's
+/// real CIDR (an error about a packet we sent it), the translation of that
+/// address into our view, with both checksums. The sender's kernel matches
+/// the error to its socket by the quoted header, so it must read as sent.
+#[inline(always)]
+fn quote_fix(
+    data: usize,
+    data_end: usize,
+    icmp: usize,
+    real_to_view: &PrefixRewrite,
+) -> Option<QuoteFix> {
+    let m_ptr = ptr_at::<[u8; icmp_error::LEN]>(data, data_end, icmp)?;
+    // SAFETY: ptr_at checked the bounds.
+    let m = unsafe { &*m_ptr };
+    if !is_icmp_error(m[0]) || m[icmp_error::QUOTED_IP] != 0x45 {
+        return None;
+    }
+    let d = icmp_error::QUOTED_DST;
+    let quoted_dst = [m[d], m[d + 1], m[d + 2], m[d + 3]];
+    if !real_to_view.matches(quoted_dst) {
+        return None;
+    }
+    let view_dst = real_to_view.apply(quoted_dst);
+    let c = icmp_error::CHECKSUM;
+    let q = icmp_error::QUOTED_CHECKSUM;
+    let (icmp_checksum, quoted_checksum) = replace_quoted_addr(
+        u16::from_be_bytes([m[c], m[c + 1]]),
+        u16::from_be_bytes([m[q], m[q + 1]]),
+        quoted_dst,
+        view_dst,
+    );
+    Some(QuoteFix {
+        icmp,
+        view_dst,
+        icmp_checksum: icmp_checksum.to_be_bytes(),
+        quoted_checksum: quoted_checksum.to_be_bytes(),
+    })
 }

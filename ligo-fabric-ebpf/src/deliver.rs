@@ -32,7 +32,10 @@ pub fn to_pod_or_stack(ctx: &TcContext) -> i32 {
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = ip[ipv4::PROTOCOL];
-    params.__bindgen_anon_1.tot_len = u16::from_be_bytes([ip[2], ip[3]]);
+    // tot_len stays 0: the helper then checks the skb against the pod
+    // link's MTU itself, which lets GSO super-packets through (their
+    // tot_len is the whole super-packet's) and turns a too-big packet into
+    // FRAG_NEEDED, for the stack to answer with an ICMP error.
     params.__bindgen_anon_2.tos = ip[1];
     params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);

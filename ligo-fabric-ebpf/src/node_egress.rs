@@ -9,11 +9,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ligo_fabric_common::{
+    checksum::replace_quoted_addr,
     headers::{
-        clamped_mss, ipv4, ETH_HDR_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN,
-        TCP_CHECKSUM, UDP_CHECKSUM,
+        clamped_mss, icmp_error, ipv4, is_icmp_error, ETH_HDR_LEN, ETH_P_IPV4, IPPROTO_ICMP,
+        IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN, TCP_CHECKSUM, UDP_CHECKSUM,
     },
     maps::{Direction, Role},
+    prefix::PrefixRewrite,
     DropReason,
 };
 
@@ -84,6 +86,15 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     if ip[ipv4::PROTOCOL] == IPPROTO_TCP && first_fragment {
         clamp_mss(ctx, l4, mss_clamp)?;
     }
+    if ip[ipv4::PROTOCOL] == IPPROTO_ICMP && first_fragment && ihl == IPV4_HDR_LEN {
+        let src = [
+            ip[ipv4::SRC],
+            ip[ipv4::SRC + 1],
+            ip[ipv4::SRC + 2],
+            ip[ipv4::SRC + 3],
+        ];
+        translate_icmp_error(ctx, l4, &view_to_real, src)?;
+    }
     ctx.l3_csum_replace(ETH_HDR_LEN + ipv4::CHECKSUM, old, new, 4)
         .map_err(|_| DropReason::RewriteFailed)?;
     ctx.store(ETH_HDR_LEN + ipv4::DST, &real_dst, 0)
@@ -120,4 +131,63 @@ fn clamp_mss(ctx: &TcContext, l4: usize, clamp: u16) -> Result<(), DropReason> {
     .map_err(|_| DropReason::RewriteFailed)?;
     ctx.store(l4 + 22, &new.to_be_bytes(), 0)
         .map_err(|_| DropReason::RewriteFailed)
+}
+
+/// An ICMP error about a packet the peer sent (port unreachable from a pod,
+/// time exceeded or fragmentation needed from this node) quotes that packet
+/// as it arrived here, its source in our view of the peer. The quoted
+/// source goes back to the peer's real address by the same rule as the
+/// destination, so the peer's kernel recognises its own packet (path MTU
+/// discovery, traceroute). The error is sent from the address the packet
+/// was for, so an error made by this node itself comes from inside our pod
+/// CIDR, the only sources the peer accepts.
+#[inline(always)]
+fn translate_icmp_error(
+    ctx: &TcContext,
+    l4: usize,
+    view_to_real: &PrefixRewrite,
+    outer_src: [u8; 4],
+) -> Result<(), DropReason> {
+    let Ok(m) = ctx.load::<[u8; icmp_error::LEN]>(l4) else {
+        return Ok(());
+    };
+    if !is_icmp_error(m[0]) || m[icmp_error::QUOTED_IP] != 0x45 {
+        return Ok(());
+    }
+    let s = icmp_error::QUOTED_SRC;
+    let quoted_src = [m[s], m[s + 1], m[s + 2], m[s + 3]];
+    if !view_to_real.matches(quoted_src) {
+        return Ok(());
+    }
+    let real = view_to_real.apply(quoted_src);
+    let (c, q) = (icmp_error::CHECKSUM, icmp_error::QUOTED_CHECKSUM);
+    let (icmp_check, quoted_check) = replace_quoted_addr(
+        u16::from_be_bytes([m[c], m[c + 1]]),
+        u16::from_be_bytes([m[q], m[q + 1]]),
+        quoted_src,
+        real,
+    );
+    let store = |at: usize, bytes: &[u8]| -> Result<(), DropReason> {
+        match bytes.len() {
+            2 => ctx.store(at, &[bytes[0], bytes[1]], 0),
+            _ => ctx.store(at, &[bytes[0], bytes[1], bytes[2], bytes[3]], 0),
+        }
+        .map_err(|_| DropReason::RewriteFailed)
+    };
+    store(l4 + c, &icmp_check.to_be_bytes())?;
+    store(l4 + q, &quoted_check.to_be_bytes())?;
+    store(l4 + s, &real)?;
+    let d = icmp_error::QUOTED_DST;
+    let quoted_dst = [m[d], m[d + 1], m[d + 2], m[d + 3]];
+    if quoted_dst != outer_src {
+        ctx.l3_csum_replace(
+            ETH_HDR_LEN + ipv4::CHECKSUM,
+            u32::from_ne_bytes(outer_src) as u64,
+            u32::from_ne_bytes(quoted_dst) as u64,
+            4,
+        )
+        .map_err(|_| DropReason::RewriteFailed)?;
+        store(ETH_HDR_LEN + ipv4::SRC, &quoted_dst)?;
+    }
+    Ok(())
 }

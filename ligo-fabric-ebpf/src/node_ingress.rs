@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use ligo_fabric_common::{
     checksum::{replace_addr, udp_replace_addr},
-    headers::{ipv4, outer, ENCAP_LEN},
+    headers::{icmp_error, ipv4, outer, ENCAP_LEN},
     maps::{Direction, Role},
     DropReason,
 };
@@ -78,6 +78,21 @@ fn try_node_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
     );
     h[csum_at..csum_at + 2].copy_from_slice(&ip_check.to_be_bytes());
     h[inner + ipv4::SRC..inner + ipv4::SRC + 4].copy_from_slice(&view_src);
+
+    if let Some(fix) = &frame.quote {
+        let m_ptr = ptr_at::<[u8; icmp_error::LEN]>(data, data_end, fix.icmp)
+            .ok_or(DropReason::TruncatedInnerPacket)?;
+        // SAFETY: bounds checked just above; XDP frames are writable.
+        let m = unsafe { &mut *m_ptr };
+        let (c, q, d) = (
+            icmp_error::CHECKSUM,
+            icmp_error::QUOTED_CHECKSUM,
+            icmp_error::QUOTED_DST,
+        );
+        m[c..c + 2].copy_from_slice(&fix.icmp_checksum);
+        m[q..q + 2].copy_from_slice(&fix.quoted_checksum);
+        m[d..d + 4].copy_from_slice(&fix.view_dst);
+    }
 
     // The inner frame keeps the outer MAC addresses: the stack must see it
     // addressed to this host.

@@ -727,3 +727,110 @@ fn wireguard_frames_go_up_and_tunnel_device_frames_go_to_the_owning_node() {
         assert_eq!(fx.drops(reason), before + 1, "{reason:?}");
     }
 }
+
+/// An ICMP port-unreachable (type 3) from `from` to `to`, quoting a UDP
+/// packet `quoted_src` -> `quoted_dst`, in an Ethernet frame.
+fn icmp_error_frame(
+    macs: ([u8; 6], [u8; 6]),
+    from: &str,
+    to: &str,
+    quoted_src: &str,
+    quoted_dst: &str,
+) -> Vec<u8> {
+    let mut quoted = Vec::new();
+    PacketBuilder::ipv4(ip(quoted_src), ip(quoted_dst), 63)
+        .udp(40000, 33434)
+        .write(&mut quoted, b"probe payload")
+        .expect("quoted");
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv4(ip(from), ip(to), 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ))
+        .write(&mut out, &quoted[..28])
+        .expect("icmp");
+    out
+}
+
+/// `packet` (an IPv4 ICMP error, from its IP header) with the two fields
+/// the comparison leaves out zeroed: the ICMP checksum (checked on its own)
+/// and the quoted UDP checksum, which no kernel verifies and the fabric
+/// leaves as it was.
+fn masked_icmp_error(packet: &[u8]) -> Vec<u8> {
+    let mut p = packet.to_vec();
+    p[20 + 2..20 + 4].copy_from_slice(&[0, 0]);
+    p[20 + 28 + 6..20 + 28 + 8].copy_from_slice(&[0, 0]);
+    p
+}
+
+/// ICMP errors about fabric flows read, at the kernel that gets them, as
+/// about the packet it sent: the egress puts the quoted source back into
+/// the peer's real space (and sends an error the node made itself from the
+/// packet's destination), the ingress puts the quoted destination into our
+/// view. Every checksum stays valid; both ingress hooks agree.
+#[test]
+fn icmp_errors_quote_the_packet_as_its_sender_sent_it() {
+    if !is_root() {
+        return;
+    }
+    let mut fx = Fixture::new(&node_config());
+    // Our pod 10.244.1.10 (or this node, 10.244.1.1) answers a packet from
+    // the peer's 10.100.17.11, which it saw as 10.200.33.11.
+    for from in ["10.244.1.10", "10.244.1.1"] {
+        let input = icmp_error_frame(
+            (NODE_MAC, GW_MAC),
+            from,
+            "10.200.33.11",
+            "10.200.33.11",
+            "10.244.1.10",
+        );
+        let (ret, out) = fx.run_tc("node_egress", &input);
+        assert_eq!(ret, TC_ACT_OK);
+        let expected = icmp_error_frame(
+            (NODE_MAC, GW_MAC),
+            "10.244.1.10",
+            "10.100.17.11",
+            "10.100.17.11",
+            "10.244.1.10",
+        );
+        assert_eq!(
+            masked_icmp_error(&out[14 + ENCAP_LEN..]),
+            masked_icmp_error(&expected[14..]),
+            "error from {from}"
+        );
+        assert_eq!(
+            out[out.len() - 2..],
+            input[input.len() - 2..],
+            "quoted UDP checksum"
+        );
+        assert_checksums_valid(&out[outer::INNER_ETH..]);
+    }
+    // The peer's error about our packet 10.244.1.10 -> 10.100.17.11.
+    for hook in HOOKS {
+        let inner = icmp_error_frame(
+            ([2, 9, 9, 9, 9, 9], [2, 8, 8, 8, 8, 8]),
+            "10.100.17.11",
+            "10.244.1.10",
+            "10.244.1.10",
+            "10.100.17.11",
+        );
+        let input = encapsulated("192.0.2.1", "192.0.2.11", 2, &inner);
+        let (verdict, out) = fx.run_ingress(hook, &input);
+        assert_eq!(verdict, Verdict::Pass, "{hook:?}");
+        let expected = icmp_error_frame(
+            (GW_MAC, NODE_MAC),
+            "10.200.33.11",
+            "10.244.1.10",
+            "10.244.1.10",
+            "10.200.33.11",
+        );
+        assert_eq!(out[..14], expected[..14], "{hook:?}");
+        assert_eq!(
+            masked_icmp_error(&out[14..]),
+            masked_icmp_error(&expected[14..]),
+            "{hook:?}"
+        );
+        assert_checksums_valid(&out);
+    }
+}

@@ -522,3 +522,63 @@ fn config_changes_under_traffic_lose_nothing() {
     assert_eq!(outcome.duplicates, 0, "{outcome:?}");
     assert_eq!(outcome.mistranslated, 0, "{outcome:?}");
 }
+
+/// ICMP errors cross the fabric with their quoted packet translated: a DF
+/// datagram too big for the destination pod's link makes the sender's
+/// kernel learn the smaller path MTU from the fragmentation-needed error
+/// the destination node sends, and tracepath from a pod in A reaches a pod
+/// in B (the port-unreachable of the destination comes back as such).
+#[test]
+fn path_mtu_discovery_and_tracepath_work_across_the_fabric() {
+    if !require_root("path_mtu_discovery_and_tracepath_work_across_the_fabric") {
+        return;
+    }
+    // Identical CIDRs: both sides remap, so both translations are needed.
+    let bed = fabric("lt-pmtu", Scenario::identical_cidrs());
+    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
+    let dst = bed.address_seen_from_peer(&b);
+
+    let trace = netns::exec(&a.netns, "tracepath", &["-n", "-m", "6", &dst.to_string()])
+        .unwrap_or_else(|e| panic!("tracepath: {e:#}\n{}", bed.lab.logs()));
+    assert!(
+        trace.contains("reached"),
+        "tracepath did not reach {dst}:\n{trace}"
+    );
+
+    // B's pod link gets a smaller MTU than the fabric route.
+    let b_node = bed.ns(&bed.scenario.b, "n2");
+    let host_end = netns::exec(&b_node, "ip", &["-o", "route", "get", &b.ip.to_string()])
+        .expect("route to the pod");
+    let dev = host_end
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .expect("pod interface")
+        .to_owned();
+    netns::exec(&b_node, "ip", &["link", "set", &dev, "mtu", "1300"]).expect("mtu");
+    netns::exec(&b.netns, "ip", &["link", "set", "eth0", "mtu", "1300"]).expect("mtu");
+    let probe = format!(
+        r#"
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO
+s.connect(("{dst}", 7900))
+print("before", s.getsockopt(socket.IPPROTO_IP, 14))  # IP_MTU
+s.send(bytes(1400 - 28))
+time.sleep(1)
+try:
+    s.send(bytes(1400 - 28))
+    print("second send accepted")
+except OSError as e:
+    print("second send refused", e.errno)
+print("after", s.getsockopt(socket.IPPROTO_IP, 14))
+"#
+    );
+    let out = netns::exec(&a.netns, "python3", &["-c", &probe])
+        .unwrap_or_else(|e| panic!("probe: {e:#}"));
+    assert!(
+        out.contains("after 1300") && out.contains("second send refused 90"),
+        "the sender did not learn the path MTU from the far side:\n{out}\n{}",
+        bed.lab.logs()
+    );
+}
