@@ -1,0 +1,131 @@
+//! Property tests of the pure packet logic the programs run: random inputs,
+//! results checked against a from-scratch computation or an invariant.
+//! (`cargo test` runs 256 cases per property; PROPTEST_CASES raises it.)
+
+use ligo_fabric_common::{
+    checksum::{ipv4_header_checksum, replace_addr, replace_quoted_addr, udp_replace_addr},
+    headers::{clamped_mss, peer_from_tunnel_mac, tunnel_source_mac},
+    prefix::{mask_for_len, PrefixRewrite},
+};
+use proptest::prelude::*;
+
+/// One's-complement checksum of `data` from scratch (RFC 1071).
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for pair in data.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ipv4_header() -> impl Strategy<Value = [u8; 20]> {
+    proptest::array::uniform20(any::<u8>()).prop_map(|mut h| {
+        h[0] = 0x45;
+        let c = ipv4_header_checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h
+    })
+}
+
+proptest! {
+    #[test]
+    fn prefix_rewrite_keeps_host_bits_and_round_trips(
+        from in any::<[u8; 4]>(),
+        to in any::<[u8; 4]>(),
+        len in 0u8..=32,
+        addr in any::<[u8; 4]>(),
+    ) {
+        let rule = PrefixRewrite::new(from, to, len);
+        let mask = mask_for_len(len);
+        let a = u32::from_be_bytes(addr);
+        let inside = a & mask == u32::from_be_bytes(from) & mask;
+        prop_assert_eq!(rule.matches(addr), inside);
+        if inside {
+            let out = u32::from_be_bytes(rule.apply(addr));
+            prop_assert_eq!(out & !mask, a & !mask, "host bits kept");
+            prop_assert_eq!(out & mask, u32::from_be_bytes(to) & mask, "network bits swapped");
+            prop_assert_eq!(rule.reversed().apply(rule.apply(addr)), addr);
+        }
+    }
+
+    #[test]
+    fn incremental_ip_checksum_equals_recomputation(
+        mut header in ipv4_header(),
+        new_src in any::<[u8; 4]>(),
+    ) {
+        let old_check = u16::from_be_bytes([header[10], header[11]]);
+        let old_src: [u8; 4] = header[12..16].try_into().unwrap();
+        header[12..16].copy_from_slice(&new_src);
+        let fresh = ipv4_header_checksum(&header);
+        let incremental = replace_addr(old_check, old_src, new_src);
+        // 0x0000 and 0xffff are the same one's-complement value.
+        prop_assert!(incremental == fresh || (incremental ^ fresh) == 0xffff);
+        header[10..12].copy_from_slice(&incremental.to_be_bytes());
+        prop_assert_eq!(checksum(&header), 0);
+    }
+
+    #[test]
+    fn udp_zero_checksum_stays_zero_and_others_never_become_zero(
+        check in any::<u16>(),
+        old in any::<[u8; 4]>(),
+        new in any::<[u8; 4]>(),
+    ) {
+        let out = udp_replace_addr(check, old, new);
+        if check == 0 {
+            prop_assert_eq!(out, 0);
+        } else {
+            prop_assert_ne!(out, 0);
+        }
+    }
+
+    #[test]
+    fn quoted_address_rewrite_keeps_icmp_valid(
+        quoted in ipv4_header(),
+        tail in proptest::collection::vec(any::<u8>(), 8..64),
+        rest_of_icmp in any::<[u8; 4]>(),
+        new_dst in any::<[u8; 4]>(),
+    ) {
+        // An ICMP error: type 3, code 3, checksum, 4 bytes, quoted header, tail.
+        let mut icmp = vec![3, 3, 0, 0];
+        icmp.extend_from_slice(&rest_of_icmp);
+        icmp.extend_from_slice(&quoted);
+        icmp.extend_from_slice(&tail);
+        let c = checksum(&icmp);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        let q = 8;
+        let old_dst: [u8; 4] = icmp[q + 16..q + 20].try_into().unwrap();
+        let (icmp_check, quoted_check) = replace_quoted_addr(
+            u16::from_be_bytes([icmp[2], icmp[3]]),
+            u16::from_be_bytes([icmp[q + 10], icmp[q + 11]]),
+            old_dst,
+            new_dst,
+        );
+        icmp[q + 16..q + 20].copy_from_slice(&new_dst);
+        icmp[q + 10..q + 12].copy_from_slice(&quoted_check.to_be_bytes());
+        icmp[2..4].copy_from_slice(&icmp_check.to_be_bytes());
+        prop_assert_eq!(checksum(&icmp[q..q + 20]), 0, "quoted header checksum");
+        prop_assert_eq!(checksum(&icmp), 0, "ICMP checksum");
+    }
+
+    #[test]
+    fn mss_clamp_only_lowers_a_syn_mss(
+        tcp in any::<[u8; 24]>(),
+        clamp in any::<u16>(),
+    ) {
+        if let Some((old, new)) = clamped_mss(&tcp, clamp) {
+            prop_assert!(new < old);
+            prop_assert_eq!(new, clamp);
+            prop_assert!(tcp[13] & 0x02 != 0, "only SYNs");
+            prop_assert_eq!(old, u16::from_be_bytes([tcp[22], tcp[23]]));
+        }
+    }
+
+    #[test]
+    fn tunnel_macs_carry_any_24_bit_peer_id(id in 0u32..(1 << 24)) {
+        prop_assert_eq!(peer_from_tunnel_mac(tunnel_source_mac(id)), Some(id));
+    }
+}
