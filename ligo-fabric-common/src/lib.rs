@@ -9,6 +9,7 @@ pub mod checksum;
 pub mod drop_reason;
 pub mod headers;
 pub mod maps;
+pub mod model;
 pub mod prefix;
 
 pub use drop_reason::DropReason;

@@ -169,7 +169,7 @@ where
             data_out: Some(&mut out),
             ..Default::default()
         })
-        .expect("test_run");
+        .unwrap_or_else(|e| panic!("test_run of a {}-byte frame: {e:?}", frame.len()));
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
 }
@@ -833,4 +833,169 @@ fn icmp_errors_quote_the_packet_as_its_sender_sent_it() {
         );
         assert_checksums_valid(&out);
     }
+}
+
+/// The node configuration the corpus is built for, in the model's terms.
+fn corpus_model<'a>(
+    peers: &'a [(u32, ligo_fabric_common::prefix::PrefixRewrite)],
+    views: &'a [ligo_fabric_common::prefix::PrefixRewrite],
+) -> ligo_fabric_common::model::NodeModel<'a> {
+    ligo_fabric_common::model::NodeModel {
+        fabric_port: PORT,
+        gateway_ip: ip("192.0.2.1"),
+        peers,
+        views,
+    }
+}
+
+/// 12,000 hostile frames built with scapy (truncated at and around every
+/// header boundary, bad IHL and total length, IP options, fragments, TTL 1,
+/// ICMP errors, IPv6, ARP, VLAN tags, frames beyond the MTU, VXLAN with
+/// wrong flags or unknown VNI, strangers' sources and ports) through
+/// node_ingress at both hooks and node_egress. Every frame's outcome must be
+/// what the reference model in `ligo-fabric-common` says: passed untouched,
+/// dropped with the right counted reason, or translated, with the addresses
+/// the rules give and every checksum that was valid before still valid by
+/// scapy's reckoning.
+#[test]
+fn hostile_corpus_matches_the_reference_model() {
+    use ligo_fabric_common::{model::Outcome, prefix::PrefixRewrite};
+    if !is_root() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ligo-corpus-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus/hostile.py");
+    let corpus = dir.join("frames.bin");
+    let status = std::process::Command::new("python3")
+        .args([script, "generate", &corpus.to_string_lossy(), "6000"])
+        .status()
+        .expect("python3 with scapy (installed by xtask/bootstrap.sh)");
+    assert!(status.success(), "corpus generation failed");
+    let data = std::fs::read(&corpus).expect("corpus");
+
+    let real_to_view = PrefixRewrite::new(ip("10.100.16.0"), ip("10.200.32.0"), 20);
+    let peers = [(2, real_to_view)];
+    let views = [real_to_view.reversed()];
+    let model = corpus_model(&peers, &views);
+    let mut fx = Fixture::new(&node_config());
+    let drops_before: Vec<u64> = DropReason::ALL.iter().map(|r| fx.drops(*r)).collect();
+    let mut expected_drops = [0u64; DropReason::COUNT as usize];
+    let mut pairs = Vec::new();
+    let mut tally = std::collections::BTreeMap::<String, u64>::new();
+    let (mut at, mut frames) = (0, 0);
+    while at < data.len() {
+        let direction = data[at];
+        let len = usize::from(u16::from_be_bytes([data[at + 1], data[at + 2]]));
+        let frame = data[at + 3..at + 3 + len].to_vec();
+        at += 3 + len;
+        frames += 1;
+        let record = |pairs: &mut Vec<u8>, before: &[u8], after: &[u8]| {
+            for part in [before, after] {
+                pairs.extend_from_slice(&(part.len() as u32).to_be_bytes());
+                pairs.extend_from_slice(part);
+            }
+        };
+        if direction == 0 {
+            let expected = model.ingress(&frame);
+            *tally.entry(format!("ingress {expected:?}")).or_default() += 1;
+            for hook in HOOKS {
+                let (verdict, out) = fx.run_ingress(hook, &frame);
+                match expected {
+                    Outcome::Pass => {
+                        assert_eq!(
+                            verdict,
+                            Verdict::Pass,
+                            "{hook:?} frame {frames}: {frame:02x?}"
+                        );
+                        assert_eq!(out, frame, "{hook:?} frame {frames} changed");
+                    }
+                    Outcome::Drop(reason) => {
+                        assert_eq!(
+                            verdict,
+                            Verdict::Drop,
+                            "{hook:?} frame {frames} ({reason:?}): {frame:02x?}"
+                        );
+                        expected_drops[reason as usize] += 1;
+                    }
+                    Outcome::Translate => {
+                        assert_eq!(
+                            verdict,
+                            Verdict::Pass,
+                            "{hook:?} frame {frames}: {frame:02x?}"
+                        );
+                        let inner = &frame[outer::INNER_IP..];
+                        let packet = &out[14..];
+                        assert_eq!(packet.len(), inner.len(), "{hook:?} frame {frames}");
+                        let src: [u8; 4] = inner[12..16].try_into().expect("src");
+                        assert_eq!(
+                            packet[12..16],
+                            real_to_view.apply(src),
+                            "{hook:?} frame {frames}"
+                        );
+                        assert_eq!(packet[16..20], inner[16..20], "{hook:?} frame {frames}");
+                        record(&mut pairs, inner, packet);
+                    }
+                }
+            }
+        } else {
+            let expected = model.egress(&frame);
+            *tally.entry(format!("egress {expected:?}")).or_default() += 1;
+            let (ret, out) = fx.run_tc("node_egress", &frame);
+            match expected {
+                Outcome::Pass => {
+                    assert_eq!(ret, TC_ACT_OK, "frame {frames}: {frame:02x?}");
+                    assert_eq!(out, frame, "frame {frames} changed");
+                }
+                Outcome::Drop(reason) => {
+                    assert_eq!(
+                        ret, TC_ACT_SHOT,
+                        "frame {frames} ({reason:?}): {frame:02x?}"
+                    );
+                    expected_drops[reason as usize] += 1;
+                }
+                Outcome::Translate => {
+                    assert_eq!(ret, TC_ACT_OK, "frame {frames}: {frame:02x?}");
+                    assert_eq!(out.len(), frame.len() + ENCAP_LEN, "frame {frames}");
+                    let packet = &out[14 + ENCAP_LEN..];
+                    let dst: [u8; 4] = frame[30..34].try_into().expect("dst");
+                    assert_eq!(packet[16..20], views[0].apply(dst), "frame {frames}");
+                    record(&mut pairs, &frame[14..], packet);
+                }
+            }
+        }
+    }
+    eprintln!("corpus: {frames} frames, outcomes {tally:?}");
+    assert!(frames >= 12_000, "corpus too small: {frames}");
+    for (i, reason) in DropReason::ALL.iter().enumerate() {
+        assert_eq!(
+            fx.drops(*reason) - drops_before[i],
+            expected_drops[i],
+            "drops counted as {reason:?}"
+        );
+    }
+    for outcome in [
+        "ingress Translate",
+        "ingress Pass",
+        "egress Translate",
+        "egress Pass",
+    ] {
+        assert!(
+            tally.get(outcome).is_some_and(|n| *n > 100),
+            "too few {outcome}: {tally:?}"
+        );
+    }
+    let pairs_path = dir.join("pairs.bin");
+    std::fs::write(&pairs_path, &pairs).expect("pairs");
+    let verified = std::process::Command::new("python3")
+        .args([script, "verify", &pairs_path.to_string_lossy()])
+        .output()
+        .expect("verifier");
+    let report = String::from_utf8_lossy(&verified.stdout);
+    eprintln!("{report}");
+    assert!(
+        verified.status.success(),
+        "scapy found bad checksums: {report}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,0 +1,114 @@
+//! A reference model of what the node programs do with any frame: the
+//! decision alone (translate, pass untouched, or drop with which reason),
+//! written from the wire format rather than from the programs' code. The
+//! hostile-frame corpus test runs every frame through the real programs
+//! and checks them against it.
+
+use crate::{
+    headers::{outer, vni_from_bytes, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, VXLAN_FLAGS},
+    prefix::PrefixRewrite,
+    DropReason,
+};
+
+/// What a program does with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not for the fabric: passed on untouched.
+    Pass,
+    /// Rewritten (and re-encapsulated or decapsulated) as the fabric does.
+    Translate,
+    Drop(DropReason),
+}
+
+/// The configuration a node runs with, as the model sees it.
+pub struct NodeModel<'a> {
+    pub fabric_port: u16,
+    pub gateway_ip: [u8; 4],
+    /// (peer id, real -> our view) for every peer.
+    pub peers: &'a [(u32, PrefixRewrite)],
+    /// (our view -> the peer's real) for every view.
+    pub views: &'a [PrefixRewrite],
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn addr(b: &[u8], at: usize) -> [u8; 4] {
+    [b[at], b[at + 1], b[at + 2], b[at + 3]]
+}
+
+/// Offset of the TCP/UDP checksum of the IPv4 packet at `ip`, when the
+/// packet is a first fragment of either.
+fn l4_checksum_at(frame: &[u8], ip: usize) -> Option<usize> {
+    let ihl = usize::from(frame[ip] & 0x0f) * 4;
+    let first_fragment = be16(frame, ip + 6) & 0x1fff == 0;
+    match frame[ip + 9] {
+        IPPROTO_TCP if first_fragment => Some(ip + ihl + 16),
+        IPPROTO_UDP if first_fragment => Some(ip + ihl + 6),
+        _ => None,
+    }
+}
+
+impl NodeModel<'_> {
+    /// A frame arriving on the uplink.
+    pub fn ingress(&self, f: &[u8]) -> Outcome {
+        let ip = outer::IP;
+        if f.len() < outer::VXLAN
+            || [f[12], f[13]] != ETH_P_IPV4
+            || f[ip] != 0x45
+            || f[ip + 9] != IPPROTO_UDP
+            || be16(f, ip + 6) & 0x3fff != 0
+            || be16(f, outer::UDP + 2) != self.fabric_port
+        {
+            return Outcome::Pass;
+        }
+        if addr(f, ip + 12) != self.gateway_ip {
+            return Outcome::Drop(DropReason::NotFromGateway);
+        }
+        let inner = outer::INNER_IP;
+        if f.len() < inner + 20 || f[outer::VXLAN] != VXLAN_FLAGS {
+            return Outcome::Drop(DropReason::MalformedTunnelHeader);
+        }
+        let vni = vni_from_bytes([
+            f[outer::VXLAN + 4],
+            f[outer::VXLAN + 5],
+            f[outer::VXLAN + 6],
+        ]);
+        let Some((_, real_to_view)) = self.peers.iter().find(|(id, _)| *id == vni) else {
+            return Outcome::Drop(DropReason::UnknownPeer);
+        };
+        let eth = outer::INNER_ETH;
+        if [f[eth + 12], f[eth + 13]] != ETH_P_IPV4 || f[inner] >> 4 != 4 || f[inner] & 0x0f < 5 {
+            return Outcome::Drop(DropReason::InnerNotIpv4);
+        }
+        if !real_to_view.matches(addr(f, inner + 12)) {
+            return Outcome::Drop(DropReason::SourceOutsidePeerCidr);
+        }
+        if let Some(at) = l4_checksum_at(f, inner) {
+            if at + 2 > f.len() {
+                return Outcome::Drop(DropReason::TruncatedInnerPacket);
+            }
+        }
+        Outcome::Translate
+    }
+
+    /// A frame leaving by the uplink.
+    pub fn egress(&self, f: &[u8]) -> Outcome {
+        let ip = 14;
+        if f.len() < ip + 20 || [f[12], f[13]] != ETH_P_IPV4 || f[ip] >> 4 != 4 || f[ip] & 0x0f < 5
+        {
+            return Outcome::Pass;
+        }
+        let dst = addr(f, ip + 16);
+        if !self.views.iter().any(|v| v.matches(dst)) {
+            return Outcome::Pass;
+        }
+        if let Some(at) = l4_checksum_at(f, ip) {
+            if at + 2 > f.len() {
+                return Outcome::Drop(DropReason::TruncatedInnerPacket);
+            }
+        }
+        Outcome::Translate
+    }
+}
