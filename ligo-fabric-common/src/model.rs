@@ -112,3 +112,92 @@ impl NodeModel<'_> {
         Outcome::Translate
     }
 }
+
+/// The configuration a gateway runs with (plain transport), as the model
+/// sees it.
+pub struct GatewayModel<'a> {
+    pub fabric_port: u16,
+    pub underlay_ip: [u8; 4],
+    pub public_ip: [u8; 4],
+    /// (peer id, endpoint address) of every peer.
+    pub peers: &'a [(u32, [u8; 4])],
+    /// Local node slices: (prefix, node).
+    pub slices: &'a [(PrefixRewrite, [u8; 4])],
+}
+
+impl GatewayModel<'_> {
+    /// A frame arriving on either gateway interface. `Translate` means
+    /// re-addressed and redirected.
+    pub fn ingress(&self, f: &[u8]) -> Outcome {
+        let ip = outer::IP;
+        if f.len() < outer::UDP + 4
+            || [f[12], f[13]] != ETH_P_IPV4
+            || f[ip] != 0x45
+            || f[ip + 9] != IPPROTO_UDP
+            || be16(f, ip + 6) & 0x3fff != 0
+            || be16(f, outer::UDP + 2) != self.fabric_port
+        {
+            return Outcome::Pass;
+        }
+        let (src, dst) = (addr(f, ip + 12), addr(f, ip + 16));
+        let from_peer = if dst == self.public_ip {
+            self.peers
+                .iter()
+                .find(|(_, e)| *e == src)
+                .map(|(id, _)| *id)
+        } else {
+            None
+        };
+        if from_peer.is_none() && dst != self.underlay_ip {
+            if dst == self.public_ip {
+                return Outcome::Drop(DropReason::UnknownEndpoint);
+            }
+            return Outcome::Pass;
+        }
+        if f.len() < outer::INNER_ETH || f[outer::VXLAN] != VXLAN_FLAGS {
+            return Outcome::Drop(DropReason::MalformedTunnelHeader);
+        }
+        if f.len() < outer::INNER_ETH + 14 {
+            return Outcome::Drop(DropReason::MalformedTunnelHeader);
+        }
+        if [f[outer::INNER_ETH + 12], f[outer::INNER_ETH + 13]] != ETH_P_IPV4 {
+            return Outcome::Drop(DropReason::InnerNotIpv4);
+        }
+        let vni = vni_from_bytes([
+            f[outer::VXLAN + 4],
+            f[outer::VXLAN + 5],
+            f[outer::VXLAN + 6],
+        ]);
+        match from_peer {
+            Some(peer) => {
+                if vni != peer {
+                    return Outcome::Drop(DropReason::PeerVniMismatch);
+                }
+                if f.len() < outer::INNER_IP + 20 {
+                    return Outcome::Drop(DropReason::TruncatedInnerPacket);
+                }
+                let inner_dst = addr(f, outer::INNER_IP + 16);
+                // Longest prefix: any slice holding it will do for the model
+                // as long as slices do not overlap (validation ensures it).
+                if !self.slices.iter().any(|(s, _)| s.matches(inner_dst)) {
+                    return Outcome::Drop(DropReason::NoNodeForDestination);
+                }
+                Outcome::Translate
+            }
+            None => {
+                if !self.peers.iter().any(|(id, _)| *id == vni) {
+                    return Outcome::Drop(DropReason::UnknownPeer);
+                }
+                Outcome::Translate
+            }
+        }
+    }
+
+    /// The node a peer's frame for `inner_dst` goes to.
+    pub fn node_for(&self, inner_dst: [u8; 4]) -> Option<[u8; 4]> {
+        self.slices
+            .iter()
+            .find(|(s, _)| s.matches(inner_dst))
+            .map(|(_, node)| *node)
+    }
+}

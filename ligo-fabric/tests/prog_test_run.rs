@@ -852,8 +852,9 @@ fn corpus_model<'a>(
 /// header boundary, bad IHL and total length, IP options, fragments, TTL 1,
 /// ICMP errors, IPv6, ARP, VLAN tags, frames beyond the MTU, VXLAN with
 /// wrong flags or unknown VNI, strangers' sources and ports) through
-/// node_ingress at both hooks and node_egress. Every frame's outcome must be
-/// what the reference model in `ligo-fabric-common` says: passed untouched,
+/// node_ingress at both hooks, node_egress and gateway. Every frame's outcome must be
+/// what the reference model in `ligo-fabric-common` says (the gateway
+/// program sees its own third of the corpus): passed untouched,
 /// dropped with the right counted reason, or translated, with the addresses
 /// the rules give and every checksum that was valid before still valid by
 /// scapy's reckoning.
@@ -868,7 +869,7 @@ fn hostile_corpus_matches_the_reference_model() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus/hostile.py");
     let corpus = dir.join("frames.bin");
     let status = std::process::Command::new("python3")
-        .args([script, "generate", &corpus.to_string_lossy(), "6000"])
+        .args([script, "generate", &corpus.to_string_lossy(), "4000"])
         .status()
         .expect("python3 with scapy (installed by xtask/bootstrap.sh)");
     assert!(status.success(), "corpus generation failed");
@@ -878,8 +879,30 @@ fn hostile_corpus_matches_the_reference_model() {
     let peers = [(2, real_to_view)];
     let views = [real_to_view.reversed()];
     let model = corpus_model(&peers, &views);
+    let gateway_peers = [(2, ip("203.0.113.2"))];
+    let slices = [
+        (
+            PrefixRewrite::new(ip("10.244.1.0"), ip("10.244.1.0"), 24),
+            ip("192.0.2.11"),
+        ),
+        (
+            PrefixRewrite::new(ip("10.244.2.0"), ip("10.244.2.0"), 24),
+            ip("192.0.2.12"),
+        ),
+    ];
+    let gateway_model = ligo_fabric_common::model::GatewayModel {
+        fabric_port: PORT,
+        underlay_ip: ip("192.0.2.1"),
+        public_ip: ip("203.0.113.1"),
+        peers: &gateway_peers,
+        slices: &slices,
+    };
     let mut fx = Fixture::new(&node_config());
-    let drops_before: Vec<u64> = DropReason::ALL.iter().map(|r| fx.drops(*r)).collect();
+    let mut gw = Fixture::new(&gateway_config());
+    let drops_before: Vec<u64> = DropReason::ALL
+        .iter()
+        .map(|r| fx.drops(*r) + gw.drops(*r))
+        .collect();
     let mut expected_drops = [0u64; DropReason::COUNT as usize];
     let mut pairs = Vec::new();
     let mut tally = std::collections::BTreeMap::<String, u64>::new();
@@ -938,6 +961,48 @@ fn hostile_corpus_matches_the_reference_model() {
                     }
                 }
             }
+        } else if direction == 2 {
+            let expected = gateway_model.ingress(&frame);
+            *tally.entry(format!("gateway {expected:?}")).or_default() += 1;
+            let (ret, out) = gw.run_tc("gateway", &frame);
+            match expected {
+                Outcome::Pass => {
+                    assert_eq!(ret, TC_ACT_OK, "gateway frame {frames}: {frame:02x?}");
+                    assert_eq!(out, frame, "gateway frame {frames} changed");
+                }
+                Outcome::Drop(reason) => {
+                    assert_eq!(
+                        ret, TC_ACT_SHOT,
+                        "gateway frame {frames} ({reason:?}): {frame:02x?}"
+                    );
+                    expected_drops[reason as usize] += 1;
+                }
+                Outcome::Translate => {
+                    assert_eq!(ret, TC_ACT_REDIRECT, "gateway frame {frames}: {frame:02x?}");
+                    assert_eq!(
+                        out[outer::VXLAN + 8..],
+                        frame[outer::VXLAN + 8..],
+                        "inner frame untouched"
+                    );
+                    let (src, dst) = if frame[30..34] == ip("203.0.113.1") {
+                        let inner_dst: [u8; 4] = frame[outer::INNER_IP + 16..outer::INNER_IP + 20]
+                            .try_into()
+                            .expect("dst");
+                        (
+                            ip("192.0.2.1"),
+                            gateway_model.node_for(inner_dst).expect("slice"),
+                        )
+                    } else {
+                        (ip("203.0.113.1"), ip("203.0.113.2"))
+                    };
+                    assert_eq!(
+                        (&out[26..30], &out[30..34]),
+                        (&src[..], &dst[..]),
+                        "gateway frame {frames}"
+                    );
+                    record(&mut pairs, &frame[14..], &out[14..]);
+                }
+            }
         } else {
             let expected = model.egress(&frame);
             *tally.entry(format!("egress {expected:?}")).or_default() += 1;
@@ -969,7 +1034,7 @@ fn hostile_corpus_matches_the_reference_model() {
     assert!(frames >= 12_000, "corpus too small: {frames}");
     for (i, reason) in DropReason::ALL.iter().enumerate() {
         assert_eq!(
-            fx.drops(*reason) - drops_before[i],
+            fx.drops(*reason) + gw.drops(*reason) - drops_before[i],
             expected_drops[i],
             "drops counted as {reason:?}"
         );

@@ -2,10 +2,12 @@
 nobody on this project wrote), and the checksum verifier for what the
 programs make of them.
 
-  hostile.py generate OUT COUNT   writes COUNT ingress and COUNT egress frames
+  hostile.py generate OUT COUNT   writes COUNT node-ingress, COUNT node-egress
+                                  and COUNT gateway frames
   hostile.py verify PAIRS         checks every (input, output) IPv4 pair
 
-Frame file: records of [u8 direction (0 ingress, 1 egress)][u16 length][frame].
+Frame file: records of [u8 kind (0 node ingress, 1 node egress, 2 gateway)]
+[u16 length][frame].
 Pair file: records of [u32 length][input IPv4][u32 length][output IPv4].
 The node under test: underlay 192.0.2.11, gateway 192.0.2.1, fabric port
 4799; peer 2's pod CIDR 10.100.16.0/20, seen as 10.200.32.0/20; our pods in
@@ -147,9 +149,42 @@ def egress_frame():
     return mutate(raw, [14, 14, 34, 38, 42, 54, 62])[:3000]
 
 
+def gateway_frame():
+    """A frame at a gateway (underlay 192.0.2.1, public 203.0.113.1; peer 2
+    at 203.0.113.2; node slices 10.244.1.0/24 and 10.244.2.0/24): from a
+    node toward a peer, or from a peer gateway toward a node."""
+    if rnd.random() < 0.5:
+        src, dst = rnd.choice(["192.0.2.11", "192.0.2.12", "192.0.2.99"]), "192.0.2.1"
+        vni = 2 if rnd.random() < 0.85 else rnd.choice([0, 1, 3])
+        inner = inner_ip(OURS(), PEER_REAL())
+    else:
+        src = "203.0.113.2" if rnd.random() < 0.85 else rnd.choice(["203.0.113.9", ANY()])
+        dst = "203.0.113.1"
+        vni = 2 if rnd.random() < 0.85 else rnd.choice([0, 1, 3])
+        inner_dst = f"10.244.{rnd.choice([1, 2, 3])}.{rnd.randint(1, 254)}"
+        inner = inner_ip(PEER_REAL(), inner_dst)
+    if rnd.random() < 0.05:
+        dst = rnd.choice(["192.0.2.7", ANY()])
+    dport = 4799 if rnd.random() < 0.9 else rnd.choice([4789, 51820])
+    flags = 0x08 if rnd.random() < 0.93 else rnd.choice([0, 0x0C])
+    inner_eth = Ether(src=GW_MAC, dst=NODE_MAC)
+    if rnd.random() < 0.05:
+        inner_frame = inner_eth / IPv6() / UDP()
+    else:
+        inner_frame = inner_eth / inner
+    frame = (
+        Ether(src=NODE_MAC, dst=GW_MAC)
+        / IP(src=src, dst=dst, flags="DF")
+        / UDP(sport=rnd.randint(49152, 65535), dport=dport, chksum=0)
+        / VXLAN(flags=flags, vni=vni)
+        / inner_frame
+    )
+    return mutate(bytes(frame), [14, 34, 42, 50, 64, 84, 88])[:3000]
+
+
 def generate(out, count):
     with open(out, "wb") as f:
-        for direction, make in ((0, ingress_frame), (1, egress_frame)):
+        for direction, make in ((0, ingress_frame), (1, egress_frame), (2, gateway_frame)):
             for _ in range(count):
                 frame = make()
                 # A truncated frame reaches a program padded to the Ethernet
