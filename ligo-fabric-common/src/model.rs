@@ -38,6 +38,18 @@ fn addr(b: &[u8], at: usize) -> [u8; 4] {
     [b[at], b[at + 1], b[at + 2], b[at + 3]]
 }
 
+/// Whether `f` (at least `min_len` long) is an unfragmented IPv4 UDP
+/// datagram without options to the fabric port: what the programs look at.
+fn to_fabric_port(f: &[u8], min_len: usize, port: u16) -> bool {
+    let ip = outer::IP;
+    f.len() >= min_len
+        && [f[12], f[13]] == ETH_P_IPV4
+        && f[ip] == 0x45
+        && f[ip + 9] == IPPROTO_UDP
+        && be16(f, ip + 6) & 0x3fff == 0
+        && be16(f, outer::UDP + 2) == port
+}
+
 /// Offset of the TCP/UDP checksum of the IPv4 packet at `ip`, when the
 /// packet is a first fragment of either.
 fn l4_checksum_at(frame: &[u8], ip: usize) -> Option<usize> {
@@ -54,13 +66,7 @@ impl NodeModel<'_> {
     /// A frame arriving on the uplink.
     pub fn ingress(&self, f: &[u8]) -> Outcome {
         let ip = outer::IP;
-        if f.len() < outer::VXLAN
-            || [f[12], f[13]] != ETH_P_IPV4
-            || f[ip] != 0x45
-            || f[ip + 9] != IPPROTO_UDP
-            || be16(f, ip + 6) & 0x3fff != 0
-            || be16(f, outer::UDP + 2) != self.fabric_port
-        {
+        if !to_fabric_port(f, outer::VXLAN, self.fabric_port) {
             return Outcome::Pass;
         }
         if addr(f, ip + 12) != self.gateway_ip {
@@ -130,13 +136,7 @@ impl GatewayModel<'_> {
     /// re-addressed and redirected.
     pub fn ingress(&self, f: &[u8]) -> Outcome {
         let ip = outer::IP;
-        if f.len() < outer::UDP + 4
-            || [f[12], f[13]] != ETH_P_IPV4
-            || f[ip] != 0x45
-            || f[ip + 9] != IPPROTO_UDP
-            || be16(f, ip + 6) & 0x3fff != 0
-            || be16(f, outer::UDP + 2) != self.fabric_port
-        {
+        if !to_fabric_port(f, outer::UDP + 4, self.fabric_port) {
             return Outcome::Pass;
         }
         let (src, dst) = (addr(f, ip + 12), addr(f, ip + 16));
