@@ -15,11 +15,9 @@ use xtask::{
 
 const TRANSFER: usize = 8 << 20;
 
-fn fabric(prefix: &str) -> Testbed {
+fn fabric(prefix: &str, transport: &'static str) -> Testbed {
     let mut bed = Testbed::up(prefix, Scenario::identical_cidrs()).expect("testbed");
-    // The gateway program's counters are what this test reads; WireGuard
-    // tunnel metrics are checked in wireguard.rs.
-    bed.transport = "plain";
+    bed.transport = transport;
     if let Err(e) = bed.start_fabric(&daemon_binary()) {
         panic!("{e:#}\n{}", bed.lab.logs());
     }
@@ -62,7 +60,9 @@ fn prometheus_sees_traffic_drops_and_every_dashboard_metric() {
     if !require_root("prometheus_sees_traffic_drops_and_every_dashboard_metric") {
         return;
     }
-    let mut bed = fabric("lt-obs");
+    // WireGuard between the gateways (the default), so the dashboard's
+    // tunnel panels have something to show.
+    let mut bed = fabric("lt-obs", "wireguard");
     let mon = bed.add_monitoring().expect("monitoring host");
     let targets: Vec<Target> = bed
         .metrics_endpoints()
@@ -126,6 +126,14 @@ fn prometheus_sees_traffic_drops_and_every_dashboard_metric() {
         .wait_for(drops, wait, |v| v == start + 3.0)
         .expect("3 drops under not_from_gateway");
 
+    prometheus
+        .wait_for(
+            "sum(ligo_fabric_tunnel_peer_up{cluster=\"a\",host=\"gw\"})",
+            wait,
+            |v| v == 1.0,
+        )
+        .expect("A's gateway reports its WireGuard peer up");
+
     let (status, _) = http_get(&mon, "http://192.0.2.11:9477/readyz", &[]).expect("readyz");
     assert_eq!(status, 200);
     let (status, _) = http_get(&mon, "http://198.51.100.1:9477/healthz", &[]).expect("healthz");
@@ -175,7 +183,7 @@ fn inspect_reports_the_testbed_state() {
     if !require_root("inspect_reports_the_testbed_state") {
         return;
     }
-    let bed = fabric("lt-insp");
+    let bed = fabric("lt-insp", "plain");
     let (a_gw, a_n1) = (bed.ns(&bed.scenario.a, "gw"), bed.ns(&bed.scenario.a, "n1"));
     let gw_config = bed.lab.config_path(&a_gw);
     let gw_config = gw_config.to_string_lossy();
