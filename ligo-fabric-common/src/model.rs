@@ -201,3 +201,30 @@ impl GatewayModel<'_> {
             .map(|(_, node)| *node)
     }
 }
+
+impl GatewayModel<'_> {
+    /// A frame written to the tunnel device (decrypted WireGuard traffic,
+    /// the peer id in its source MAC). `Translate` means encapsulated toward
+    /// the owning node and redirected.
+    pub fn tunnel_device(&self, f: &[u8]) -> Outcome {
+        if f.len() < 14 {
+            return Outcome::Drop(DropReason::TruncatedInnerPacket);
+        }
+        if [f[12], f[13]] != ETH_P_IPV4 {
+            return Outcome::Drop(DropReason::InnerNotIpv4);
+        }
+        let mac = [f[6], f[7], f[8], f[9], f[10], f[11]];
+        let known = crate::headers::peer_from_tunnel_mac(mac)
+            .is_some_and(|id| self.peers.iter().any(|(p, _)| *p == id));
+        if !known {
+            return Outcome::Drop(DropReason::UnknownPeer);
+        }
+        if f.len() < 14 + 20 {
+            return Outcome::Drop(DropReason::TruncatedInnerPacket);
+        }
+        if self.node_for(addr(f, 14 + 16)).is_none() {
+            return Outcome::Drop(DropReason::NoNodeForDestination);
+        }
+        Outcome::Translate
+    }
+}

@@ -852,9 +852,10 @@ fn corpus_model<'a>(
 /// header boundary, bad IHL and total length, IP options, fragments, TTL 1,
 /// ICMP errors, IPv6, ARP, VLAN tags, frames beyond the MTU, VXLAN with
 /// wrong flags or unknown VNI, strangers' sources and ports) through
-/// node_ingress at both hooks, node_egress and gateway. Every frame's outcome must be
-/// what the reference model in `ligo-fabric-common` says (the gateway
-/// program sees its own third of the corpus): passed untouched,
+/// node_ingress at both hooks, node_egress, gateway and gateway_tunnel.
+/// Every frame's outcome must be
+/// what the reference model in `ligo-fabric-common` says (each program sees
+/// the part of the corpus built for its hook): passed untouched,
 /// dropped with the right counted reason, or translated, with the addresses
 /// the rules give and every checksum that was valid before still valid by
 /// scapy's reckoning.
@@ -869,7 +870,7 @@ fn hostile_corpus_matches_the_reference_model() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus/hostile.py");
     let corpus = dir.join("frames.bin");
     let status = std::process::Command::new("python3")
-        .args([script, "generate", &corpus.to_string_lossy(), "4000"])
+        .args([script, "generate", &corpus.to_string_lossy(), "3000"])
         .status()
         .expect("python3 with scapy (installed by xtask/bootstrap.sh)");
     assert!(status.success(), "corpus generation failed");
@@ -959,6 +960,38 @@ fn hostile_corpus_matches_the_reference_model() {
                         assert_eq!(packet[16..20], inner[16..20], "{hook:?} frame {frames}");
                         record(&mut pairs, inner, packet);
                     }
+                }
+            }
+        } else if direction == 3 {
+            let expected = gateway_model.tunnel_device(&frame);
+            *tally.entry(format!("tunnel {expected:?}")).or_default() += 1;
+            let (ret, out) = gw.run_tc("gateway_tunnel", &frame);
+            match expected {
+                Outcome::Pass => unreachable!("the tunnel device passes nothing"),
+                Outcome::Drop(reason) => {
+                    assert_eq!(
+                        ret, TC_ACT_SHOT,
+                        "tunnel frame {frames} ({reason:?}): {frame:02x?}"
+                    );
+                    expected_drops[reason as usize] += 1;
+                }
+                Outcome::Translate => {
+                    assert_eq!(ret, TC_ACT_REDIRECT, "tunnel frame {frames}: {frame:02x?}");
+                    assert_eq!(out[14 + ENCAP_LEN..], frame[14..], "inner packet untouched");
+                    let inner_dst: [u8; 4] = frame[30..34].try_into().expect("dst");
+                    let node = gateway_model.node_for(inner_dst).expect("slice");
+                    assert_eq!(
+                        (&out[26..30], &out[30..34]),
+                        (&ip("192.0.2.1")[..], &node[..])
+                    );
+                    assert_eq!(out[outer::VXLAN + 4..outer::VXLAN + 7], [0, 0, 2], "VNI");
+                    let outer_ip =
+                        etherparse::Ipv4HeaderSlice::from_slice(&out[14..34]).expect("outer IPv4");
+                    assert_eq!(
+                        outer_ip.to_header().calc_header_checksum(),
+                        outer_ip.header_checksum(),
+                        "tunnel frame {frames}: outer IPv4 checksum"
+                    );
                 }
             }
         } else if direction == 2 {

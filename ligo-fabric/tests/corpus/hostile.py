@@ -2,11 +2,12 @@
 nobody on this project wrote), and the checksum verifier for what the
 programs make of them.
 
-  hostile.py generate OUT COUNT   writes COUNT node-ingress, COUNT node-egress
-                                  and COUNT gateway frames
+  hostile.py generate OUT COUNT   writes COUNT node-ingress, node-egress,
+                                  gateway and tunnel-device frames each
   hostile.py verify PAIRS         checks every (input, output) IPv4 pair
 
-Frame file: records of [u8 kind (0 node ingress, 1 node egress, 2 gateway)]
+Frame file: records of [u8 kind (0 node ingress, 1 node egress, 2 gateway,
+3 gateway tunnel device)]
 [u16 length][frame].
 Pair file: records of [u32 length][input IPv4][u32 length][output IPv4].
 The node under test: underlay 192.0.2.11, gateway 192.0.2.1, fabric port
@@ -182,9 +183,26 @@ def gateway_frame():
     return mutate(bytes(frame), [14, 34, 42, 50, 64, 84, 88])[:3000]
 
 
+def tunnel_device_frame():
+    """A frame the WireGuard tunnel writes to the gateway's tunnel device:
+    the peer id in the source MAC (02:4c:47 + 24-bit id)."""
+    peer = 2 if rnd.random() < 0.85 else rnd.choice([0, 3, 0xFFFFFF])
+    src_mac = "02:4c:47:%02x:%02x:%02x" % (peer >> 16, (peer >> 8) & 255, peer & 255)
+    if rnd.random() < 0.05:
+        src_mac = "02:00:00:00:00:02"
+    dst = f"10.244.{rnd.choice([1, 2, 3])}.{rnd.randint(1, 254)}"
+    r = rnd.random()
+    if r < 0.05:
+        frame = Ether(src=src_mac, dst=GW_MAC) / IPv6() / UDP()
+    else:
+        frame = Ether(src=src_mac, dst=GW_MAC) / inner_ip(PEER_REAL(), dst)
+    return mutate(bytes(frame), [14, 14, 30, 34, 42, 54])[:3000]
+
+
 def generate(out, count):
     with open(out, "wb") as f:
-        for direction, make in ((0, ingress_frame), (1, egress_frame), (2, gateway_frame)):
+        makers = ((0, ingress_frame), (1, egress_frame), (2, gateway_frame), (3, tunnel_device_frame))
+        for direction, make in makers:
             for _ in range(count):
                 frame = make()
                 # A truncated frame reaches a program padded to the Ethernet
