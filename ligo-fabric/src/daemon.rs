@@ -114,6 +114,15 @@ impl Fabric {
         bail!("interface {index} reports no MTU")
     }
 
+    /// Reads (and checks the permissions of) the key files `cfg` names.
+    async fn check_key_files(&self, cfg: &ValidConfig) -> Result<()> {
+        if let RoleConfig::Gateway { .. } = cfg.role {
+            let public_mtu = self.link_mtu(self.interfaces.1).await?;
+            TunnelConfig::from_config(cfg, public_mtu)?;
+        }
+        Ok(())
+    }
+
     /// A new tunnel device gets the `gateway_tunnel` program (a stopped
     /// tunnel's device disappears with its program).
     fn attach_tunnel_device(&mut self) -> Result<()> {
@@ -421,6 +430,13 @@ async fn reload(fabric: &mut Fabric, path: &Path, reason: &str) {
     }
     if cfg == fabric.cfg {
         info!(reason, "configuration unchanged");
+        return;
+    }
+    // Key files are part of the configuration: one that cannot be used
+    // refuses the file like any other invalid field.
+    if let Err(e) = fabric.check_key_files(&cfg).await {
+        fabric.metrics.config_rejections.inc();
+        error!(reason, error = format!("{e:#}"), "new configuration rejected; the running state is unchanged. Fix the file and save it again");
         return;
     }
     let previous = std::mem::replace(&mut fabric.cfg, cfg);

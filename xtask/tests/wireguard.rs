@@ -496,3 +496,62 @@ fn roaming_peer_is_followed_and_a_silent_peer_is_reported() {
     thread::sleep(Duration::from_millis(500));
     assert_eq!(w.tunnels()["peers"][0]["up"], true);
 }
+
+/// A reload whose key file group or others could read is refused like any
+/// invalid field: the log names the field and the fix, the running tunnel
+/// is unchanged; once the mode is fixed the same file applies.
+#[test]
+fn a_key_file_others_can_read_is_refused_on_reload() {
+    if !require_root("a_key_file_others_can_read_is_refused_on_reload") {
+        return;
+    }
+    let w = interop("lt-wgk", "wgk0");
+    traffic::ping(&w.a_pod(), B_POD_SEEN_FROM_A, 2).expect("tunnel up");
+    let key = w.bed.private_key_path(&w.bed.scenario.a);
+    let config_path = w.bed.lab.config_path(&w.a_gw);
+    let config = fs::read_to_string(&config_path).expect("config");
+    let changed = config.replace("persistent_keepalive = 1", "persistent_keepalive = 2");
+    assert_ne!(changed, config);
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
+    fs::write(&config_path, &changed).expect("write");
+    let log_has = |needle: &str| {
+        (0..100).any(|_| {
+            let log = fs::read_to_string(w.bed.lab.log_path(&w.a_gw)).unwrap_or_default();
+            let found = log.contains(needle);
+            if !found {
+                thread::sleep(Duration::from_millis(50));
+            }
+            found
+        })
+    };
+    // The daemon notices the changed file by itself (1 s poll).
+    assert!(
+        log_has("gateway.private_key_file"),
+        "refusal not logged:\n{}",
+        w.bed.lab.logs()
+    );
+    let log = fs::read_to_string(w.bed.lab.log_path(&w.a_gw)).expect("log");
+    assert!(
+        log.contains("new configuration rejected") && log.contains("chmod 600"),
+        "{log}"
+    );
+    traffic::ping(&w.a_pod(), B_POD_SEEN_FROM_A, 2).expect("tunnel unchanged");
+
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod");
+    fs::write(
+        &config_path,
+        changed.replace("persistent_keepalive = 2", "persistent_keepalive = 3"),
+    )
+    .expect("write");
+    assert!(
+        (0..100).any(|_| {
+            let log = fs::read_to_string(w.bed.lab.log_path(&w.a_gw)).unwrap_or_default();
+            let n = log.matches("configuration applied").count();
+            thread::sleep(Duration::from_millis(50));
+            n >= 2
+        }),
+        "the fixed file was not applied"
+    );
+    traffic::ping(&w.a_pod(), B_POD_SEEN_FROM_A, 2).expect("tunnel after the fix");
+}
