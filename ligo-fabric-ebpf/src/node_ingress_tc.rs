@@ -9,11 +9,11 @@
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
+        TC_ACT_OK, TC_ACT_SHOT,
     },
     macros::classifier,
     programs::TcContext,
-    EbpfContext,
 };
 use ligo_fabric_common::{
     headers::{icmp_error, ipv4, outer, ENCAP_LEN},
@@ -72,14 +72,19 @@ fn try_node_ingress_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     ctx.store(inner + ipv4::SRC, &frame.view_src, 0)
         .map_err(|_| DropReason::RewriteFailed)?;
     if let Some(fix) = &frame.quote {
-        let writes: [(usize, &[u8]); 3] = [
-            (fix.icmp + icmp_error::CHECKSUM, &fix.icmp_checksum),
-            (fix.icmp + icmp_error::QUOTED_CHECKSUM, &fix.quoted_checksum),
-            (fix.icmp + icmp_error::QUOTED_DST, &fix.view_dst),
-        ];
-        for (at, bytes) in writes {
-            store_bytes(ctx, at, bytes)?;
-        }
+        // Plain stores (the fix carries the checksums); RECOMPUTE_CSUM keeps
+        // a CHECKSUM_COMPLETE skb's sum right.
+        let flags = BPF_F_RECOMPUTE_CSUM as u64;
+        ctx.store(fix.icmp + icmp_error::CHECKSUM, &fix.icmp_checksum, flags)
+            .and_then(|()| {
+                ctx.store(
+                    fix.icmp + icmp_error::QUOTED_CHECKSUM,
+                    &fix.quoted_checksum,
+                    flags,
+                )
+            })
+            .and_then(|()| ctx.store(fix.icmp + icmp_error::QUOTED_DST, &fix.view_dst, flags))
+            .map_err(|_| DropReason::RewriteFailed)?;
     }
     count_peer_traffic(frame.vni, Direction::FromPeer, frame.inner_len as u32);
     // Remove outer IPv4 + UDP + VXLAN + inner Ethernet after the outer MAC
@@ -91,25 +96,4 @@ fn try_node_ingress_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     )
     .map_err(|_| DropReason::RewriteFailed)?;
     Ok(to_pod_or_stack(ctx))
-}
-
-/// Stores `bytes` at `at`, keeping a CHECKSUM_COMPLETE skb's sum right.
-#[inline(always)]
-fn store_bytes(ctx: &TcContext, at: usize, bytes: &[u8]) -> Result<(), DropReason> {
-    // SAFETY: `bytes` is a live slice; the helper copies `len` bytes from it
-    // into the packet after its own bounds check.
-    let rc = unsafe {
-        aya_ebpf::helpers::generated::bpf_skb_store_bytes(
-            ctx.as_ptr().cast(),
-            at as u32,
-            bytes.as_ptr() as *const _,
-            bytes.len() as u32,
-            aya_ebpf::bindings::BPF_F_RECOMPUTE_CSUM as u64,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(DropReason::RewriteFailed)
-    }
 }

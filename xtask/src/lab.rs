@@ -190,6 +190,25 @@ impl Lab {
         serde_json::from_str(&out).context("inspect printed invalid JSON")
     }
 
+    /// `ligo-fabric inspect tunnels -o json` for the gateway daemon in `ns`
+    /// (it asks the daemon's metrics endpoint, so it runs inside `ns`).
+    pub fn inspect_tunnels(&self, daemon: &Path, ns: &str) -> Result<serde_json::Value> {
+        let config = self.config_path(ns);
+        let out = netns::exec(
+            ns,
+            &daemon.to_string_lossy(),
+            &[
+                "inspect",
+                "tunnels",
+                "--config",
+                &config.to_string_lossy(),
+                "-o",
+                "json",
+            ],
+        )?;
+        serde_json::from_str(&out).context("inspect tunnels printed invalid JSON")
+    }
+
     /// The daemon logs, for failure reports.
     pub fn logs(&self) -> String {
         let mut out = String::new();

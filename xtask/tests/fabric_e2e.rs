@@ -79,21 +79,10 @@ fn counters(bed: &Testbed, ns: &str) -> serde_json::Value {
 /// The gateway tunnel's figures (`inspect tunnels -o json`) in the shape of
 /// the map counters: one entry per direction, drops by reason.
 fn tunnel_counters(bed: &Testbed, ns: &str) -> serde_json::Value {
-    let config = bed.lab.config_path(ns);
-    let out = netns::exec(
-        ns,
-        &daemon_binary().to_string_lossy(),
-        &[
-            "inspect",
-            "tunnels",
-            "--config",
-            &config.to_string_lossy(),
-            "-o",
-            "json",
-        ],
-    )
-    .expect("inspect tunnels");
-    let status: serde_json::Value = serde_json::from_str(&out).expect("tunnels JSON");
+    let status = bed
+        .lab
+        .inspect_tunnels(&daemon_binary(), ns)
+        .expect("inspect tunnels");
     let peer = &status["peers"][0];
     serde_json::json!({
         "counters": [

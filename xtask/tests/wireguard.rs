@@ -144,21 +144,10 @@ impl Interop {
 
     /// A's gateway tunnel state (`inspect tunnels -o json`).
     fn tunnels(&self) -> serde_json::Value {
-        let config = self.bed.lab.config_path(&self.a_gw);
-        let out = netns::exec(
-            &self.a_gw,
-            &daemon_binary().to_string_lossy(),
-            &[
-                "inspect",
-                "tunnels",
-                "--config",
-                &config.to_string_lossy(),
-                "-o",
-                "json",
-            ],
-        )
-        .expect("inspect tunnels");
-        serde_json::from_str(&out).expect("tunnels JSON")
+        self.bed
+            .lab
+            .inspect_tunnels(&daemon_binary(), &self.a_gw)
+            .expect("inspect tunnels")
     }
 
     fn drops(&self, reason: &str) -> u64 {

@@ -587,32 +587,50 @@ fn receive(sender: &Sender, bufs: &mut [Vec<u8>], metas: &mut [RecvMeta]) -> Opt
     }
 }
 
-/// Node frames in, encrypted datagrams out.
-fn outbound(shared: &Shared, worker: usize) {
-    let fabric = &shared.fabric[worker];
-    let wireguard = &shared.wireguard[worker];
+/// What a worker does with each received datagram, and after each batch.
+enum Received<'a> {
+    Datagram(&'a PeerTable, SocketAddr, &'a [u8]),
+    BatchDone,
+}
+
+/// A worker's loop: receives batches on `socket` until shutdown (GRO
+/// batches split at their stride), with the peer table current.
+fn serve(shared: &Shared, socket: &Sender, mut handle: impl FnMut(Received<'_>)) {
     let mut bufs = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
     let mut metas = vec![RecvMeta::default(); RECV_BATCH];
     let mut table = shared.snapshot();
     let mut generation = 0;
-    let mut scratch = Vec::with_capacity(RECV_BUF);
-    let mut batch = GsoBatch::new(wireguard.state.max_gso_segments());
     while !shared.stop.load(Ordering::Relaxed) {
-        let Some(n) = receive(fabric, &mut bufs, &mut metas) else {
+        let Some(n) = receive(socket, &mut bufs, &mut metas) else {
             continue;
         };
         refresh(shared, &mut table, &mut generation);
         for (buf, meta) in bufs.iter().zip(&metas).take(n) {
-            for frame in buf[..meta.len].chunks(meta.stride.max(1)) {
-                if let Err(reason) =
-                    encrypt_frame(shared, &table, frame, &mut scratch, &mut batch, wireguard)
-                {
-                    shared.drop(reason);
-                }
+            for datagram in buf[..meta.len].chunks(meta.stride.max(1)) {
+                handle(Received::Datagram(&table, meta.addr, datagram));
             }
         }
-        batch.flush(wireguard);
+        handle(Received::BatchDone);
     }
+}
+
+/// Node frames in, encrypted datagrams out.
+fn outbound(shared: &Shared, worker: usize) {
+    let wireguard = &shared.wireguard[worker];
+    let mut scratch = Vec::with_capacity(RECV_BUF);
+    let mut batch = GsoBatch::new(wireguard.state.max_gso_segments());
+    serve(shared, &shared.fabric[worker], |received| match received {
+        Received::Datagram(table, _, frame) => {
+            if let Err(reason) =
+                encrypt_frame(shared, table, frame, &mut scratch, &mut batch, wireguard)
+            {
+                shared.drop(reason);
+            }
+        }
+        Received::BatchDone => {
+            batch.flush(wireguard);
+        }
+    });
 }
 
 fn encrypt_frame(
@@ -746,10 +764,6 @@ fn classify(e: &WireGuardError) -> TunnelDrop {
 /// whose program sends them on to the nodes.
 fn inbound(shared: &Shared, worker: usize) {
     let wireguard = &shared.wireguard[worker];
-    let mut bufs = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
-    let mut metas = vec![RecvMeta::default(); RECV_BATCH];
-    let mut table = shared.snapshot();
-    let mut generation = 0;
     let mut plain = vec![0u8; RECV_BUF];
     let mut coalescer = Coalescer::default();
     let mut write = |frame: &[u8]| {
@@ -757,26 +771,18 @@ fn inbound(shared: &Shared, worker: usize) {
             shared.drop(TunnelDrop::SendFailed);
         }
     };
-    while !shared.stop.load(Ordering::Relaxed) {
-        let Some(n) = receive(wireguard, &mut bufs, &mut metas) else {
-            continue;
-        };
-        refresh(shared, &mut table, &mut generation);
-        for (buf, meta) in bufs.iter().zip(&metas).take(n) {
-            for datagram in buf[..meta.len].chunks(meta.stride.max(1)) {
-                decrypt_datagram(
-                    shared,
-                    &table,
-                    meta.addr,
-                    datagram,
-                    &mut plain,
-                    &mut |peer, packet| coalescer.push(peer, packet, &mut write),
-                    wireguard,
-                );
-            }
-        }
-        coalescer.flush(&mut write);
-    }
+    serve(shared, wireguard, |received| match received {
+        Received::Datagram(table, from, datagram) => decrypt_datagram(
+            shared,
+            table,
+            from,
+            datagram,
+            &mut plain,
+            &mut |peer, packet| coalescer.push(peer, packet, &mut write),
+            wireguard,
+        ),
+        Received::BatchDone => coalescer.flush(&mut write),
+    });
 }
 
 fn decrypt_datagram(
@@ -871,27 +877,14 @@ fn timers(shared: &Shared) {
         }
         let now = shared.now_ms();
         for peer in table.by_id.values() {
-            let result = peer.tunn().update_timers(&mut buf).into_owned();
-            if let Some(datagram) = result {
-                if sender.send_one(peer.endpoint(), &datagram).is_ok() {
+            let mut tunn = peer.tunn();
+            if let TunnResult::WriteToNetwork(datagram) = tunn.update_timers(&mut buf) {
+                if sender.send_one(peer.endpoint(), datagram).is_ok() {
                     peer.sent(1, 0, now);
                 }
             }
+            drop(tunn);
             report_liveness(peer, now);
-        }
-    }
-}
-
-trait IntoOwned {
-    fn into_owned(self) -> Option<Vec<u8>>;
-}
-
-impl IntoOwned for TunnResult<'_> {
-    /// The datagram to send, if the timers produced one.
-    fn into_owned(self) -> Option<Vec<u8>> {
-        match self {
-            TunnResult::WriteToNetwork(d) => Some(d.to_vec()),
-            _ => None,
         }
     }
 }

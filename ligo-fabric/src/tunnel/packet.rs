@@ -13,8 +13,8 @@ use std::{collections::HashMap, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 use ligo_fabric_common::headers::{
-    tunnel_source_mac, vni_from_bytes, vni_to_bytes, ETH_HDR_LEN, ETH_P_IPV4, IPPROTO_TCP,
-    IPPROTO_UDP, VXLAN_FLAGS, VXLAN_HDR_LEN,
+    tunnel_source_mac, vni_from_bytes, ETH_HDR_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP,
+    VXLAN_FLAGS, VXLAN_HDR_LEN,
 };
 
 use super::device::{VnetHeader, VNET_HDR_LEN};
@@ -105,19 +105,6 @@ pub fn parse_fabric_payload(payload: &[u8]) -> Result<(u32, &[u8]), TunnelDrop> 
     }
     let vni = vni_from_bytes([payload[4], payload[5], payload[6]]);
     Ok((vni, &payload[FABRIC_HEADER_LEN..]))
-}
-
-/// The VXLAN + inner Ethernet header of a frame for a node. The inner MAC
-/// addresses are locally administered placeholders: nodes strip them.
-pub fn fabric_header(vni: u32) -> [u8; FABRIC_HEADER_LEN] {
-    let mut h = [0u8; FABRIC_HEADER_LEN];
-    h[0] = VXLAN_FLAGS;
-    h[4..7].copy_from_slice(&vni_to_bytes(vni));
-    let eth = VXLAN_HDR_LEN;
-    h[eth..eth + 6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    h[eth + 6..eth + 12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
-    h[eth + 12..eth + 14].copy_from_slice(&ETH_P_IPV4);
-    h
 }
 
 /// One's-complement sum of `data` added to `acc` (not folded).
@@ -624,6 +611,20 @@ mod tests {
             for_each_tunnel_packet(&big_udp, 1440, &mut Vec::new(), none),
             Err(TunnelDrop::TooBig)
         );
+    }
+
+    /// The VXLAN + inner Ethernet header of a frame for a node. The inner MAC
+    /// addresses are locally administered placeholders: nodes strip them.
+    fn fabric_header(vni: u32) -> [u8; FABRIC_HEADER_LEN] {
+        use ligo_fabric_common::headers::vni_to_bytes;
+        let mut h = [0u8; FABRIC_HEADER_LEN];
+        h[0] = VXLAN_FLAGS;
+        h[4..7].copy_from_slice(&vni_to_bytes(vni));
+        let eth = VXLAN_HDR_LEN;
+        h[eth..eth + 6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+        h[eth + 6..eth + 12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+        h[eth + 12..eth + 14].copy_from_slice(&ETH_P_IPV4);
+        h
     }
 
     #[test]
