@@ -85,6 +85,10 @@ pub struct GatewaySection {
     /// UDP port WireGuard listens on, on `public_ip`.
     #[serde(default)]
     pub wireguard_port: Option<u16>,
+    /// Unix socket where the tunnel process (`ligo-fabric tunnel`) serves
+    /// its status to the daemon (metrics, `inspect tunnels`).
+    #[serde(default)]
+    pub wireguard_status_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +154,7 @@ impl Transport {
 pub const WIREGUARD_OVERHEAD: u32 = 60;
 /// WireGuard's customary port.
 pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
+pub const DEFAULT_WIREGUARD_STATUS_SOCKET: &str = "/run/ligo-fabric/wireguard.sock";
 
 /// A configuration error: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,6 +203,7 @@ pub enum RoleConfig {
 pub struct GatewayWireguard {
     pub private_key_file: PathBuf,
     pub port: u16,
+    pub status_socket: PathBuf,
 }
 
 /// A peer's WireGuard settings (gateway role). Public material only: the
@@ -344,7 +350,16 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
                     format!("{wireguard_port} is not usable (0, or the fabric_port {fabric_port})"),
                 ));
             }
-            gateway_keys = Some((gw.private_key_file, wireguard_port));
+            let status_socket = gw
+                .wireguard_status_socket
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_WIREGUARD_STATUS_SOCKET));
+            if !status_socket.is_absolute() {
+                return Err(err(
+                    "gateway.wireguard_status_socket",
+                    format!("{} is not an absolute path", status_socket.display()),
+                ));
+            }
+            gateway_keys = Some((gw.private_key_file, wireguard_port, status_socket));
             RoleConfig::Gateway {
                 underlay_interface: non_empty("gateway.underlay_interface", gw.underlay_interface)?,
                 underlay_ip: gw.underlay_ip,
@@ -484,7 +499,7 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
             },
         );
     }
-    if let (RoleConfig::Gateway { wireguard, .. }, Some((key_file, port))) =
+    if let (RoleConfig::Gateway { wireguard, .. }, Some((key_file, port, status_socket))) =
         (&mut role, gateway_keys)
     {
         if let Some(peer) = peers.values().find(|p| p.transport == Transport::Wireguard) {
@@ -497,6 +512,7 @@ pub fn validate(file: FileConfig) -> Result<ValidConfig, ConfigError> {
             *wireguard = Some(GatewayWireguard {
                 private_key_file,
                 port,
+                status_socket,
             });
         }
     }
@@ -644,7 +660,8 @@ persistent_keepalive = 5
             wireguard,
             &Some(GatewayWireguard {
                 private_key_file: "/etc/ligo/wireguard.key".into(),
-                port: DEFAULT_WIREGUARD_PORT
+                port: DEFAULT_WIREGUARD_PORT,
+                status_socket: DEFAULT_WIREGUARD_STATUS_SOCKET.into(),
             })
         );
         let plain = parse(
@@ -693,6 +710,7 @@ persistent_keepalive = 5
             (GATEWAY, "public_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\n", "", "peers[0].public_key: required for transport = \"wireguard\""),
             (GATEWAY, "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=", "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8y", "peers[0].public_key: not a base64 WireGuard key"),
             (GATEWAY, "private_key_file = \"/etc/ligo/wireguard.key\"\n", "", "gateway.private_key_file: required: peer 2 uses transport \"wireguard\""),
+            (GATEWAY, "private_key_file = \"/etc/ligo/wireguard.key\"\n", "private_key_file = \"/etc/ligo/wireguard.key\"\nwireguard_status_socket = \"wg.sock\"\n", "gateway.wireguard_status_socket: wg.sock is not an absolute path"),
             (GATEWAY, "persistent_keepalive = 5", "persistent_keepalive = 5\ntransport = \"plain\"", "peers[0].public_key: only used with transport = \"wireguard\""),
             (GATEWAY, "persistent_keepalive = 5", "persistent_keepalive = 0", "peers[0].persistent_keepalive: 0 seconds"),
             (GATEWAY, "public_ip = \"203.0.113.1\"", "public_ip = \"203.0.113.1\"\nwireguard_port = 4800", "gateway.wireguard_port: 4800 is not usable (0, or the fabric_port 4800)"),

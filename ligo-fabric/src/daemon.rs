@@ -2,17 +2,17 @@
 //! an earlier daemon left), keep maps and routes equal to the
 //! configuration, reload on SIGHUP or when the file changes. On
 //! SIGTERM/SIGINT the daemon exits and the data path keeps forwarding;
-//! `uninstall` removes it.
+//! `uninstall` removes it. On a gateway with WireGuard peers the daemon
+//! owns the tunnel device and its program; the tunnel itself runs in its
+//! own process (`tunnel_process.rs`).
 
 use std::{
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use aya::Ebpf;
-use futures::TryStreamExt;
-use netlink_packet_route::link::LinkAttribute;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
@@ -23,7 +23,7 @@ use crate::{
     metrics::{self, DaemonMetrics},
     programs,
     routes::RouteManager,
-    tunnel::{Tunnel, TunnelConfig},
+    tunnel::{device, TunnelConfig},
 };
 
 /// How often the config file's modification time is checked, and the
@@ -91,8 +91,8 @@ struct Fabric {
     routes: RouteManager,
     /// Owns the loaded programs; dropping it detaches them.
     ebpf: Option<Ebpf>,
-    /// Gateways with WireGuard peers.
-    tunnel: Option<Tunnel>,
+    /// The tunnel device's index, on gateways with WireGuard peers.
+    tunnel_device: Option<u32>,
     /// The tunnel device `gateway_tunnel` is attached to.
     tunnel_device_attached: Option<u32>,
     attached: bool,
@@ -101,17 +101,7 @@ struct Fabric {
 
 impl Fabric {
     async fn link_mtu(&self, index: u32) -> Result<u32> {
-        let (connection, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(connection);
-        let mut links = handle.link().get().match_index(index).execute();
-        while let Some(link) = links.try_next().await.context("reading an interface MTU")? {
-            for attr in link.attributes {
-                if let LinkAttribute::Mtu(mtu) = attr {
-                    return Ok(mtu);
-                }
-            }
-        }
-        bail!("interface {index} reports no MTU")
+        self.routes.link_mtu(index).await
     }
 
     /// Reads (and checks the permissions of) the key files `cfg` names.
@@ -123,36 +113,29 @@ impl Fabric {
         Ok(())
     }
 
-    /// A new tunnel device gets the `gateway_tunnel` program (a stopped
-    /// tunnel's device disappears with its program).
-    fn attach_tunnel_device(&mut self) -> Result<()> {
-        let wanted = self.tunnel.as_ref().map(Tunnel::device_ifindex);
-        if wanted == self.tunnel_device_attached {
-            return Ok(());
-        }
-        self.tunnel_device_attached = None;
-        if let (Some(ifindex), Some(ebpf)) = (wanted, self.ebpf.as_mut()) {
-            programs::attach_tunnel_device(ebpf, ifindex)?;
-            self.tunnel_device_attached = Some(ifindex);
-        }
-        Ok(())
-    }
-
-    /// Starts, updates or stops the WireGuard tunnel to match `wanted`.
-    fn reconcile_tunnel(&mut self, wanted: Option<TunnelConfig>) -> Result<()> {
-        match (self.tunnel.as_mut(), wanted) {
-            (Some(running), Some(config)) if !running.needs_restart_for(&config) => {
-                running.update(config);
-            }
-            (_, wanted) => {
-                if let Some(running) = self.tunnel.take() {
-                    running.stop(&self.metrics.tunnel);
+    /// Makes the tunnel device exist exactly when a WireGuard tunnel is
+    /// configured, and points the status client at the tunnel process.
+    async fn reconcile_tunnel_device(&mut self, wanted: Option<&TunnelConfig>) -> Result<()> {
+        let socket = match &self.cfg.role {
+            RoleConfig::Gateway {
+                wireguard: Some(wg),
+                ..
+            } if wanted.is_some() => Some(wg.status_socket.clone()),
+            _ => None,
+        };
+        self.metrics.tunnel.set_socket(socket);
+        self.tunnel_device = match wanted {
+            Some(_) => Some(device::ensure_persistent()?),
+            None => {
+                if self.routes.delete_link(device::TUNNEL_DEVICE).await? {
+                    info!(
+                        device = device::TUNNEL_DEVICE,
+                        "no WireGuard peer left; tunnel device removed"
+                    );
                 }
-                if let Some(config) = wanted {
-                    self.tunnel = Some(Tunnel::start(config, &self.metrics.tunnel)?);
-                }
+                None
             }
-        }
+        };
         Ok(())
     }
 
@@ -203,8 +186,12 @@ impl Fabric {
             None => desired_state(&self.cfg),
         };
         let map_changes = self.maps.apply(&desired, self.interfaces)?;
-        self.reconcile_tunnel(tunnel)?;
-        self.attach_tunnel_device()?;
+        self.reconcile_tunnel_device(tunnel.as_ref()).await?;
+        // At start-up `attach` follows; later, a tunnel device that came or
+        // went changes what is attached.
+        if self.attached && self.tunnel_device != self.tunnel_device_attached {
+            self.attach()?;
+        }
         let route_changes = match uplink_mtu {
             Some(mtu) => {
                 self.routes
@@ -276,7 +263,16 @@ impl Fabric {
                     (underlay_interface, self.interfaces.0),
                     (public_interface, self.interfaces.1),
                 ],
-            ),
+                self.tunnel_device,
+            )
+            .and_then(|attached| {
+                self.tunnel_device_attached = self.tunnel_device;
+                if self.tunnel_device.is_some() {
+                    // Only now may the tunnel process write into it.
+                    device::set_up()?;
+                }
+                Ok(attached)
+            }),
         };
         self.attached = result.is_ok();
         if let Ok(programs::Attached::Adopted) = result {
@@ -286,13 +282,10 @@ impl Fabric {
     }
 
     /// Stops the daemon but leaves the data path running: programs stay
-    /// attached through their pinned links, maps and routes stay. Only the
-    /// gateway's WireGuard tunnel (a userspace part) stops with us.
+    /// attached through their pinned links, maps, routes and the tunnel
+    /// device stay, and the tunnel process keeps its sessions.
     fn stop(mut self) {
         self.metrics.set_ready(false);
-        if let Some(tunnel) = self.tunnel.take() {
-            tunnel.stop(&self.metrics.tunnel);
-        }
         self.ebpf.take();
         info!(
             pin_dir = %self.cfg.pin_dir.display(),
@@ -303,9 +296,6 @@ impl Fabric {
     /// Removes everything, after a failed first start-up.
     async fn teardown(mut self) -> Result<()> {
         self.metrics.set_ready(false);
-        if let Some(tunnel) = self.tunnel.take() {
-            tunnel.stop(&self.metrics.tunnel);
-        }
         self.ebpf.take();
         drop(self.maps);
         uninstall(&self.cfg.pin_dir).await
@@ -327,7 +317,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         maps,
         routes,
         ebpf: Some(ebpf),
-        tunnel: None,
+        tunnel_device: None,
         tunnel_device_attached: None,
         attached: false,
         uplink_is_veth: false,
@@ -395,15 +385,19 @@ pub async fn run(config_path: &Path) -> Result<()> {
 }
 
 /// `ligo-fabric uninstall`: detaches the programs (removing their pinned
-/// links), removes our routes from this network namespace and the pinned
-/// maps. Run it with no daemon running.
+/// links), removes our routes and the tunnel device from this network
+/// namespace and the pinned maps. Run it with no daemon running (and no
+/// tunnel process: it would lose its device).
 pub async fn uninstall(pin_dir: &Path) -> Result<()> {
     let links = programs::remove_links(pin_dir)?;
-    let routes = RouteManager::new()?.remove_all().await?;
+    let netlink = RouteManager::new()?;
+    let routes = netlink.remove_all().await?;
+    let tunnel_device = netlink.delete_link(device::TUNNEL_DEVICE).await?;
     remove_pins(pin_dir)?;
     info!(
         links,
         routes,
+        tunnel_device,
         pin_dir = %pin_dir.display(),
         "fabric removed from this host"
     );

@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod programs;
 pub mod routes;
 pub mod tunnel;
+pub mod tunnel_process;

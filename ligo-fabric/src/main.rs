@@ -1,6 +1,6 @@
 //! `ligo-fabric`: the Ligo fabric node daemon and its CLI.
 
-use ligo_fabric::{config, daemon, fabric_maps, inspect, routes};
+use ligo_fabric::{config, daemon, fabric_maps, inspect, routes, tunnel_process};
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -40,8 +40,14 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Run a gateway's WireGuard tunnel (a process of its own beside `run`,
+    /// reading the same FILE, so either restarts without the other).
+    Tunnel {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Remove the data path from this host: detach the programs, delete our
-    /// routes and the pinned maps. Stop the daemon first (it leaves the data
+    /// routes, the tunnel device and the pinned maps. Stop the daemon first (it leaves the data
     /// path running when it exits, so restarts and upgrades lose nothing).
     Uninstall {
         /// The daemon's config file (gives pin_dir).
@@ -132,6 +138,10 @@ fn execute(command: Command) -> Result<()> {
             .enable_all()
             .build()?
             .block_on(daemon::run(&config)),
+        Command::Tunnel { config } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(tunnel_process::run(&config)),
         Command::Uninstall { config, pin_dir } => {
             let pin_dir = match (pin_dir, config) {
                 (Some(dir), _) => dir,

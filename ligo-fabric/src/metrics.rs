@@ -35,7 +35,7 @@ use tracing::{info, warn};
 use crate::{
     clock,
     fabric_maps::{FabricMaps, Snapshot},
-    tunnel::StatusSource,
+    tunnel::status::StatusClient,
 };
 
 /// Counters and state the daemon updates; shared with the HTTP handlers.
@@ -49,8 +49,9 @@ pub struct DaemonMetrics {
     pub ready: Arc<AtomicBool>,
     /// Peer id -> name, for labels.
     pub peer_names: Arc<RwLock<BTreeMap<u32, String>>>,
-    /// The WireGuard tunnel's live figures (gateways with WireGuard peers).
-    pub tunnel: StatusSource,
+    /// Asks the tunnel process for its live figures (gateways with
+    /// WireGuard peers).
+    pub tunnel: StatusClient,
 }
 
 impl DaemonMetrics {
@@ -63,7 +64,7 @@ impl DaemonMetrics {
             reconcile_duration: Histogram::new(exponential_buckets(0.0001, 3.0, 10)),
             ready: Arc::new(AtomicBool::new(false)),
             peer_names: Arc::new(RwLock::new(BTreeMap::new())),
-            tunnel: StatusSource::default(),
+            tunnel: StatusClient::default(),
         }
     }
 
@@ -271,19 +272,23 @@ impl Collector for MapCollector {
     }
 }
 
-/// Reads the tunnel's counters on every scrape.
+/// Asks the tunnel process for its counters on every scrape.
 #[derive(Debug)]
-struct TunnelCollector(StatusSource);
-
-impl std::fmt::Debug for StatusSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StatusSource")
-    }
-}
+struct TunnelCollector(StatusClient);
 
 impl Collector for TunnelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let Some(status) = self.0.status() else {
+        let Some(fetched) = self.0.fetch() else {
+            return Ok(());
+        };
+        let running = encoder.encode_descriptor(
+            "ligo_fabric_tunnel_process_up",
+            "1 while the gateway's WireGuard tunnel process answers the daemon, 0 when it does not (not running, or stuck)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(fetched.is_ok())).encode(running)?;
+        let Ok(status) = fetched else {
             return Ok(());
         };
         let labels = |p: &crate::tunnel::PeerStatus| {
@@ -380,20 +385,26 @@ fn registry(metrics: &DaemonMetrics, maps: FabricMaps) -> Registry {
 struct HttpState {
     registry: Registry,
     ready: Arc<AtomicBool>,
-    tunnel: StatusSource,
+    tunnel: StatusClient,
 }
 
 /// `/tunnels`: the WireGuard tunnel's state as JSON (public material only),
 /// for `ligo-fabric inspect tunnels`.
 async fn tunnels_handler(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
-    match state.tunnel.status() {
-        Some(status) => (
+    let client = state.tunnel.clone();
+    let fetched = tokio::task::spawn_blocking(move || client.fetch())
+        .await
+        .ok()
+        .flatten();
+    match fetched {
+        Some(Ok(status)) => (
             StatusCode::OK,
             serde_json::to_string_pretty(&status).unwrap_or_default(),
         ),
+        Some(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}\n")),
         None => (
             StatusCode::NOT_FOUND,
-            "no WireGuard tunnel runs in this daemon\n".to_string(),
+            "this gateway has no WireGuard peers\n".to_string(),
         ),
     }
 }

@@ -18,7 +18,7 @@ use aya::{
 };
 use tracing::{info, warn};
 
-use crate::config::IngressHook;
+use crate::{config::IngressHook, tunnel::device::TUNNEL_DEVICE};
 
 /// The programs, built by build.rs from `ligo-fabric-ebpf`.
 static EBPF_OBJECT: &[u8] =
@@ -262,11 +262,14 @@ pub fn attach_node(
     Ok(report(&attached, removed))
 }
 
-/// Gateway role: one TC ingress program on each gateway interface.
+/// Gateway role: one TC ingress program on each gateway interface, and
+/// `gateway_tunnel` on the tunnel device (index `tunnel_device`) when there
+/// are WireGuard peers.
 pub fn attach_gateway(
     ebpf: &mut Ebpf,
     pin_dir: &Path,
     interfaces: &[(&str, u32)],
+    tunnel_device: Option<u32>,
 ) -> Result<Attached> {
     let mut attached = Vec::new();
     let mut done = Vec::new();
@@ -284,24 +287,19 @@ pub fn attach_gateway(
         )?);
         done.push(*index);
     }
+    if let Some(index) = tunnel_device {
+        attached.push(attach_pinned(
+            ebpf,
+            pin_dir,
+            "gateway_tunnel",
+            TUNNEL_DEVICE,
+            index,
+            Hook::Tc(TcAttachType::Ingress),
+        )?);
+    }
     let keep: Vec<PathBuf> = attached.iter().map(|(p, _)| p.clone()).collect();
     let removed = remove_other_links(pin_dir, &keep)?;
     Ok(report(&attached, removed))
-}
-
-/// Attaches `gateway_tunnel` to the WireGuard tunnel device's ingress. Not
-/// pinned: the device lives as long as the daemon's tunnel.
-pub fn attach_tunnel_device(ebpf: &mut Ebpf, ifindex: u32) -> Result<()> {
-    classifier(ebpf, "gateway_tunnel")?
-        .attach(
-            ifindex,
-            TcAttach::Tcx {
-                attach_type: TcAttachType::Ingress,
-                order: LinkOrder::default(),
-            },
-        )
-        .context("attaching gateway_tunnel to the tunnel device")?;
-    Ok(())
 }
 
 /// The object loaded with its maps pinned in a private bpffs mounted for

@@ -194,6 +194,34 @@ impl RouteManager {
         Ok(false)
     }
 
+    /// The MTU of interface `index`.
+    pub async fn link_mtu(&self, index: u32) -> Result<u32> {
+        use netlink_packet_route::link::LinkAttribute;
+        let mut links = self.handle.link().get().match_index(index).execute();
+        while let Some(link) = links.try_next().await.context("reading an interface MTU")? {
+            for attr in link.attributes {
+                if let LinkAttribute::Mtu(mtu) = attr {
+                    return Ok(mtu);
+                }
+            }
+        }
+        anyhow::bail!("interface {index} reports no MTU")
+    }
+
+    /// Deletes interface `name` if it exists; whether it did.
+    pub async fn delete_link(&self, name: &str) -> Result<bool> {
+        let Ok(index) = nix::net::if_::if_nametoindex(name) else {
+            return Ok(false);
+        };
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .with_context(|| format!("deleting interface {name}"))?;
+        Ok(true)
+    }
+
     /// Removes every route we own.
     pub async fn remove_all(&self) -> Result<usize> {
         let current = self.current().await?;

@@ -108,23 +108,51 @@ impl Lab {
         let mut command: Vec<&OsStr> = wrapper.iter().map(OsStr::new).collect();
         command.extend(run_args);
         self.spawn(ns, ns, command[0], &command[1..])?;
-        let log_path = self.log_path(ns);
+        self.wait_for_log(ns, "fabric ready")
+    }
+
+    /// The name the tunnel process of the gateway in `ns` runs under.
+    pub fn tunnel_process(ns: &str) -> String {
+        format!("{ns}-tunnel")
+    }
+
+    /// Starts `ligo-fabric tunnel` (the WireGuard tunnel of the gateway in
+    /// `ns`, with the config its daemon got) and waits until it is up.
+    pub fn start_tunnel(&mut self, daemon: &Path, ns: &str) -> Result<()> {
+        let name = Self::tunnel_process(ns);
+        let config_path = self.config_path(ns);
+        self.spawn(
+            ns,
+            &name,
+            daemon.as_os_str(),
+            &[
+                OsStr::new("tunnel"),
+                OsStr::new("--config"),
+                config_path.as_os_str(),
+            ],
+        )?;
+        self.wait_for_log(&name, "tunnel ready")
+    }
+
+    /// Waits until process `name`'s log contains `needle`.
+    fn wait_for_log(&mut self, name: &str, needle: &str) -> Result<()> {
+        let log_path = self.log_path(name);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let log = fs::read_to_string(&log_path).unwrap_or_default();
-            if log.contains("fabric ready") {
+            if log.contains(needle) {
                 return Ok(());
             }
             let exited = self
                 .processes
                 .iter_mut()
-                .find(|(n, _)| n == ns)
+                .find(|(n, _)| n == name)
                 .and_then(|(_, c)| c.try_wait().ok().flatten());
             if let Some(status) = exited {
-                bail!("daemon in {ns} exited ({status}) before it was ready:\n{log}");
+                bail!("{name} exited ({status}) before it was ready:\n{log}");
             }
             if Instant::now() > deadline {
-                bail!("daemon in {ns} not ready after 20 s:\n{log}");
+                bail!("{name} not ready after 20 s:\n{log}");
             }
             thread::sleep(Duration::from_millis(50));
         }

@@ -335,8 +335,11 @@ impl Testbed {
             if wireguard {
                 let _ = writeln!(
                     c,
-                    "private_key_file = \"{}\"",
-                    self.private_key_path(plan).display()
+                    "private_key_file = \"{}\"\nwireguard_status_socket = \"{}\"",
+                    self.private_key_path(plan).display(),
+                    self.lab
+                        .file(&format!("{}-wireguard.sock", self.ns(plan, host)))
+                        .display()
                 );
             }
         } else {
@@ -403,8 +406,8 @@ impl Testbed {
         out
     }
 
-    /// Starts a daemon on every gateway and node, waiting until each
-    /// reports ready.
+    /// Starts a daemon on every gateway and node (and the tunnel process on
+    /// WireGuard gateways), waiting until each reports ready.
     pub fn start_fabric(&mut self, daemon: &Path) -> Result<()> {
         let plans: Vec<ClusterPlan> = self.clusters().into_iter().cloned().collect();
         self.write_keys()?;
@@ -413,6 +416,9 @@ impl Testbed {
                 let ns = self.ns(plan, host);
                 let config = self.daemon_config(plan, host);
                 self.lab.start_daemon(daemon, &ns, &config)?;
+                if host == "gw" && self.transport == "wireguard" {
+                    self.lab.start_tunnel(daemon, &ns)?;
+                }
             }
         }
         Ok(())

@@ -2,8 +2,10 @@
 //! links and maps stay pinned while no daemon runs, and a starting daemon
 //! adopts them (swapping its programs in atomically). A 10,000 packets/s
 //! stream crosses the fabric while daemons are stopped and started, killed
-//! and started, and upgraded. Needs root (skipped with a message otherwise;
-//! under CI=true it must run).
+//! and started, and upgraded, over both gateway transports: with WireGuard
+//! the tunnel runs in its own process, which the daemons' restarts leave
+//! alone. Needs root (skipped with a message otherwise; under CI=true it
+//! must run).
 
 use std::fs;
 
@@ -19,10 +21,20 @@ fn daemons_restart_crash_and_upgrade_without_losing_a_packet() {
     if !require_root("daemons_restart_crash_and_upgrade_without_losing_a_packet") {
         return;
     }
-    let mut bed = Testbed::up("lt-rst", Scenario::different_cidrs()).expect("testbed");
-    // The plain transport: the WireGuard tunnel is userspace and stops with
-    // its daemon (see the closing note of the robustness issue).
-    bed.transport = "plain";
+    restarts_lose_nothing("lt-rst", "plain");
+}
+
+#[test]
+fn daemons_restart_over_wireguard_without_losing_a_packet() {
+    if !require_root("daemons_restart_over_wireguard_without_losing_a_packet") {
+        return;
+    }
+    restarts_lose_nothing("lt-rwg", "wireguard");
+}
+
+fn restarts_lose_nothing(prefix: &str, transport: &'static str) {
+    let mut bed = Testbed::up(prefix, Scenario::different_cidrs()).expect("testbed");
+    bed.transport = transport;
     if let Err(e) = bed.start_fabric(&daemon_binary()) {
         panic!("{e:#}\n{}", bed.lab.logs());
     }
@@ -75,7 +87,7 @@ fn daemons_restart_crash_and_upgrade_without_losing_a_packet() {
         Ok(r) => r,
         Err(e) => panic!("{e:#}\n{}", bed.lab.logs()),
     };
-    eprintln!("stream across 12 restarts: {outcome:?}");
+    eprintln!("stream across 12 restarts ({transport}): {outcome:?}");
     assert!(outcome.sent >= 10_000, "stream too short: {outcome:?}");
     assert_eq!(outcome.received, outcome.sent, "lost packets: {outcome:?}");
     assert_eq!(outcome.reordered, 0, "{outcome:?}");

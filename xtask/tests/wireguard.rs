@@ -8,7 +8,9 @@ use std::{fs, net::Ipv4Addr, thread, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use xtask::{
-    daemon_binary, netns, require_root,
+    daemon_binary,
+    lab::Lab,
+    netns, require_root,
     testbed::{Pod, Scenario, Testbed, WireguardKeys, WIREGUARD_PORT},
     traffic,
 };
@@ -36,7 +38,14 @@ fn interop(prefix: &str, wg_if: &str) -> Interop {
     for host in ["gw", "n1", "n2"] {
         let ns = bed.ns(&a, host);
         let config = bed.daemon_config(&a, host);
-        if let Err(e) = bed.lab.start_daemon(&daemon_binary(), &ns, &config) {
+        let started = bed
+            .lab
+            .start_daemon(&daemon_binary(), &ns, &config)
+            .and_then(|()| match host {
+                "gw" => bed.lab.start_tunnel(&daemon_binary(), &ns),
+                _ => Ok(()),
+            });
+        if let Err(e) = started {
             panic!("{e:#}\n{}", bed.lab.logs());
         }
     }
@@ -130,6 +139,16 @@ fn start_boringtun(bed: &mut Testbed, ns: &str, wg_if: &str) -> Result<()> {
 }
 
 impl Interop {
+    fn daemon_log(&self) -> String {
+        fs::read_to_string(self.bed.lab.log_path(&self.a_gw)).unwrap_or_default()
+    }
+
+    /// The log of A's tunnel process (`ligo-fabric tunnel`).
+    fn tunnel_log(&self) -> String {
+        fs::read_to_string(self.bed.lab.log_path(&Lab::tunnel_process(&self.a_gw)))
+            .unwrap_or_default()
+    }
+
     fn a_pod(&self) -> Pod {
         self.bed.pod(0, 0, 0)
     }
@@ -240,11 +259,12 @@ fn boringtun_cli_peer_interoperates_and_bad_datagrams_are_counted() {
         !status.to_string().contains(private.trim()),
         "the private key appears in inspect output"
     );
-    let log = fs::read_to_string(w.bed.lab.log_path(&w.a_gw)).expect("log");
-    assert!(
-        !log.contains(private.trim()),
-        "the private key appears in the log"
-    );
+    for log in [w.daemon_log(), w.tunnel_log()] {
+        assert!(
+            !log.contains(private.trim()),
+            "the private key appears in a log"
+        );
+    }
 
     let target = format!("('{}', {WIREGUARD_PORT})", w.bed.scenario.a.public_ip);
     let send = |payload: &str| {
@@ -423,7 +443,7 @@ fn roaming_peer_is_followed_and_a_silent_peer_is_reported() {
         status["peers"][0]["endpoint"], "203.0.113.3:51820",
         "A did not follow B: {status:#}"
     );
-    let log = fs::read_to_string(w.bed.lab.log_path(&w.a_gw)).expect("log");
+    let log = w.tunnel_log();
     assert!(log.contains("peer endpoint moved"), "{log}");
 
     // B stops answering.
@@ -443,7 +463,7 @@ fn roaming_peer_is_followed_and_a_silent_peer_is_reported() {
     }
     let after = reported.expect("a silent peer was never reported down");
     assert!(after <= Duration::from_secs(8), "reported after {after:?}");
-    let log = fs::read_to_string(w.bed.lab.log_path(&w.a_gw)).expect("log");
+    let log = w.tunnel_log();
     assert!(log.contains("peer gateway stopped answering"), "{log}");
     let metrics = netns::join(netns::within(&w.a_gw, || {
         Ok(ureq::get("http://127.0.0.1:9477/metrics")
@@ -504,27 +524,28 @@ fn a_key_file_others_can_read_is_refused_on_reload() {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
     fs::write(&config_path, &changed).expect("write");
-    let log_has = |needle: &str| {
+    let logs_have = |needle: &str| {
         (0..100).any(|_| {
-            let log = fs::read_to_string(w.bed.lab.log_path(&w.a_gw)).unwrap_or_default();
-            let found = log.contains(needle);
+            let found = w.daemon_log().contains(needle) && w.tunnel_log().contains(needle);
             if !found {
                 thread::sleep(Duration::from_millis(50));
             }
             found
         })
     };
-    // The daemon notices the changed file by itself (1 s poll).
+    // The daemon and the tunnel process each notice the changed file by
+    // themselves (1 s poll), and each refuses it.
     assert!(
-        log_has("gateway.private_key_file"),
-        "refusal not logged:\n{}",
+        logs_have("gateway.private_key_file"),
+        "refusal not logged by both:\n{}",
         w.bed.lab.logs()
     );
-    let log = fs::read_to_string(w.bed.lab.log_path(&w.a_gw)).expect("log");
-    assert!(
-        log.contains("new configuration rejected") && log.contains("chmod 600"),
-        "{log}"
-    );
+    for log in [w.daemon_log(), w.tunnel_log()] {
+        assert!(
+            log.contains("new configuration rejected") && log.contains("chmod 600"),
+            "{log}"
+        );
+    }
     traffic::ping(&w.a_pod(), B_POD_SEEN_FROM_A, 2).expect("tunnel unchanged");
 
     fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod");
@@ -535,12 +556,13 @@ fn a_key_file_others_can_read_is_refused_on_reload() {
     .expect("write");
     assert!(
         (0..100).any(|_| {
-            let log = fs::read_to_string(w.bed.lab.log_path(&w.a_gw)).unwrap_or_default();
-            let n = log.matches("configuration applied").count();
+            let daemon = w.daemon_log().matches("configuration applied").count();
+            let tunnel = w.tunnel_log().contains("tunnel configuration applied");
             thread::sleep(Duration::from_millis(50));
-            n >= 2
+            daemon >= 2 && tunnel
         }),
-        "the fixed file was not applied"
+        "the fixed file was not applied:\n{}",
+        w.bed.lab.logs()
     );
     traffic::ping(&w.a_pod(), B_POD_SEEN_FROM_A, 2).expect("tunnel after the fix");
 }

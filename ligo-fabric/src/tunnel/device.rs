@@ -4,6 +4,12 @@
 //! on its ingress wraps them in VXLAN toward the owning node. The kernel
 //! thus carries one GSO packet node-ward where it would otherwise carry
 //! dozens of small ones.
+//!
+//! The device is persistent and belongs to the fabric daemon, which creates
+//! it down, attaches `gateway_tunnel` through a pinned link and only then
+//! brings it up; the tunnel process attaches its queues to it once it is up.
+//! So neither process's restart removes the device or its program, and no
+//! decrypted packet reaches the device before the program does.
 
 use std::{
     fs::{File, OpenOptions},
@@ -11,7 +17,7 @@ use std::{
     os::fd::AsRawFd,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 /// Name of the device in the gateway's network namespace.
 pub const TUNNEL_DEVICE: &str = "ligo-wg";
@@ -51,8 +57,8 @@ impl VnetHeader {
     }
 }
 
-/// The device with one queue per inbound worker. Closing the queues
-/// removes it.
+/// The tunnel process's queues on the device, one per inbound worker.
+/// Closing them detaches the queues; the device stays.
 pub struct TunnelDevice {
     pub ifindex: u32,
     queues: Vec<File>,
@@ -88,36 +94,65 @@ fn check(rc: libc::c_int, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Opens one queue of the device, creating the device if it does not exist.
+fn open_queue() -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .context("opening /dev/net/tun (is the tun module available?)")?;
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_MULTI_QUEUE)
+        as libc::c_short;
+    let mut req = if_request(TUNNEL_DEVICE, flags);
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is (name,
+    // flags, padding to the kernel's size).
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    check(
+        rc,
+        &format!("opening a queue of tunnel device {TUNNEL_DEVICE}"),
+    )?;
+    let offload = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
+    // SAFETY: TUNSETOFFLOAD takes the offload bits by value.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            offload as libc::c_ulong,
+        )
+    };
+    check(rc, "enabling checksum and TSO offload on the tunnel device")?;
+    Ok(file)
+}
+
+/// Daemon side: makes sure the persistent device exists (created down when
+/// it did not) and returns its index. The caller attaches `gateway_tunnel`
+/// and then calls [`set_up`].
+pub fn ensure_persistent() -> Result<u32> {
+    let queue = open_queue()?;
+    // SAFETY: TUNSETPERSIST takes its flag by value.
+    let rc = unsafe { libc::ioctl(queue.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) };
+    check(rc, &format!("making {TUNNEL_DEVICE} persistent"))?;
+    nix::net::if_::if_nametoindex(TUNNEL_DEVICE)
+        .with_context(|| format!("{TUNNEL_DEVICE} has no interface index"))
+}
+
+/// Whether the device exists and is up, i.e. its program is attached.
+pub fn is_ready() -> bool {
+    interface_flags(TUNNEL_DEVICE).is_ok_and(|flags| flags & libc::IFF_UP as libc::c_short != 0)
+}
+
 impl TunnelDevice {
-    pub fn create(queues: usize) -> Result<Self> {
-        let mut files = Vec::new();
-        for _ in 0..queues.max(1) {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/net/tun")
-                .context("opening /dev/net/tun (is the tun module available?)")?;
-            let flags =
-                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_MULTI_QUEUE)
-                    as libc::c_short;
-            let mut req = if_request(TUNNEL_DEVICE, flags);
-            // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is
-            // (name, flags, padding to the kernel's size).
-            let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
-            check(rc, &format!("creating tunnel device {TUNNEL_DEVICE}"))?;
-            let offload = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
-            // SAFETY: TUNSETOFFLOAD takes the offload bits by value.
-            let rc = unsafe {
-                libc::ioctl(
-                    file.as_raw_fd(),
-                    libc::TUNSETOFFLOAD,
-                    offload as libc::c_ulong,
-                )
-            };
-            check(rc, "enabling checksum and TSO offload on the tunnel device")?;
-            files.push(file);
+    /// Tunnel side: attaches `queues` queues to the device the daemon made.
+    pub fn open(queues: usize) -> Result<Self> {
+        if !is_ready() {
+            bail!(
+                "tunnel device {TUNNEL_DEVICE} is missing or down: the fabric daemon \
+                 (`ligo-fabric run`) creates it on a gateway with WireGuard peers"
+            );
         }
-        set_up(TUNNEL_DEVICE)?;
+        let files = (0..queues.max(1))
+            .map(|_| open_queue())
+            .collect::<Result<Vec<_>>>()?;
         let ifindex = nix::net::if_::if_nametoindex(TUNNEL_DEVICE)
             .with_context(|| format!("{TUNNEL_DEVICE} has no interface index"))?;
         Ok(TunnelDevice {
@@ -133,22 +168,47 @@ impl TunnelDevice {
     }
 }
 
-fn set_up(name: &str) -> Result<()> {
-    // SAFETY: a plain datagram socket used only for interface ioctls; it is
-    // closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-    check(fd, "opening a socket for interface flags")?;
+/// A plain datagram socket for interface ioctls, closed on drop.
+struct IoctlSocket(libc::c_int);
+
+impl IoctlSocket {
+    fn new() -> Result<Self> {
+        // SAFETY: socket(2) with constant arguments; the fd is owned by the
+        // returned value and closed in its Drop.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        check(fd, "opening a socket for interface flags")?;
+        Ok(IoctlSocket(fd))
+    }
+}
+
+impl Drop for IoctlSocket {
+    fn drop(&mut self) {
+        // SAFETY: the fd is ours and open.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn interface_flags(name: &str) -> Result<libc::c_short> {
+    let socket = IoctlSocket::new()?;
     let mut req = if_request(name, 0);
+    // SAFETY: SIOCGIFFLAGS reads and writes one ifreq.
+    let rc = unsafe { libc::ioctl(socket.0, libc::SIOCGIFFLAGS, &mut req) };
+    check(rc, &format!("reading the flags of {name}"))?;
+    Ok(req.flags)
+}
+
+/// Brings the device up (the daemon, once `gateway_tunnel` is attached).
+pub fn set_up() -> Result<()> {
+    let socket = IoctlSocket::new()?;
+    let mut req = if_request(TUNNEL_DEVICE, 0);
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write one ifreq.
-    let result = unsafe {
-        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+    let rc = unsafe {
+        let mut rc = libc::ioctl(socket.0, libc::SIOCGIFFLAGS, &mut req);
         if rc == 0 {
             req.flags |= libc::IFF_UP as libc::c_short;
-            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req);
+            rc = libc::ioctl(socket.0, libc::SIOCSIFFLAGS, &mut req);
         }
         rc
     };
-    // SAFETY: `fd` is ours and open.
-    unsafe { libc::close(fd) };
-    check(result, &format!("bringing {name} up"))
+    check(rc, &format!("bringing {TUNNEL_DEVICE} up"))
 }

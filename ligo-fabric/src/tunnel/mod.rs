@@ -22,6 +22,7 @@ pub mod batch;
 pub mod device;
 pub mod keys;
 pub mod packet;
+pub mod status;
 
 use std::{
     collections::HashMap,
@@ -45,7 +46,7 @@ use boringtun::{
 };
 use ipnetwork::Ipv4Network;
 use quinn_udp::RecvMeta;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
@@ -289,7 +290,7 @@ pub struct Tunnel {
 }
 
 /// Per-peer figures for metrics and `inspect tunnels`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub id: u32,
     pub name: String,
@@ -303,7 +304,7 @@ pub struct PeerStatus {
     pub rx_packets: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TunnelStatus {
     pub public_key: String,
     pub listen: String,
@@ -464,7 +465,7 @@ impl Tunnel {
             fabric.push(reuseport_socket(config.underlay, SocketRole::Fabric)?);
             wireguard.push(reuseport_socket(config.public, SocketRole::Wireguard)?);
         }
-        let device = TunnelDevice::create(workers)?;
+        let device = TunnelDevice::open(workers)?;
         let private = x25519::StaticSecret::from(config.private_key.0);
         let public = x25519::PublicKey::from(&private);
         let shared = Arc::new(Shared {
@@ -518,11 +519,6 @@ impl Tunnel {
             || self.config.public != config.public
             || self.config.underlay != config.underlay
             || self.config.inner_mtu != config.inner_mtu
-    }
-
-    /// The tunnel device the `gateway_tunnel` program must be attached to.
-    pub fn device_ifindex(&self) -> u32 {
-        self.shared.device.ifindex
     }
 
     pub fn update(&mut self, config: TunnelConfig) {
