@@ -119,18 +119,21 @@ impl Lab {
     /// Starts `ligo-fabric tunnel` (the WireGuard tunnel of the gateway in
     /// `ns`, with the config its daemon got) and waits until it is up.
     pub fn start_tunnel(&mut self, daemon: &Path, ns: &str) -> Result<()> {
+        self.start_tunnel_via(&[], daemon, ns)
+    }
+
+    /// Like [`Lab::start_tunnel`], run through `wrapper`.
+    pub fn start_tunnel_via(&mut self, wrapper: &[&str], daemon: &Path, ns: &str) -> Result<()> {
         let name = Self::tunnel_process(ns);
         let config_path = self.config_path(ns);
-        self.spawn(
-            ns,
-            &name,
+        let mut command: Vec<&OsStr> = wrapper.iter().map(OsStr::new).collect();
+        command.extend([
             daemon.as_os_str(),
-            &[
-                OsStr::new("tunnel"),
-                OsStr::new("--config"),
-                config_path.as_os_str(),
-            ],
-        )?;
+            OsStr::new("tunnel"),
+            OsStr::new("--config"),
+            config_path.as_os_str(),
+        ]);
+        self.spawn(ns, &name, command[0], &command[1..])?;
         self.wait_for_log(&name, "tunnel ready")
     }
 

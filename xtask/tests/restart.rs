@@ -11,7 +11,9 @@ use std::fs;
 
 use anyhow::{Context, Result};
 use xtask::{
-    daemon_binary, netns, require_root,
+    daemon_binary,
+    lab::Lab,
+    netns, require_root,
     testbed::{Scenario, Testbed},
     traffic,
 };
@@ -100,6 +102,55 @@ fn restarts_lose_nothing(prefix: &str, transport: &'static str) {
             "a restart did not adopt: {log}"
         );
     }
+    if transport == "wireguard" {
+        tunnel_process_crash_recovers_and_uninstall_removes_the_device(&mut bed);
+    }
+}
+
+/// The tunnel process itself holds the WireGuard sessions, so its crash
+/// costs a re-handshake: measured and bounded here, not zero. Then
+/// `uninstall` on the gateway removes the tunnel device with its program.
+fn tunnel_process_crash_recovers_and_uninstall_removes_the_device(bed: &mut Testbed) {
+    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
+    let dst = bed.address_seen_from_peer(&b);
+    let source_seen = bed.address_seen_from_peer(&a);
+    let a_gw = bed.ns(&bed.scenario.a.clone(), "gw");
+    let tunnel = Lab::tunnel_process(&a_gw);
+    let result = traffic::udp_stream(&a, &b, dst, source_seen, 7701, 10_000, || {
+        bed.lab.kill_daemon(&tunnel)?;
+        bed.lab.start_tunnel(&daemon_binary(), &a_gw)
+    });
+    let (outcome, ()) = match result {
+        Ok(r) => r,
+        Err(e) => panic!("{e:#}\n{}", bed.lab.logs()),
+    };
+    eprintln!("stream across a tunnel process crash and restart: {outcome:?}");
+    let lost = outcome.sent - outcome.received;
+    assert!(
+        lost < 10_000,
+        "more than a second of traffic lost: {outcome:?}"
+    );
+    assert_eq!(outcome.duplicates, 0, "{outcome:?}");
+    assert_eq!(outcome.mistranslated, 0, "{outcome:?}");
+
+    bed.lab.stop_daemon(&tunnel).expect("stop the tunnel");
+    bed.lab.stop_daemon(&a_gw).expect("stop the daemon");
+    assert!(
+        netns::ip(&["-n", &a_gw, "link", "show", "ligo-wg"]).is_ok(),
+        "the tunnel device must outlive both processes"
+    );
+    let pin_dir = bed.lab.pin_dir(&a_gw);
+    netns::exec(
+        &a_gw,
+        &daemon_binary().to_string_lossy(),
+        &["uninstall", "--pin-dir", &pin_dir.to_string_lossy()],
+    )
+    .expect("uninstall");
+    assert!(
+        netns::ip(&["-n", &a_gw, "link", "show", "ligo-wg"]).is_err(),
+        "uninstall left the tunnel device"
+    );
+    assert!(!pin_dir.exists(), "pins left");
 }
 
 /// SIGTERM leaves the data path forwarding with no daemon at all;
@@ -145,41 +196,61 @@ fn stopped_daemon_keeps_forwarding_and_uninstall_removes_everything() {
     );
 }
 
-/// The capabilities the README lists are enough: a node daemon whose
-/// bounding set holds only CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN runs the
-/// fabric; and what it pins cannot be read by other users.
+/// The capabilities the README lists are enough: daemons whose bounding
+/// set holds only CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN, and WireGuard
+/// tunnel processes with only CAP_NET_ADMIN, run the fabric; and what the
+/// daemon pins cannot be read by other users.
 #[test]
 fn daemon_needs_only_the_listed_capabilities_and_pins_are_private() {
     if !require_root("daemon_needs_only_the_listed_capabilities_and_pins_are_private") {
         return;
     }
     const CAPS: &str = "-all,+bpf,+net_admin,+sys_admin";
+    const TUNNEL_CAPS: &str = "-all,+net_admin";
     let mut bed = Testbed::up("lt-caps", Scenario::different_cidrs()).expect("testbed");
-    bed.transport = "plain";
+    bed.transport = "wireguard";
+    bed.write_keys().expect("keys");
     let plans = [bed.scenario.a.clone(), bed.scenario.b.clone()];
     let wrapper = ["setpriv", "--bounding-set", CAPS, "--inh-caps", CAPS];
+    let tunnel_wrapper = [
+        "setpriv",
+        "--bounding-set",
+        TUNNEL_CAPS,
+        "--inh-caps",
+        TUNNEL_CAPS,
+    ];
     for plan in &plans {
         for host in ["gw", "n1", "n2"] {
             let ns = bed.ns(plan, host);
             let config = bed.daemon_config(plan, host);
-            if let Err(e) = bed
+            let started = bed
                 .lab
                 .start_daemon_via(&wrapper, &daemon_binary(), &ns, &config)
-            {
+                .and_then(|()| match host {
+                    "gw" => bed
+                        .lab
+                        .start_tunnel_via(&tunnel_wrapper, &daemon_binary(), &ns),
+                    _ => Ok(()),
+                });
+            if let Err(e) = started {
                 panic!("{e:#}\n{}", bed.lab.logs());
             }
         }
     }
     let a_node = bed.ns(&plans[0], "n1");
-    let pid = fs::read_to_string(bed.lab.pid_path(&a_node)).expect("pid");
-    let status = fs::read_to_string(format!("/proc/{}/status", pid.trim())).expect("status");
-    let bounding = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapBnd:"))
-        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(u64::MAX))
-        .expect("CapBnd");
+    let bounding_set = |process: &str| {
+        let pid = fs::read_to_string(bed.lab.pid_path(process)).expect("pid");
+        let status = fs::read_to_string(format!("/proc/{}/status", pid.trim())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapBnd:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(u64::MAX))
+            .expect("CapBnd")
+    };
     // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_BPF 39.
-    assert_eq!(bounding, (1 << 12) | (1 << 21) | (1 << 39), "{status}");
+    assert_eq!(bounding_set(&a_node), (1 << 12) | (1 << 21) | (1 << 39));
+    let a_gw = bed.ns(&plans[0], "gw");
+    assert_eq!(bounding_set(&Lab::tunnel_process(&a_gw)), 1 << 12);
     let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
     traffic::ping(&a, bed.address_seen_from_peer(&b), 3).expect("fabric with reduced capabilities");
 
