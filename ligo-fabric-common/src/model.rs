@@ -228,3 +228,41 @@ impl GatewayModel<'_> {
         Outcome::Translate
     }
 }
+
+/// The configuration the hostile-frame corpus
+/// (`ligo-fabric/tests/corpus/hostile.py`) is built for: cluster A of the
+/// testbed's different-CIDRs scenario (pods 10.244.0.0/16; peer 2's
+/// 10.100.16.0/20 seen as 10.200.32.0/20; node 192.0.2.11 behind gateway
+/// 192.0.2.1, public 203.0.113.1; peer gateway 203.0.113.2). Shared by the
+/// BPF_PROG_TEST_RUN and the live-testbed corpus tests.
+pub mod corpus {
+    use super::{GatewayModel, NodeModel};
+    use crate::prefix::PrefixRewrite;
+
+    pub const FABRIC_PORT: u16 = 4799;
+    /// Peer 2's real pod CIDR → our view of it.
+    pub const REAL_TO_VIEW: PrefixRewrite =
+        PrefixRewrite::new([10, 100, 16, 0], [10, 200, 32, 0], 20);
+    pub const NODE: NodeModel<'static> = NodeModel {
+        fabric_port: FABRIC_PORT,
+        gateway_ip: [192, 0, 2, 1],
+        peers: &[(2, REAL_TO_VIEW)],
+        views: &[REAL_TO_VIEW.reversed()],
+    };
+    pub const GATEWAY: GatewayModel<'static> = GatewayModel {
+        fabric_port: FABRIC_PORT,
+        underlay_ip: [192, 0, 2, 1],
+        public_ip: [203, 0, 113, 1],
+        peers: &[(2, [203, 0, 113, 2])],
+        slices: &[
+            (
+                PrefixRewrite::new([10, 244, 1, 0], [10, 244, 1, 0], 24),
+                [192, 0, 2, 11],
+            ),
+            (
+                PrefixRewrite::new([10, 244, 2, 0], [10, 244, 2, 0], 24),
+                [192, 0, 2, 12],
+            ),
+        ],
+    };
+}

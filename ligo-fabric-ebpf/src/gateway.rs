@@ -44,6 +44,9 @@ pub fn gateway(ctx: TcContext) -> i32 {
 
 fn try_gateway(ctx: &TcContext) -> Result<i32, DropReason> {
     const PASS: Result<i32, DropReason> = Ok(TC_ACT_OK as i32);
+    if crate::vlan::tagged(ctx) {
+        return PASS;
+    }
     let Some(cfg) = config() else { return PASS };
     if cfg.role() != Role::Gateway {
         return PASS;

@@ -29,6 +29,7 @@ mod node_egress;
 mod node_ingress;
 mod node_ingress_tc;
 mod noop;
+mod vlan;
 
 #[cfg(not(test))]
 #[panic_handler]

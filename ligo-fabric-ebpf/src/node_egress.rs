@@ -38,6 +38,9 @@ pub fn node_egress(ctx: TcContext) -> i32 {
 
 fn try_node_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     const PASS: Result<i32, DropReason> = Ok(TC_ACT_OK as i32);
+    if crate::vlan::tagged(ctx) {
+        return PASS;
+    }
     let Some(cfg) = config() else { return PASS };
     if cfg.role() != Role::Node {
         return PASS;

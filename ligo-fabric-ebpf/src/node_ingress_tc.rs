@@ -41,6 +41,9 @@ pub fn node_ingress_tc(ctx: TcContext) -> i32 {
 
 fn try_node_ingress_tc(ctx: &TcContext) -> Result<i32, DropReason> {
     const PASS: Result<i32, DropReason> = Ok(TC_ACT_OK as i32);
+    if crate::vlan::tagged(ctx) {
+        return PASS;
+    }
     let Some(cfg) = config() else { return PASS };
     if cfg.role() != Role::Node {
         return PASS;

@@ -835,19 +835,6 @@ fn icmp_errors_quote_the_packet_as_its_sender_sent_it() {
     }
 }
 
-/// The node configuration the corpus is built for, in the model's terms.
-fn corpus_model<'a>(
-    peers: &'a [(u32, ligo_fabric_common::prefix::PrefixRewrite)],
-    views: &'a [ligo_fabric_common::prefix::PrefixRewrite],
-) -> ligo_fabric_common::model::NodeModel<'a> {
-    ligo_fabric_common::model::NodeModel {
-        fabric_port: PORT,
-        gateway_ip: ip("192.0.2.1"),
-        peers,
-        views,
-    }
-}
-
 /// 12,000 hostile frames built with scapy (truncated at and around every
 /// header boundary, bad IHL and total length, IP options, fragments, TTL 1,
 /// ICMP errors, IPv6, ARP, VLAN tags, frames beyond the MTU, VXLAN with
@@ -861,7 +848,7 @@ fn corpus_model<'a>(
 /// scapy's reckoning.
 #[test]
 fn hostile_corpus_matches_the_reference_model() {
-    use ligo_fabric_common::{model::Outcome, prefix::PrefixRewrite};
+    use ligo_fabric_common::model::Outcome;
     if !is_root() {
         return;
     }
@@ -876,28 +863,10 @@ fn hostile_corpus_matches_the_reference_model() {
     assert!(status.success(), "corpus generation failed");
     let data = std::fs::read(&corpus).expect("corpus");
 
-    let real_to_view = PrefixRewrite::new(ip("10.100.16.0"), ip("10.200.32.0"), 20);
-    let peers = [(2, real_to_view)];
-    let views = [real_to_view.reversed()];
-    let model = corpus_model(&peers, &views);
-    let gateway_peers = [(2, ip("203.0.113.2"))];
-    let slices = [
-        (
-            PrefixRewrite::new(ip("10.244.1.0"), ip("10.244.1.0"), 24),
-            ip("192.0.2.11"),
-        ),
-        (
-            PrefixRewrite::new(ip("10.244.2.0"), ip("10.244.2.0"), 24),
-            ip("192.0.2.12"),
-        ),
-    ];
-    let gateway_model = ligo_fabric_common::model::GatewayModel {
-        fabric_port: PORT,
-        underlay_ip: ip("192.0.2.1"),
-        public_ip: ip("203.0.113.1"),
-        peers: &gateway_peers,
-        slices: &slices,
+    use ligo_fabric_common::model::corpus::{
+        GATEWAY as gateway_model, NODE as model, REAL_TO_VIEW as real_to_view,
     };
+    let views = model.views;
     let mut fx = Fixture::new(&node_config());
     let mut gw = Fixture::new(&gateway_config());
     let drops_before: Vec<u64> = DropReason::ALL

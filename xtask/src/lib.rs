@@ -6,6 +6,7 @@ pub mod netns;
 pub mod prometheus;
 pub mod testbed;
 pub mod traffic;
+pub mod wire;
 
 use std::path::PathBuf;
 
