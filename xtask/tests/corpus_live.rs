@@ -1,16 +1,16 @@
-//! The hostile corpus through the live testbed. The 9,000 frames scapy
-//! builds for the node and gateway programs (`ligo-fabric/tests/corpus/
-//! hostile.py`, the same ones `prog_test_run.rs` feeds BPF_PROG_TEST_RUN)
-//! are put on the wire of a running fabric — into the node's uplink from
-//! the underlay, out of it from the node, into the gateway from nodes and
-//! from the peer gateway — and what comes out is captured where it goes.
-//! Each frame's fate must be what the reference model in
-//! `ligo-fabric-common` says: its drop counted under the right reason (the
-//! daemons' counters move by exactly the model's numbers), passed on
-//! untouched, or translated — seen at its destination, in order, with the
-//! rules' addresses and every checksum that was valid still valid by
-//! scapy's reckoning. Needs root (skipped with a message otherwise; under
-//! CI=true it must run).
+//! The hostile corpus through the live testbed. The 12,000 frames scapy
+//! builds (`ligo-fabric/tests/corpus/hostile.py`, the same ones
+//! `prog_test_run.rs` feeds BPF_PROG_TEST_RUN) are put on the wire of a
+//! running fabric — into the node's uplink from the underlay (node ingress
+//! at TC, then at XDP), out of it from the node, into the gateway from
+//! nodes and from the peer gateway, into the gateway's WireGuard tunnel
+//! device — and what comes out is captured where it goes. Each frame's
+//! fate must be what the reference model in `ligo-fabric-common` says: its
+//! drop counted under the right reason (the daemons' counters move by
+//! exactly the model's numbers), passed on untouched, or translated — seen
+//! at its destination, in order, with the rules' addresses and every
+//! checksum that was valid still valid by scapy's reckoning. Needs root
+//! (skipped with a message otherwise; under CI=true it must run).
 
 use std::{collections::BTreeMap, fs, net::Ipv4Addr, path::Path, thread, time::Duration};
 
@@ -506,72 +506,153 @@ fn run(bed: &mut Testbed) -> Result<()> {
     }
     report.push(format!("node egress: {} expected, {m:?}", expected.len()));
 
-    // 3. Node ingress: frames arrive at the node's uplink from the
-    //    underlay; translated packets for the pod CIDR go straight to the
-    //    capture "pod" (TTL 1, the second node's slice and real pods go
-    //    elsewhere, as forwarding would send them).
+    // 3. Node ingress, at TC and then at XDP: frames arrive at the node's
+    //    uplink from the underlay; translated packets for the pod CIDR reach
+    //    the capture "pod" (TTL 1, the second node's slice and real pods go
+    //    elsewhere, as forwarding would send them). TC hands them over
+    //    itself; XDP passes them to the stack, which forwards them, so the
+    //    frames the model translates are addressed to the node's MAC, as
+    //    the gateway addresses them, and packets the stack refuses (a bad
+    //    IPv4 header inside) may go missing there.
     let pod_link = PacketSocket::open(&cap, "eth0")?;
-    // The daemon lists the new veth as a pod interface within a second.
-    thread::sleep(Duration::from_millis(1500));
-    let frames = &kinds[&0];
-    let outcomes: Vec<Outcome> = frames.iter().map(|f| node.ingress(f)).collect();
-    let before = drops(bed, &a_n1)?;
-    inject_all(
-        &frames
+    let pod_mac = parse_mac(&cap_mac)?;
+    let node_mac = parse_mac(&xtask::lab::interface_mac(&a_n1, "eth0")?)?;
+    for hook in ["tc", "xdp"] {
+        if hook == "xdp" {
+            bed.lab.stop_daemon(&a_n1)?;
+            bed.node_ingress = "xdp";
+            bed.lab
+                .start_daemon(&daemon, &a_n1, &bed.daemon_config(&plan_a, "n1"))?;
+        }
+        // The daemon lists the new veth as a pod interface within a second.
+        thread::sleep(Duration::from_millis(1500));
+        let frames: Vec<Vec<u8>> = kinds[&0]
             .iter()
-            .map(|f| (&underlay_of_node, f.as_slice()))
-            .collect::<Vec<_>>(),
-    )?;
-    let delivered = pod_link.received_until_idle(Duration::from_millis(500))?;
+            .map(|f| {
+                let mut f = f.clone();
+                if hook == "xdp" && node.ingress(&f) == Outcome::Translate {
+                    f[..6].copy_from_slice(&node_mac);
+                }
+                f
+            })
+            .collect();
+        let outcomes: Vec<Outcome> = frames.iter().map(|f| node.ingress(f)).collect();
+        let before = drops(bed, &a_n1)?;
+        inject_all(
+            &frames
+                .iter()
+                .map(|f| (&underlay_of_node, f.as_slice()))
+                .collect::<Vec<_>>(),
+        )?;
+        let delivered = pod_link.received_until_idle(Duration::from_millis(500))?;
+        let what = format!("node ingress ({hook})");
+        assert_drops(&what, &before, &drops(bed, &a_n1)?, &predicted(&outcomes));
+        let pods = [ip("10.244.1.10"), ip("10.244.1.11")];
+        let expected: Vec<Expected<'_>> = frames
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| **o == Outcome::Translate)
+            .map(|(f, _)| {
+                let inner = &f[outer::INNER_IP..];
+                let dst = addr_at(inner, 16);
+                let elsewhere = inner[8] <= 1 || slices[1].0.matches(dst) || pods.contains(&dst);
+                Expected {
+                    frame: f,
+                    optional: elsewhere || (hook == "xdp" && !stack_accepts(inner)),
+                }
+            })
+            .collect();
+        let ingress_fits = |frame: &[u8], out: &[u8]| -> Result<()> {
+            let mut before = &frame[outer::INNER_IP..];
+            if hook == "xdp" {
+                // The stack trims the Ethernet padding to the IPv4 length.
+                let total = usize::from(u16::from_be_bytes([before[2], before[3]]));
+                before = &before[..total.min(before.len())];
+            }
+            let after = &out[14..];
+            ensure!(out[..6] == pod_mac, "not addressed to the pod");
+            ensure!(
+                after.len() >= 20 && after[12..16] == real_to_view.apply(addr_at(before, 12)),
+                "source not rewritten real → view"
+            );
+            ensure!(after[16..20] == before[16..20], "destination changed");
+            ensure!(after[8] + 1 == before[8], "TTL not decremented once");
+            untouched_parts_equal(before, after)
+        };
+        let m = match_in_order(&what, &expected, &delivered, ingress_fits, |_| false)?;
+        ensure!(
+            m.seen * 2 > expected.len(),
+            "{what}: most translated packets should reach the pod link: {m:?}"
+        );
+        for (e, c) in &m.pairs {
+            record(
+                &mut pairs,
+                &expected[*e].frame[outer::INNER_IP..],
+                &delivered[*c][14..],
+            );
+        }
+        report.push(format!("{what}: {} translated, {m:?}", expected.len()));
+    }
+
+    // 4. The gateway's tunnel device: what the WireGuard tunnel writes there
+    //    (decrypted packets, the peer id in the source MAC) is wrapped in
+    //    VXLAN toward the owning node by gateway_tunnel. The daemon makes
+    //    the device once a peer uses WireGuard; frames go in through a
+    //    queue of our own, as the tunnel's workers write them.
+    bed.transport = "wireguard";
+    bed.write_keys()?;
+    bed.lab.stop_daemon(&a_gw)?;
+    bed.lab
+        .start_daemon(&daemon, &a_gw, &bed.daemon_config(&plan_a, "gw"))?;
+    let queue = netns::join(netns::within(&a_gw, || {
+        ligo_fabric::tunnel::device::open_queue()
+    }))?;
+    let frames = &kinds[&3];
+    let outcomes: Vec<Outcome> = frames.iter().map(|f| gateway.tunnel_device(f)).collect();
+    let before = drops(bed, &a_gw)?;
+    write_to_tunnel_device(&queue, frames)?;
+    let to_nodes: Vec<Vec<u8>> = underlay_port
+        .received_until_idle(Duration::from_millis(500))?
+        .into_iter()
+        .filter(|f| is_fabric_udp_from(f, ip("192.0.2.1")))
+        .collect();
     assert_drops(
-        "node ingress",
+        "tunnel device",
         &before,
-        &drops(bed, &a_n1)?,
+        &drops(bed, &a_gw)?,
         &predicted(&outcomes),
     );
-    let pods = [ip("10.244.1.10"), ip("10.244.1.11")];
     let expected: Vec<Expected<'_>> = frames
         .iter()
         .zip(&outcomes)
         .filter(|(_, o)| **o == Outcome::Translate)
-        .map(|(f, _)| {
-            let inner = &f[outer::INNER_IP..];
-            let dst = addr_at(inner, 16);
-            Expected {
-                frame: f,
-                optional: inner[8] <= 1 || slices[1].0.matches(dst) || pods.contains(&dst),
-            }
+        .map(|(f, _)| Expected {
+            frame: f,
+            optional: false,
         })
         .collect();
-    let ingress_fits = |frame: &[u8], out: &[u8]| -> Result<()> {
-        let (before, after) = (&frame[outer::INNER_IP..], &out[14..]);
-        ensure!(out[..6] == parse_mac(&cap_mac)?, "not addressed to the pod");
+    let tunnel_fits = |frame: &[u8], out: &[u8]| -> Result<()> {
+        ensure!(out.len() == frame.len() + ENCAP_LEN, "length");
+        ensure!(out[14 + ENCAP_LEN..] == frame[14..], "inner packet changed");
+        let node_ip = gateway
+            .node_for(addr_at(frame, 14 + 16))
+            .context("no slice")?;
         ensure!(
-            after.len() >= 20 && after[12..16] == real_to_view.apply(addr_at(before, 12)),
-            "source not rewritten real → view"
+            (addr_at(out, outer::IP + 12), addr_at(out, outer::IP + 16))
+                == (ip("192.0.2.1"), node_ip),
+            "outer addresses"
         );
-        ensure!(after[16..20] == before[16..20], "destination changed");
-        ensure!(after[8] + 1 == before[8], "TTL not decremented once");
-        untouched_parts_equal(before, after)
+        ensure!(out[outer::VXLAN + 4..outer::VXLAN + 7] == [0, 0, 2], "VNI");
+        ensure!(
+            internet_checksum(&out[outer::IP..outer::UDP]) == 0,
+            "outer IPv4 checksum"
+        );
+        Ok(())
     };
-    let m = match_in_order("node ingress", &expected, &delivered, ingress_fits, |_| {
+    let m = match_in_order("tunnel device", &expected, &to_nodes, tunnel_fits, |_| {
         false
     })?;
-    ensure!(
-        m.seen * 2 > expected.len(),
-        "most translated packets should reach the pod link: {m:?}"
-    );
-    for (e, c) in &m.pairs {
-        record(
-            &mut pairs,
-            &expected[*e].frame[outer::INNER_IP..],
-            &delivered[*c][14..],
-        );
-    }
-    report.push(format!(
-        "node ingress: {} translated, {m:?}",
-        expected.len()
-    ));
+    report.push(format!("tunnel device: {} expected, {m:?}", expected.len()));
 
     // Every checksum that was valid before is valid after, by scapy.
     let pairs_path = dir.join("pairs.bin");
@@ -587,6 +668,53 @@ fn run(bed: &mut Testbed) -> Result<()> {
         verified.status.success(),
         "scapy found bad checksums: {scapy}"
     );
+    Ok(())
+}
+
+/// Whether the IPv4 stack takes `packet` in (ip_rcv's checks): version 4,
+/// a sane header length and total length, a valid header checksum.
+fn stack_accepts(packet: &[u8]) -> bool {
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+    packet[0] >> 4 == 4
+        && ihl >= 20
+        && packet.len() >= ihl
+        && total >= ihl
+        && total <= packet.len()
+        && internet_checksum(&packet[..ihl]) == 0
+}
+
+/// RFC 1071 sum of `bytes`, folded and complemented (0 over a header whose
+/// checksum is right).
+fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Writes `frames` to a queue of the tunnel device, each after a
+/// virtio-net header that asks for nothing (no offload), from one CPU.
+fn write_to_tunnel_device(queue: &fs::File, frames: &[Vec<u8>]) -> Result<()> {
+    use std::io::Write;
+    let mut cpus = nix::sched::CpuSet::new();
+    cpus.set(0)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
+    let mut queue = queue;
+    for (i, frame) in frames.iter().enumerate() {
+        let mut record = vec![0u8; 10];
+        record.extend_from_slice(frame);
+        queue.write_all(&record).with_context(|| {
+            format!("writing a {}-byte frame to the tunnel device", frame.len())
+        })?;
+        if i % 64 == 63 {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
     Ok(())
 }
 

@@ -94,8 +94,9 @@ fn check(rc: libc::c_int, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Opens one queue of the device, creating the device if it does not exist.
-fn open_queue() -> Result<File> {
+/// Opens one queue of the device (virtio-net header first in every frame),
+/// creating the device if it does not exist.
+pub fn open_queue() -> Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
