@@ -12,6 +12,10 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -23,7 +27,7 @@ use crate::{
     config::{RoleConfig, ValidConfig},
     daemon::read_config,
     routes::RouteManager,
-    tunnel::{device, status, StatusSource, Tunnel, TunnelConfig},
+    tunnel::{device, handover, status, StatusSource, Tunnel, TunnelConfig},
 };
 
 /// How often the config file's modification time is checked (as the
@@ -96,30 +100,49 @@ pub async fn run(config_path: &Path) -> Result<()> {
             config_path.display()
         );
     };
-    let _lock = status::lock_instance(&socket)?;
     let netlink = RouteManager::new()?;
     let Some(wanted) = tunnel_config(&netlink, &cfg).await? else {
         bail!("no WireGuard tunnel in {}", config_path.display());
     };
     let source = StatusSource::default();
-    status::serve(&socket, source.clone())?;
-
     let mut signals = Signals::new()?;
     let mut poll = tokio::time::interval(POLL);
-    // The daemon makes the device (with its program) and brings it up; we
-    // may start first.
-    if !device::is_ready() {
-        info!(
-            device = device::TUNNEL_DEVICE,
-            "waiting for the fabric daemon to create the tunnel device"
-        );
-        while !device::is_ready() {
-            if let Event::Stop = signals.next(&mut poll).await {
-                return Ok(());
+    let (_lock, running) = match status::lock_instance(&socket) {
+        Ok(lock) => {
+            // The daemon makes the device (with its program) and brings it
+            // up; we may start first.
+            if !device::is_ready() {
+                info!(
+                    device = device::TUNNEL_DEVICE,
+                    "waiting for the fabric daemon to create the tunnel device"
+                );
+                while !device::is_ready() {
+                    if let Event::Stop = signals.next(&mut poll).await {
+                        return Ok(());
+                    }
+                }
             }
+            (lock, Tunnel::start(wanted, &source)?)
         }
-    }
-    let mut tunnel = Some(Tunnel::start(wanted, &source)?);
+        Err(busy) => {
+            // Another process serves this gateway: take over from it
+            // without losing a packet (`tunnel/handover.rs`).
+            let Some((handover, inherited)) = handover::request(&socket)? else {
+                return Err(busy);
+            };
+            info!("another tunnel process serves this gateway; taking over from it");
+            let tunnel = Tunnel::take_over(wanted, &source, inherited)?;
+            handover.complete(&tunnel)?;
+            (
+                status::wait_for_instance(&socket, Duration::from_secs(30))?,
+                tunnel,
+            )
+        }
+    };
+    let mut tunnel = Some(running);
+    status::serve(&socket, source.clone())?;
+    let handed_over = Arc::new(AtomicBool::new(false));
+    handover::serve(&socket, source.clone(), handed_over.clone())?;
     info!(config = %config_path.display(), "tunnel ready");
 
     let mut current = cfg;
@@ -128,6 +151,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         let reason = match signals.next(&mut poll).await {
             Event::Stop => break,
             Event::Reload(reason) => reason,
+            Event::Tick if handed_over.load(Ordering::SeqCst) => break,
             Event::Tick => {
                 let now = modified(config_path);
                 if now == last_modified {
@@ -166,6 +190,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         running.stop(&source);
     }
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(handover::socket_path(&socket));
     Ok(())
 }
 

@@ -137,6 +137,42 @@ impl Lab {
         self.wait_for_log(&name, "tunnel ready")
     }
 
+    /// Starts a new tunnel process (from `binary`) for the gateway in `ns`
+    /// while the running one serves: the new one takes over, the old one
+    /// exits by itself. Returns the old one's log.
+    pub fn take_over_tunnel(&mut self, binary: &Path, ns: &str) -> Result<String> {
+        let name = Self::tunnel_process(ns);
+        let old_log = self.log_path(&format!("{name}-old"));
+        let pos = self
+            .processes
+            .iter()
+            .position(|(n, _)| *n == name)
+            .with_context(|| format!("no tunnel process runs in {ns}"))?;
+        let (_, mut old) = self.processes.remove(pos);
+        // The old process keeps writing to its (renamed) log.
+        fs::rename(self.log_path(&name), &old_log)?;
+        let started = self.start_tunnel(binary, ns);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let exited = loop {
+            match old.try_wait()? {
+                Some(status) => break Some(status),
+                None if Instant::now() > deadline => break None,
+                None => thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let log = fs::read_to_string(&old_log).unwrap_or_default();
+        started?;
+        match exited {
+            Some(status) if status.success() => Ok(log),
+            Some(status) => bail!("the old tunnel process exited with {status}:\n{log}"),
+            None => {
+                let _ = old.kill();
+                let _ = old.wait();
+                bail!("the old tunnel process did not exit after the take-over:\n{log}")
+            }
+        }
+    }
+
     /// Waits until process `name`'s log contains `needle`.
     fn wait_for_log(&mut self, name: &str, needle: &str) -> Result<()> {
         let log_path = self.log_path(name);

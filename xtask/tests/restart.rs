@@ -7,7 +7,7 @@
 //! alone. Needs root (skipped with a message otherwise; under CI=true it
 //! must run).
 
-use std::fs;
+use std::{fs, path::Path};
 
 use anyhow::{Context, Result};
 use xtask::{
@@ -103,8 +103,55 @@ fn restarts_lose_nothing(prefix: &str, transport: &'static str) {
         );
     }
     if transport == "wireguard" {
+        tunnel_processes_hand_over_without_losing_a_packet(&mut bed, &upgraded);
         tunnel_process_crash_recovers_and_uninstall_removes_the_device(&mut bed);
     }
+}
+
+/// A tunnel process is upgraded by starting the new one beside it: the
+/// new one takes the sockets over and makes its own sessions, the old one
+/// decrypts what was in flight on its sessions and exits.
+fn tunnel_processes_hand_over_without_losing_a_packet(bed: &mut Testbed, upgraded: &Path) {
+    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
+    let dst = bed.address_seen_from_peer(&b);
+    let source_seen = bed.address_seen_from_peer(&a);
+    let gateways = [
+        bed.ns(&bed.scenario.a.clone(), "gw"),
+        bed.ns(&bed.scenario.b.clone(), "gw"),
+    ];
+    let result = traffic::udp_stream(&a, &b, dst, source_seen, 7702, 10_000, || {
+        let mut logs = Vec::new();
+        for gw in &gateways {
+            logs.push(bed.lab.take_over_tunnel(upgraded, gw)?);
+        }
+        Ok(logs)
+    });
+    let (outcome, old_logs) = match result {
+        Ok(r) => r,
+        Err(e) => panic!("{e:#}\n{}", bed.lab.logs()),
+    };
+    eprintln!("stream across both gateways' tunnel hand-overs: {outcome:?}");
+    for log in &old_logs {
+        assert!(log.contains("hand-over complete"), "{log}");
+    }
+    for gw in &gateways {
+        let log =
+            fs::read_to_string(bed.lab.log_path(&Lab::tunnel_process(gw))).unwrap_or_default();
+        assert!(
+            log.contains("took over from the old tunnel process"),
+            "{log}"
+        );
+    }
+    assert!(outcome.sent >= 10_000, "stream too short: {outcome:?}");
+    assert_eq!(outcome.received, outcome.sent, "lost packets: {outcome:?}");
+    // Around the session switch, packets of the old and the new session are
+    // decrypted by two processes: a few may overtake each other.
+    assert!(
+        outcome.reordered * 100 < outcome.sent,
+        "more than 1% reordered: {outcome:?}"
+    );
+    assert_eq!(outcome.duplicates, 0, "{outcome:?}");
+    assert_eq!(outcome.mistranslated, 0, "{outcome:?}");
 }
 
 /// The tunnel process itself holds the WireGuard sessions, so its crash

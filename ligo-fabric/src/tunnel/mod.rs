@@ -20,6 +20,7 @@
 
 pub mod batch;
 pub mod device;
+pub mod handover;
 pub mod keys;
 pub mod packet;
 pub mod status;
@@ -28,15 +29,16 @@ use std::{
     collections::HashMap,
     io::IoSliceMut,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    os::unix::net::UnixDatagram,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use boringtun::{
     noise::{
         errors::WireGuardError, handshake::parse_handshake_anon, rate_limiter::RateLimiter, Packet,
@@ -67,6 +69,11 @@ const RECV_BATCH: usize = 16;
 const RECV_BUF: usize = 65_536;
 /// How often WireGuard timers run.
 const TIMER_TICK: Duration = Duration::from_millis(100);
+/// Session indices (24 bits before boringtun's shift) carry the epoch of
+/// the process that made them in their top bit, so during a hand-over
+/// (`handover.rs`) each process knows which datagrams are the other's.
+const EPOCH_SHIFT: u32 = 23;
+const SLOT_MASK: u32 = (1 << EPOCH_SHIFT) - 1;
 
 /// Everything the tunnel needs, keys read and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +153,9 @@ impl TunnelConfig {
 /// A peer's live state, shared by all workers.
 struct PeerTunnel {
     spec: PeerSpec,
+    /// Our session indices for this peer: `epoch << 23 | slot`, shifted by
+    /// 8 (boringtun keeps a session ring in the low byte).
+    index: u32,
     tunn: Mutex<Tunn>,
     /// Current endpoint (roaming updates it): IPv4 << 16 | port.
     endpoint: AtomicU64,
@@ -169,16 +179,19 @@ fn unpack(v: u64) -> SocketAddrV4 {
 }
 
 impl PeerTunnel {
-    fn new(spec: PeerSpec, private: &SecretKey, limiter: &Arc<RateLimiter>) -> Self {
+    fn new(spec: PeerSpec, private: &SecretKey, shared: &Shared) -> Self {
+        let slot = shared.next_slot.fetch_add(1, Ordering::Relaxed) & SLOT_MASK;
+        let index = shared.epoch << EPOCH_SHIFT | slot;
         let tunn = Tunn::new(
             x25519::StaticSecret::from(private.0),
             x25519::PublicKey::from(spec.public_key),
             spec.preshared_key.as_ref().map(|k| k.0),
             spec.persistent_keepalive,
-            spec.id,
-            Some(limiter.clone()),
+            index,
+            Some(shared.limiter.clone()),
         );
         PeerTunnel {
+            index,
             endpoint: AtomicU64::new(pack(spec.endpoint)),
             spec,
             tunn: Mutex::new(tunn),
@@ -247,14 +260,31 @@ impl PeerTunnel {
 /// An immutable snapshot of the peers; replaced as a whole on reload.
 #[derive(Default)]
 struct PeerTable {
-    /// By peer id, which is also the VNI and the WireGuard index.
+    /// By peer id, which is also the VNI.
     by_id: HashMap<u32, Arc<PeerTunnel>>,
+    /// By session index (without boringtun's low byte).
+    by_index: HashMap<u32, Arc<PeerTunnel>>,
     by_key: HashMap<[u8; 32], Arc<PeerTunnel>>,
     slices: SliceTable,
 }
 
 struct Shared {
     stop: AtomicBool,
+    /// 0 or 1: the top bit of our session indices (see EPOCH_SHIFT).
+    epoch: u32,
+    next_slot: AtomicU32,
+    /// Workers leave the sockets alone (and timers rest) while set: the
+    /// other process of a hand-over reads them.
+    paused: AtomicBool,
+    /// Workers currently resting.
+    parked: AtomicUsize,
+    /// Timers rest too once a hand-over switched to the partner.
+    timers_paused: AtomicBool,
+    /// During a hand-over, the channel to the other process: datagrams of
+    /// its sessions go there, with the sender's address in front.
+    partner: Mutex<Option<Arc<UnixDatagram>>>,
+    /// When a datagram last crossed the partner channel.
+    last_forward_ms: AtomicU64,
     started: Instant,
     table: Mutex<Arc<PeerTable>>,
     generation: AtomicU64,
@@ -325,6 +355,12 @@ impl StatusSource {
         let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let (shared, listen) = guard.as_ref()?;
         Some(status(shared, listen))
+    }
+
+    /// The running tunnel's state (for a hand-over).
+    fn running(&self) -> Option<Arc<Shared>> {
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|(shared, _)| shared.clone())
     }
 
     fn set(&self, value: Option<(Arc<Shared>, String)>) {
@@ -445,31 +481,97 @@ fn build_table(config: &TunnelConfig, old: &PeerTable, shared_key: &Shared) -> P
                 }
                 p.clone()
             }
-            _ => Arc::new(PeerTunnel::new(spec.clone(), private, &shared_key.limiter)),
+            _ => Arc::new(PeerTunnel::new(spec.clone(), private, shared_key)),
         };
         table.by_key.insert(spec.public_key, peer.clone());
+        table.by_index.insert(peer.index, peer.clone());
         table.by_id.insert(spec.id, peer);
     }
     table
 }
 
+/// Sockets and session-index epoch a taking-over process inherits from
+/// the one it replaces (`handover.rs`).
+pub struct Inherited {
+    pub epoch: u32,
+    pub wireguard: Vec<UdpSocket>,
+    pub fabric: Vec<UdpSocket>,
+    pub partner: UnixDatagram,
+}
+
 impl Tunnel {
     /// Binds the sockets and starts the workers and the timer thread.
     pub fn start(config: TunnelConfig, source: &StatusSource) -> Result<Tunnel> {
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        let mut fabric = Vec::new();
-        let mut wireguard = Vec::new();
-        for _ in 0..workers {
-            fabric.push(reuseport_socket(config.underlay, SocketRole::Fabric)?);
-            wireguard.push(reuseport_socket(config.public, SocketRole::Wireguard)?);
+        Self::start_with(config, source, None)
+    }
+
+    /// Starts on the sockets of the process it takes over from, its
+    /// workers paused (that process still reads the sockets) until
+    /// [`Tunnel::resume`].
+    pub fn take_over(
+        config: TunnelConfig,
+        source: &StatusSource,
+        inherited: Inherited,
+    ) -> Result<Tunnel> {
+        Self::start_with(config, source, Some(inherited))
+    }
+
+    fn start_with(
+        config: TunnelConfig,
+        source: &StatusSource,
+        inherited: Option<Inherited>,
+    ) -> Result<Tunnel> {
+        let (epoch, fabric, wireguard, partner) = match inherited {
+            Some(i) => {
+                let wrap = |sockets: Vec<UdpSocket>| -> Result<Vec<Sender>> {
+                    sockets
+                        .into_iter()
+                        .map(|s| Sender::new(s).context("taking over a tunnel socket"))
+                        .collect()
+                };
+                (
+                    i.epoch,
+                    wrap(i.fabric)?,
+                    wrap(i.wireguard)?,
+                    Some(Arc::new(i.partner)),
+                )
+            }
+            None => {
+                let workers = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1);
+                let mut fabric = Vec::new();
+                let mut wireguard = Vec::new();
+                for _ in 0..workers {
+                    fabric.push(reuseport_socket(config.underlay, SocketRole::Fabric)?);
+                    wireguard.push(reuseport_socket(config.public, SocketRole::Wireguard)?);
+                }
+                (0, fabric, wireguard, None)
+            }
+        };
+        if fabric.is_empty() || fabric.len() != wireguard.len() {
+            bail!(
+                "{} fabric and {} WireGuard sockets: need the same number, at least one",
+                fabric.len(),
+                wireguard.len()
+            );
         }
-        let device = TunnelDevice::open(workers)?;
+        let workers = fabric.len();
+        let paused = partner.is_some();
+        // One queue per inbound worker and one for datagrams a hand-over
+        // partner passes on.
+        let device = TunnelDevice::open(workers + 1)?;
         let private = x25519::StaticSecret::from(config.private_key.0);
         let public = x25519::PublicKey::from(&private);
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
+            epoch,
+            next_slot: AtomicU32::new(1),
+            paused: AtomicBool::new(paused),
+            parked: AtomicUsize::new(0),
+            timers_paused: AtomicBool::new(false),
+            partner: Mutex::new(partner),
+            last_forward_ms: AtomicU64::new(0),
             started: Instant::now(),
             table: Mutex::new(Arc::new(PeerTable::default())),
             generation: AtomicU64::new(0),
@@ -495,6 +597,10 @@ impl Tunnel {
         }
         let s = shared.clone();
         threads.push(spawn("ligo-wg-timers".into(), move || timers(&s))?);
+        let s = shared.clone();
+        threads.push(spawn("ligo-wg-partner".into(), move || {
+            from_partner(&s, workers)
+        })?);
         source.set(Some((shared.clone(), config.public.to_string())));
         info!(
             listen = %config.public,
@@ -502,6 +608,7 @@ impl Tunnel {
             peers = config.peers.len(),
             workers,
             inner_mtu = config.inner_mtu,
+            epoch,
             "WireGuard tunnel up"
         );
         Ok(Tunnel {
@@ -529,6 +636,51 @@ impl Tunnel {
         self.config = config;
     }
 
+    /// Sends a handshake initiation to every peer now (a taking-over
+    /// process makes its own sessions).
+    pub fn initiate_handshakes(&self) {
+        let mut buf = vec![0u8; 256];
+        let now = self.shared.now_ms();
+        for peer in self.shared.snapshot().by_id.values() {
+            let mut tunn = peer.tunn();
+            if let TunnResult::WriteToNetwork(datagram) =
+                tunn.format_handshake_initiation(&mut buf, false)
+            {
+                if self.shared.wireguard[0]
+                    .send_one(peer.endpoint(), datagram)
+                    .is_ok()
+                {
+                    peer.sent(1, 0, now);
+                }
+            }
+        }
+    }
+
+    /// Whether every peer has a session with us.
+    pub fn sessions_ready(&self) -> bool {
+        self.shared
+            .snapshot()
+            .by_id
+            .values()
+            .all(|p| p.tunn().stats().0.is_some())
+    }
+
+    /// Lets paused workers read the sockets.
+    pub fn resume(&self) {
+        self.shared.resume();
+    }
+
+    /// Time since a datagram last crossed the hand-over channel.
+    pub fn partner_quiet_for(&self) -> Duration {
+        let last = self.shared.last_forward_ms.load(Ordering::Relaxed);
+        Duration::from_millis(self.shared.now_ms().saturating_sub(last))
+    }
+
+    /// Closes the hand-over channel.
+    pub fn end_partnership(&self) {
+        self.shared.set_partner(None);
+    }
+
     pub fn stop(mut self, source: &StatusSource) {
         source.set(None);
         self.shared.stop.store(true, Ordering::Relaxed);
@@ -543,6 +695,106 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<(
         .name(name.clone())
         .spawn(f)
         .with_context(|| format!("starting thread {name}"))
+}
+
+impl Shared {
+    /// Hands a datagram of the partner's sessions over; false when there
+    /// is no partner (or it is gone).
+    fn forward(&self, from: SocketAddr, datagram: &[u8]) -> bool {
+        let partner = self
+            .partner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (Some(partner), SocketAddr::V4(from)) = (partner, from) else {
+            return false;
+        };
+        let mut message = Vec::with_capacity(6 + datagram.len());
+        message.extend_from_slice(&from.ip().octets());
+        message.extend_from_slice(&from.port().to_be_bytes());
+        message.extend_from_slice(datagram);
+        let sent = partner.send(&message).is_ok();
+        if sent {
+            self.last_forward_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        sent
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// Pauses the workers and timers and waits until every worker has
+    /// finished what it was doing (so nothing we read is sent after the
+    /// partner's first).
+    fn pause_and_wait(&self) {
+        self.set_paused(true);
+        self.timers_paused.store(true, Ordering::Relaxed);
+        let workers = self.fabric.len() + self.wireguard.len();
+        while self.parked.load(Ordering::SeqCst) < workers && !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn resume(&self) {
+        self.timers_paused.store(false, Ordering::Relaxed);
+        self.set_paused(false);
+    }
+
+    fn set_partner(&self, partner: Option<UnixDatagram>) {
+        *self.partner.lock().unwrap_or_else(|e| e.into_inner()) = partner.map(Arc::new);
+    }
+}
+
+/// Datagrams the hand-over partner read that belong to our sessions.
+fn from_partner(shared: &Shared, queue: usize) {
+    let mut buf = vec![0u8; RECV_BUF + 6];
+    let mut plain = vec![0u8; RECV_BUF];
+    let mut coalescer = Coalescer::default();
+    let mut write = |frame: &[u8]| {
+        if shared.device.write(queue, frame).is_err() {
+            shared.drop(TunnelDrop::SendFailed);
+        }
+    };
+    let mut table = shared.snapshot();
+    let mut generation = 0;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let partner = shared
+            .partner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(partner) = partner else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        let _ = partner.set_read_timeout(Some(Duration::from_millis(100)));
+        let Ok(n) = partner.recv(&mut buf) else {
+            coalescer.flush(&mut write);
+            continue;
+        };
+        refresh(shared, &mut table, &mut generation);
+        if n < 6 {
+            continue;
+        }
+        shared
+            .last_forward_ms
+            .store(shared.now_ms(), Ordering::Relaxed);
+        let from = SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::new(buf[0], buf[1], buf[2], buf[3]),
+            u16::from_be_bytes([buf[4], buf[5]]),
+        ));
+        decrypt_datagram(
+            shared,
+            &table,
+            from,
+            &buf[6..n],
+            &mut plain,
+            &mut |peer, packet| coalescer.push(peer, packet, &mut write),
+            &shared.wireguard[0],
+        );
+        coalescer.flush(&mut write);
+    }
 }
 
 /// Re-reads the peer table when it changed since `generation`.
@@ -597,6 +849,14 @@ fn serve(shared: &Shared, socket: &Sender, mut handle: impl FnMut(Received<'_>))
     let mut table = shared.snapshot();
     let mut generation = 0;
     while !shared.stop.load(Ordering::Relaxed) {
+        if shared.paused.load(Ordering::SeqCst) {
+            shared.parked.fetch_add(1, Ordering::SeqCst);
+            while shared.paused.load(Ordering::SeqCst) && !shared.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            shared.parked.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
         let Some(n) = receive(socket, &mut bufs, &mut metas) else {
             continue;
         };
@@ -671,8 +931,18 @@ fn encrypt_frame(
     failure.map_or(Ok(()), Err)
 }
 
-/// Which peer a WireGuard datagram is for, by its receiver index (our index
-/// is the peer id, shifted by 8 as boringtun keeps a session ring below it)
+/// Why a datagram found no peer of ours.
+enum NoPeer {
+    /// Refused and counted.
+    Dropped,
+    /// Under load: send this many bytes of cookie reply back.
+    Cookie(usize),
+    /// A session of the other process of a hand-over.
+    Partners,
+}
+
+/// Which peer a WireGuard datagram is for, by its receiver index (our
+/// session index, shifted by 8 as boringtun keeps a session ring below it)
 /// or, for a handshake initiation, by the sender's static key.
 fn peer_for_datagram(
     shared: &Shared,
@@ -680,19 +950,22 @@ fn peer_for_datagram(
     from: SocketAddr,
     datagram: &[u8],
     cookie: &mut [u8],
-) -> Result<Arc<PeerTunnel>, Option<usize>> {
+) -> Result<Arc<PeerTunnel>, NoPeer> {
     let index_at = |at: usize| -> Option<u32> {
         let b = datagram.get(at..at + 4)?;
         Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> 8)
     };
-    let by_index = |at: usize| -> Result<Arc<PeerTunnel>, Option<usize>> {
+    let by_index = |at: usize| -> Result<Arc<PeerTunnel>, NoPeer> {
         let index = index_at(at).ok_or_else(|| {
             shared.drop(TunnelDrop::MalformedDatagram);
-            None
+            NoPeer::Dropped
         })?;
-        table.by_id.get(&index).cloned().ok_or_else(|| {
+        if index >> EPOCH_SHIFT != shared.epoch && shared.forward(from, datagram) {
+            return Err(NoPeer::Partners);
+        }
+        table.by_index.get(&index).cloned().ok_or_else(|| {
             shared.drop(TunnelDrop::UnknownPeer);
-            None
+            NoPeer::Dropped
         })
     };
     match datagram.first() {
@@ -707,22 +980,22 @@ fn peer_for_datagram(
                 Ok(Packet::HandshakeInit(p)) => p,
                 Ok(_) => {
                     shared.drop(TunnelDrop::MalformedDatagram);
-                    return Err(None);
+                    return Err(NoPeer::Dropped);
                 }
                 Err(TunnResult::WriteToNetwork(reply)) => {
                     shared.drop(TunnelDrop::HandshakeRefused);
-                    return Err(Some(reply.len()));
+                    return Err(NoPeer::Cookie(reply.len()));
                 }
                 Err(TunnResult::Err(e)) => {
                     shared.drop(classify(&e));
-                    return Err(None);
+                    return Err(NoPeer::Dropped);
                 }
-                Err(_) => return Err(None),
+                Err(_) => return Err(NoPeer::Dropped),
             };
             let half =
                 parse_handshake_anon(&shared.private, &shared.public, &packet).map_err(|e| {
                     shared.drop(classify(&e));
-                    None
+                    NoPeer::Dropped
                 })?;
             table
                 .by_key
@@ -730,12 +1003,12 @@ fn peer_for_datagram(
                 .cloned()
                 .ok_or_else(|| {
                     shared.drop(TunnelDrop::UnknownPeer);
-                    None
+                    NoPeer::Dropped
                 })
         }
         _ => {
             shared.drop(TunnelDrop::MalformedDatagram);
-            Err(None)
+            Err(NoPeer::Dropped)
         }
     }
 }
@@ -800,11 +1073,11 @@ fn decrypt_datagram(
     };
     let peer = match peer_for_datagram(shared, table, from, datagram, plain) {
         Ok(peer) => peer,
-        Err(Some(cookie_len)) => {
-            let _ = wireguard.send_one(from, &plain[..cookie_len]);
+        Err(NoPeer::Cookie(len)) => {
+            let _ = wireguard.send_one(from, &plain[..len]);
             return;
         }
-        Err(None) => return,
+        Err(NoPeer::Dropped | NoPeer::Partners) => return,
     };
     let now = shared.now_ms();
     let mut tunn = peer.tunn();
@@ -866,6 +1139,9 @@ fn timers(shared: &Shared) {
     let sender = &shared.wireguard[0];
     while !shared.stop.load(Ordering::Relaxed) {
         std::thread::sleep(TIMER_TICK);
+        if shared.timers_paused.load(Ordering::Relaxed) {
+            continue;
+        }
         refresh(shared, &mut table, &mut generation);
         if last_reset.elapsed() >= Duration::from_secs(1) {
             shared.limiter.reset_count();

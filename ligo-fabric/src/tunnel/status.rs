@@ -65,6 +65,18 @@ pub fn lock_instance(socket: &Path) -> Result<InstanceLock> {
     Ok(InstanceLock(file))
 }
 
+/// Waits up to `timeout` for the lock a process that is going away holds.
+pub fn wait_for_instance(socket: &Path, timeout: Duration) -> Result<InstanceLock> {
+    let started = std::time::Instant::now();
+    loop {
+        match lock_instance(socket) {
+            Ok(lock) => return Ok(lock),
+            Err(e) if started.elapsed() >= timeout => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 fn lock_path(socket: &Path) -> PathBuf {
     let mut name = socket.as_os_str().to_owned();
     name.push(".lock");
