@@ -4,8 +4,9 @@
 //! stream crosses the fabric while daemons are stopped and started, killed
 //! and started, and upgraded, over both gateway transports: with WireGuard
 //! the tunnel runs in its own process, which the daemons' restarts leave
-//! alone. Needs root (skipped with a message otherwise; under CI=true it
-//! must run).
+//! alone, and which is itself upgraded by hand-over (nothing lost) or
+//! killed and restarted (a handshake's worth lost, bounded). Needs root
+//! (skipped with a message otherwise; under CI=true it must run).
 
 use std::{fs, path::Path};
 
