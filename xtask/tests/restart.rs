@@ -145,12 +145,10 @@ fn tunnel_processes_hand_over_without_losing_a_packet(bed: &mut Testbed, upgrade
     }
     assert!(outcome.sent >= 10_000, "stream too short: {outcome:?}");
     assert_eq!(outcome.received, outcome.sent, "lost packets: {outcome:?}");
-    // Around the session switch, packets of the old and the new session are
-    // decrypted by two processes: a few may overtake each other.
-    assert!(
-        outcome.reordered * 100 < outcome.sent,
-        "more than 1% reordered: {outcome:?}"
-    );
+    // Around the session switch two processes decrypt; a worker writes out
+    // what it holds before passing the first datagram of the other's
+    // session on, so nothing overtakes.
+    assert_eq!(outcome.reordered, 0, "{outcome:?}");
     assert_eq!(outcome.duplicates, 0, "{outcome:?}");
     assert_eq!(outcome.mistranslated, 0, "{outcome:?}");
 }

@@ -697,7 +697,30 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<(
         .with_context(|| format!("starting thread {name}"))
 }
 
+/// The receiver index of a handshake response, cookie reply or data
+/// datagram (without boringtun's low byte).
+fn receiver_index(datagram: &[u8]) -> Option<u32> {
+    let at = match datagram.first()? {
+        2 => 8,
+        3 | 4 => 4,
+        _ => return None,
+    };
+    let b = datagram.get(at..at + 4)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> 8)
+}
+
 impl Shared {
+    /// Whether `datagram` belongs to a session of the hand-over partner
+    /// (and there is one).
+    fn partners_datagram(&self, datagram: &[u8]) -> bool {
+        receiver_index(datagram).is_some_and(|i| i >> EPOCH_SHIFT != self.epoch)
+            && self
+                .partner
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+    }
+
     /// Hands a datagram of the partner's sessions over; false when there
     /// is no partner (or it is gone).
     fn forward(&self, from: SocketAddr, datagram: &[u8]) -> bool {
@@ -951,12 +974,8 @@ fn peer_for_datagram(
     datagram: &[u8],
     cookie: &mut [u8],
 ) -> Result<Arc<PeerTunnel>, NoPeer> {
-    let index_at = |at: usize| -> Option<u32> {
-        let b = datagram.get(at..at + 4)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> 8)
-    };
-    let by_index = |at: usize| -> Result<Arc<PeerTunnel>, NoPeer> {
-        let index = index_at(at).ok_or_else(|| {
+    let by_index = || -> Result<Arc<PeerTunnel>, NoPeer> {
+        let index = receiver_index(datagram).ok_or_else(|| {
             shared.drop(TunnelDrop::MalformedDatagram);
             NoPeer::Dropped
         })?;
@@ -969,9 +988,7 @@ fn peer_for_datagram(
         })
     };
     match datagram.first() {
-        Some(4) => by_index(4),
-        Some(2) => by_index(8),
-        Some(3) => by_index(4),
+        Some(2..=4) => by_index(),
         Some(1) => {
             let packet = match shared
                 .limiter
@@ -1041,15 +1058,23 @@ fn inbound(shared: &Shared, worker: usize) {
         }
     };
     serve(shared, wireguard, |received| match received {
-        Received::Datagram(table, from, datagram) => decrypt_datagram(
-            shared,
-            table,
-            from,
-            datagram,
-            &mut plain,
-            &mut |peer, packet| coalescer.push(peer, packet, &mut write),
-            wireguard,
-        ),
+        Received::Datagram(table, from, datagram) => {
+            if shared.partners_datagram(datagram) {
+                // What we decrypted before it reaches the device before
+                // what the partner decrypts of it: order across a
+                // hand-over's session switch.
+                coalescer.flush(&mut write);
+            }
+            decrypt_datagram(
+                shared,
+                table,
+                from,
+                datagram,
+                &mut plain,
+                &mut |peer, packet| coalescer.push(peer, packet, &mut write),
+                wireguard,
+            )
+        }
         Received::BatchDone => coalescer.flush(&mut write),
     });
 }
