@@ -9,6 +9,9 @@
 //! keeps its sessions. The daemon owns the tunnel device (and the program
 //! on it); this process only attaches queues to it, so neither restarts the
 //! other. Status goes to the daemon over `gateway.wireguard_status_socket`.
+//! A tunnel process started while another serves the gateway takes over
+//! from it without loss (`tunnel/handover.rs`): that is how the tunnel
+//! itself is upgraded.
 
 use std::{
     path::{Path, PathBuf},
