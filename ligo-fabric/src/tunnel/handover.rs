@@ -25,9 +25,10 @@
 //!    quiet for two seconds the new process says it is done, and the old
 //!    one exits.
 //!
-//! If the new process goes away before the switch, the old one carries on;
-//! if it goes away after the switch without saying it is done, the old one
-//! resumes.
+//! If the new process goes away before saying it is done, the old one
+//! carries on (resuming its workers if they had stopped) and handshakes
+//! with every peer at once: a peer may already be sending on a session the
+//! dead process made, and the new handshake moves it back to ours.
 
 use std::{
     fs,
@@ -52,7 +53,7 @@ use anyhow::{bail, Context, Result};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 use tracing::{info, warn};
 
-use super::{Inherited, StatusSource, Tunnel};
+use super::{Inherited, Shared, StatusSource, Tunnel};
 
 /// The new process asks the old one to stop reading the sockets.
 const SWITCH: u8 = b'S';
@@ -132,20 +133,30 @@ fn give(mut conn: UnixStream, source: &StatusSource, done: &AtomicBool) -> Resul
     conn.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut byte = [0u8; 1];
     if conn.read_exact(&mut byte).is_err() || byte[0] != SWITCH {
-        shared.set_partner(None);
+        abandon(&shared);
         bail!("the new process went away before switching");
     }
     shared.pause_and_wait();
-    conn.write_all(&[PAUSED])?;
+    if conn.write_all(&[PAUSED]).is_err() {
+        abandon(&shared);
+        bail!("the new process went away at the switch");
+    }
     info!("switched: the new tunnel process reads the sockets; we decrypt what was in flight on our sessions");
     if conn.read_exact(&mut byte).is_ok() && byte[0] == DONE {
         done.store(true, Ordering::SeqCst);
         info!("hand-over complete; this tunnel process exits");
         return Ok(());
     }
+    abandon(&shared);
+    bail!("the new process went away after the switch")
+}
+
+/// Back to serving alone after a hand-over that did not finish.
+fn abandon(shared: &Shared) {
     shared.set_partner(None);
     shared.resume();
-    bail!("the new process went away after the switch; resuming")
+    shared.initiate_handshakes();
+    warn!("hand-over abandoned: serving alone again, fresh handshakes sent to every peer");
 }
 
 /// The new process's side of a hand-over in progress.
@@ -219,7 +230,9 @@ impl Handover {
         while !tunnel.sessions_ready() && started.elapsed() < HANDSHAKES_WAIT {
             std::thread::sleep(Duration::from_millis(10));
         }
-        if !tunnel.sessions_ready() {
+        if tunnel.sessions_ready() {
+            info!("sessions with every peer are up; switching");
+        } else {
             warn!(
                 seconds = HANDSHAKES_WAIT.as_secs(),
                 "not every peer completed a handshake with us; switching anyway (their packets wait for it)"

@@ -639,21 +639,7 @@ impl Tunnel {
     /// Sends a handshake initiation to every peer now (a taking-over
     /// process makes its own sessions).
     pub fn initiate_handshakes(&self) {
-        let mut buf = vec![0u8; 256];
-        let now = self.shared.now_ms();
-        for peer in self.shared.snapshot().by_id.values() {
-            let mut tunn = peer.tunn();
-            if let TunnResult::WriteToNetwork(datagram) =
-                tunn.format_handshake_initiation(&mut buf, false)
-            {
-                if self.shared.wireguard[0]
-                    .send_one(peer.endpoint(), datagram)
-                    .is_ok()
-                {
-                    peer.sent(1, 0, now);
-                }
-            }
-        }
+        self.shared.initiate_handshakes();
     }
 
     /// Whether every peer has a session with us.
@@ -752,6 +738,26 @@ impl Shared {
         sent
     }
 
+    /// Sends a handshake initiation to every peer now: the sessions it
+    /// makes become the ones peers send with.
+    fn initiate_handshakes(&self) {
+        let mut buf = vec![0u8; 256];
+        let now = self.now_ms();
+        for peer in self.snapshot().by_id.values() {
+            let mut tunn = peer.tunn();
+            if let TunnResult::WriteToNetwork(datagram) =
+                tunn.format_handshake_initiation(&mut buf, false)
+            {
+                if self.wireguard[0]
+                    .send_one(peer.endpoint(), datagram)
+                    .is_ok()
+                {
+                    peer.sent(1, 0, now);
+                }
+            }
+        }
+    }
+
     fn set_paused(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
     }
@@ -840,7 +846,8 @@ fn refresh(shared: &Shared, table: &mut Arc<PeerTable>, generation: &mut u64) {
 
 /// Receives a batch into `bufs`; `None` on timeout or a transient error.
 fn receive(sender: &Sender, bufs: &mut [Vec<u8>], metas: &mut [RecvMeta]) -> Option<usize> {
-    if !sender.wait_readable(200) {
+    // Short enough that a pause (hand-over) or shutdown is noticed fast.
+    if !sender.wait_readable(50) {
         return None;
     }
     let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
