@@ -125,6 +125,19 @@ impl Lab {
     /// Like [`Lab::start_tunnel`], run through `wrapper`.
     pub fn start_tunnel_via(&mut self, wrapper: &[&str], daemon: &Path, ns: &str) -> Result<()> {
         let name = Self::tunnel_process(ns);
+        self.spawn_tunnel(wrapper, daemon, ns, &name)?;
+        self.wait_for_log(&name, "tunnel ready")
+    }
+
+    /// Starts `ligo-fabric tunnel` for the gateway in `ns` as process
+    /// `name`, through `wrapper`, without waiting.
+    pub fn spawn_tunnel(
+        &mut self,
+        wrapper: &[&str],
+        daemon: &Path,
+        ns: &str,
+        name: &str,
+    ) -> Result<()> {
         let config_path = self.config_path(ns);
         let mut command: Vec<&OsStr> = wrapper.iter().map(OsStr::new).collect();
         command.extend([
@@ -133,8 +146,7 @@ impl Lab {
             OsStr::new("--config"),
             config_path.as_os_str(),
         ]);
-        self.spawn(ns, &name, command[0], &command[1..])?;
-        self.wait_for_log(&name, "tunnel ready")
+        self.spawn(ns, name, command[0], &command[1..])
     }
 
     /// Starts a new tunnel process (from `binary`) for the gateway in `ns`
@@ -174,7 +186,7 @@ impl Lab {
     }
 
     /// Waits until process `name`'s log contains `needle`.
-    fn wait_for_log(&mut self, name: &str, needle: &str) -> Result<()> {
+    pub fn wait_for_log(&mut self, name: &str, needle: &str) -> Result<()> {
         let log_path = self.log_path(name);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

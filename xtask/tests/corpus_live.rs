@@ -113,22 +113,37 @@ fn assert_drops(
     assert_eq!(&got, want, "{what}: drops counted (left) vs the model");
 }
 
-/// Sends `frames` one by one from this thread, pinned to one CPU so that
-/// every frame takes the same per-CPU backlog and arrives in order.
-/// Returns, per frame, whether the sending interface's egress took it.
-fn inject(frames: &[(&PacketSocket, &[u8])]) -> Result<Vec<bool>> {
+/// Calls `send` for each of `items` from this thread, pinned to one CPU so
+/// that every frame takes the same per-CPU backlog and arrives in order,
+/// pausing now and then so the softirq drains the backlog (1,000 deep).
+fn in_order<T, R>(items: &[T], mut send: impl FnMut(&T) -> Result<R>) -> Result<Vec<R>> {
     let mut cpus = nix::sched::CpuSet::new();
     cpus.set(0)?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
-    let mut taken = Vec::with_capacity(frames.len());
-    for (i, (socket, frame)) in frames.iter().enumerate() {
-        taken.push(socket.send(frame)?);
+    let mut results = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        results.push(send(item)?);
         if i % 64 == 63 {
-            // Leave the softirq time to drain the backlog (1,000 deep).
             thread::sleep(Duration::from_millis(2));
         }
     }
-    Ok(taken)
+    Ok(results)
+}
+
+/// Sends `frames` on their sockets in order; per frame, whether the
+/// sending interface's egress took it.
+fn inject(frames: &[(&PacketSocket, &[u8])]) -> Result<Vec<bool>> {
+    in_order(frames, |(socket, frame)| socket.send(frame))
+}
+
+/// The fabric frames from `source` a socket received (other traffic on
+/// the link is the hosts' own).
+fn fabric_frames(socket: &PacketSocket, source: [u8; 4], idle: Duration) -> Result<Vec<Vec<u8>>> {
+    Ok(socket
+        .received_until_idle(idle)?
+        .into_iter()
+        .filter(|f| is_fabric_udp_from(f, source))
+        .collect())
 }
 
 /// Injection where no program of ours runs on the way out: all taken.
@@ -365,16 +380,8 @@ fn run(bed: &mut Testbed) -> Result<()> {
             })
             .collect::<Vec<_>>(),
     )?;
-    let to_nodes: Vec<Vec<u8>> = underlay_port
-        .received_until_idle(Duration::from_millis(500))?
-        .into_iter()
-        .filter(|f| is_fabric_udp_from(f, ip("192.0.2.1")))
-        .collect();
-    let to_peer: Vec<Vec<u8>> = peer_port
-        .received_until_idle(Duration::from_millis(100))?
-        .into_iter()
-        .filter(|f| is_fabric_udp_from(f, ip("203.0.113.1")))
-        .collect();
+    let to_nodes = fabric_frames(&underlay_port, ip("192.0.2.1"), Duration::from_millis(500))?;
+    let to_peer = fabric_frames(&peer_port, ip("203.0.113.1"), Duration::from_millis(100))?;
     assert_drops(
         "gateway",
         &before,
@@ -611,11 +618,7 @@ fn run(bed: &mut Testbed) -> Result<()> {
     let outcomes: Vec<Outcome> = frames.iter().map(|f| gateway.tunnel_device(f)).collect();
     let before = drops(bed, &a_gw)?;
     write_to_tunnel_device(&queue, frames)?;
-    let to_nodes: Vec<Vec<u8>> = underlay_port
-        .received_until_idle(Duration::from_millis(500))?
-        .into_iter()
-        .filter(|f| is_fabric_udp_from(f, ip("192.0.2.1")))
-        .collect();
+    let to_nodes = fabric_frames(&underlay_port, ip("192.0.2.1"), Duration::from_millis(500))?;
     assert_drops(
         "tunnel device",
         &before,
@@ -701,21 +704,15 @@ fn internet_checksum(bytes: &[u8]) -> u16 {
 /// virtio-net header that asks for nothing (no offload), from one CPU.
 fn write_to_tunnel_device(queue: &fs::File, frames: &[Vec<u8>]) -> Result<()> {
     use std::io::Write;
-    let mut cpus = nix::sched::CpuSet::new();
-    cpus.set(0)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
     let mut queue = queue;
-    for (i, frame) in frames.iter().enumerate() {
+    in_order(frames, |frame| {
         let mut record = vec![0u8; 10];
         record.extend_from_slice(frame);
-        queue.write_all(&record).with_context(|| {
-            format!("writing a {}-byte frame to the tunnel device", frame.len())
-        })?;
-        if i % 64 == 63 {
-            thread::sleep(Duration::from_millis(2));
-        }
-    }
-    Ok(())
+        queue
+            .write_all(&record)
+            .with_context(|| format!("writing a {}-byte frame to the tunnel device", frame.len()))
+    })
+    .map(drop)
 }
 
 fn parse_mac(text: &str) -> Result<[u8; 6]> {

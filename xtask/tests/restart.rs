@@ -35,15 +35,29 @@ fn daemons_restart_over_wireguard_without_losing_a_packet() {
     restarts_lose_nothing("lt-rwg", "wireguard");
 }
 
+/// Streams 10,000 sequence-numbered datagrams/s from pod a (cluster A) to
+/// pod b (cluster B) on `port` while `during` runs; panics with every log
+/// when the stream or `during` fails.
+fn stream_during<T>(
+    bed: &mut Testbed,
+    port: u16,
+    during: impl FnOnce(&mut Testbed) -> Result<T>,
+) -> (traffic::StreamOutcome, T) {
+    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
+    let dst = bed.address_seen_from_peer(&b);
+    let source_seen = bed.address_seen_from_peer(&a);
+    match traffic::udp_stream(&a, &b, dst, source_seen, port, 10_000, || during(bed)) {
+        Ok(r) => r,
+        Err(e) => panic!("{e:#}\n{}", bed.lab.logs()),
+    }
+}
+
 fn restarts_lose_nothing(prefix: &str, transport: &'static str) {
     let mut bed = Testbed::up(prefix, Scenario::different_cidrs()).expect("testbed");
     bed.transport = transport;
     if let Err(e) = bed.start_fabric(&daemon_binary()) {
         panic!("{e:#}\n{}", bed.lab.logs());
     }
-    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
-    let dst = bed.address_seen_from_peer(&b);
-    let source_seen = bed.address_seen_from_peer(&a);
     // "Upgrade" to another binary file: the new daemon loads its own copy
     // of the programs and swaps them into the running links.
     let upgraded = bed.lab.file("ligo-fabric-next");
@@ -83,13 +97,7 @@ fn restarts_lose_nothing(prefix: &str, transport: &'static str) {
         }
         Ok(logs)
     };
-    let result = traffic::udp_stream(&a, &b, dst, source_seen, 7700, 10_000, || {
-        restarts(&mut bed)
-    });
-    let (outcome, logs) = match result {
-        Ok(r) => r,
-        Err(e) => panic!("{e:#}\n{}", bed.lab.logs()),
-    };
+    let (outcome, logs) = stream_during(&mut bed, 7700, restarts);
     eprintln!("stream across 12 restarts ({transport}): {outcome:?}");
     assert!(outcome.sent >= 10_000, "stream too short: {outcome:?}");
     assert_eq!(outcome.received, outcome.sent, "lost packets: {outcome:?}");
@@ -114,24 +122,16 @@ fn restarts_lose_nothing(prefix: &str, transport: &'static str) {
 /// new one takes the sockets over and makes its own sessions, the old one
 /// decrypts what was in flight on its sessions and exits.
 fn tunnel_processes_hand_over_without_losing_a_packet(bed: &mut Testbed, upgraded: &Path) {
-    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
-    let dst = bed.address_seen_from_peer(&b);
-    let source_seen = bed.address_seen_from_peer(&a);
     let gateways = [
         bed.ns(&bed.scenario.a.clone(), "gw"),
         bed.ns(&bed.scenario.b.clone(), "gw"),
     ];
-    let result = traffic::udp_stream(&a, &b, dst, source_seen, 7702, 10_000, || {
-        let mut logs = Vec::new();
-        for gw in &gateways {
-            logs.push(bed.lab.take_over_tunnel(upgraded, gw)?);
-        }
-        Ok(logs)
+    let (outcome, old_logs) = stream_during(bed, 7702, |bed| {
+        gateways
+            .iter()
+            .map(|gw| bed.lab.take_over_tunnel(upgraded, gw))
+            .collect::<Result<Vec<_>>>()
     });
-    let (outcome, old_logs) = match result {
-        Ok(r) => r,
-        Err(e) => panic!("{e:#}\n{}", bed.lab.logs()),
-    };
     eprintln!("stream across both gateways' tunnel hand-overs: {outcome:?}");
     for log in &old_logs {
         assert!(log.contains("hand-over complete"), "{log}");
@@ -160,43 +160,17 @@ fn tunnel_processes_hand_over_without_losing_a_packet(bed: &mut Testbed, upgrade
 /// within a round trip instead of blackholing until WireGuard's own timers
 /// notice.
 fn abandoned_take_over_costs_almost_nothing(bed: &mut Testbed) {
-    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
-    let dst = bed.address_seen_from_peer(&b);
-    let source_seen = bed.address_seen_from_peer(&a);
     let b_gw = bed.ns(&bed.scenario.b.clone(), "gw");
     let doomed = format!("{}-doomed", Lab::tunnel_process(&b_gw));
-    let config = bed.lab.config_path(&b_gw);
-    let result = traffic::udp_stream(&a, &b, dst, source_seen, 7703, 10_000, || {
-        bed.lab.spawn(
-            &b_gw,
-            &doomed,
-            daemon_binary().as_os_str(),
-            &[
-                std::ffi::OsStr::new("tunnel"),
-                std::ffi::OsStr::new("--config"),
-                config.as_os_str(),
-            ],
-        )?;
-        let log_path = bed.lab.log_path(&doomed);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !fs::read_to_string(&log_path)
-            .unwrap_or_default()
-            .contains("sessions with every peer are up")
-        {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "the new tunnel process never got its sessions up"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+    let (outcome, ()) = stream_during(bed, 7703, |bed| {
+        bed.lab
+            .spawn_tunnel(&[], &daemon_binary(), &b_gw, &doomed)?;
+        bed.lab
+            .wait_for_log(&doomed, "sessions with every peer are up")?;
         bed.lab.kill_daemon(&doomed)?;
         std::thread::sleep(std::time::Duration::from_secs(2));
         Ok(())
     });
-    let (outcome, ()) = match result {
-        Ok(r) => r,
-        Err(e) => panic!("{e:#}\n{}", bed.lab.logs()),
-    };
     eprintln!("stream across a take-over abandoned midway: {outcome:?}");
     let old_log =
         fs::read_to_string(bed.lab.log_path(&Lab::tunnel_process(&b_gw))).unwrap_or_default();
@@ -216,19 +190,12 @@ fn abandoned_take_over_costs_almost_nothing(bed: &mut Testbed) {
 /// costs a re-handshake: measured and bounded here, not zero. Then
 /// `uninstall` on the gateway removes the tunnel device with its program.
 fn tunnel_process_crash_recovers_and_uninstall_removes_the_device(bed: &mut Testbed) {
-    let (a, b) = (bed.pod(0, 0, 0), bed.pod(1, 1, 0));
-    let dst = bed.address_seen_from_peer(&b);
-    let source_seen = bed.address_seen_from_peer(&a);
     let a_gw = bed.ns(&bed.scenario.a.clone(), "gw");
     let tunnel = Lab::tunnel_process(&a_gw);
-    let result = traffic::udp_stream(&a, &b, dst, source_seen, 7701, 10_000, || {
+    let (outcome, ()) = stream_during(bed, 7701, |bed| {
         bed.lab.kill_daemon(&tunnel)?;
         bed.lab.start_tunnel(&daemon_binary(), &a_gw)
     });
-    let (outcome, ()) = match result {
-        Ok(r) => r,
-        Err(e) => panic!("{e:#}\n{}", bed.lab.logs()),
-    };
     eprintln!("stream across a tunnel process crash and restart: {outcome:?}");
     let lost = outcome.sent - outcome.received;
     assert!(

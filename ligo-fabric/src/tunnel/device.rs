@@ -60,7 +60,6 @@ impl VnetHeader {
 /// The tunnel process's queues on the device, one per inbound worker.
 /// Closing them detaches the queues; the device stays.
 pub struct TunnelDevice {
-    pub ifindex: u32,
     queues: Vec<File>,
 }
 
@@ -129,6 +128,10 @@ pub fn open_queue() -> Result<File> {
 /// it did not) and returns its index. The caller attaches `gateway_tunnel`
 /// and then calls [`set_up`].
 pub fn ensure_persistent() -> Result<u32> {
+    // Only the daemon creates it, persistent: one that exists is ours.
+    if let Ok(index) = nix::net::if_::if_nametoindex(TUNNEL_DEVICE) {
+        return Ok(index);
+    }
     let queue = open_queue()?;
     // SAFETY: TUNSETPERSIST takes its flag by value.
     let rc = unsafe { libc::ioctl(queue.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) };
@@ -151,15 +154,10 @@ impl TunnelDevice {
                  (`ligo-fabric run`) creates it on a gateway with WireGuard peers"
             );
         }
-        let files = (0..queues.max(1))
+        let queues = (0..queues.max(1))
             .map(|_| open_queue())
             .collect::<Result<Vec<_>>>()?;
-        let ifindex = nix::net::if_::if_nametoindex(TUNNEL_DEVICE)
-            .with_context(|| format!("{TUNNEL_DEVICE} has no interface index"))?;
-        Ok(TunnelDevice {
-            ifindex,
-            queues: files,
-        })
+        Ok(TunnelDevice { queues })
     }
 
     /// Writes one frame (virtio-net header, Ethernet, IPv4) to `queue`.

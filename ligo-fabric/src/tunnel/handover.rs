@@ -70,9 +70,7 @@ const DRAIN_MAX: Duration = Duration::from_secs(15);
 const MAX_FDS: usize = 1 + 2 * 128;
 
 pub fn socket_path(status_socket: &Path) -> PathBuf {
-    let mut name = status_socket.as_os_str().to_owned();
-    name.push(".handover");
-    PathBuf::from(name)
+    super::status::beside(status_socket, ".handover")
 }
 
 /// Old process: accepts hand-over requests in the background. `done` is

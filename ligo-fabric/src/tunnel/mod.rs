@@ -667,12 +667,9 @@ impl Tunnel {
         self.shared.set_partner(None);
     }
 
-    pub fn stop(mut self, source: &StatusSource) {
+    /// Stops the workers (see `Drop`) and the status it gave `source`.
+    pub fn stop(self, source: &StatusSource) {
         source.set(None);
-        self.shared.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
     }
 }
 
@@ -705,15 +702,10 @@ fn receiver_index(datagram: &[u8]) -> Option<u32> {
 }
 
 impl Shared {
-    /// Whether `datagram` belongs to a session of the hand-over partner
-    /// (and there is one).
-    fn partners_datagram(&self, datagram: &[u8]) -> bool {
+    /// Whether `datagram` is for a session another process made (the
+    /// hand-over partner's, if there is one).
+    fn other_epoch(&self, datagram: &[u8]) -> bool {
         receiver_index(datagram).is_some_and(|i| i >> EPOCH_SHIFT != self.epoch)
-            && self
-                .partner
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some()
     }
 
     /// Hands a datagram of the partner's sessions over; false when there
@@ -976,8 +968,6 @@ enum NoPeer {
     Dropped,
     /// Under load: send this many bytes of cookie reply back.
     Cookie(usize),
-    /// A session of the other process of a hand-over.
-    Partners,
 }
 
 /// Which peer a WireGuard datagram is for, by its receiver index (our
@@ -995,9 +985,6 @@ fn peer_for_datagram(
             shared.drop(TunnelDrop::MalformedDatagram);
             NoPeer::Dropped
         })?;
-        if index >> EPOCH_SHIFT != shared.epoch && shared.forward(from, datagram) {
-            return Err(NoPeer::Partners);
-        }
         table.by_index.get(&index).cloned().ok_or_else(|| {
             shared.drop(TunnelDrop::UnknownPeer);
             NoPeer::Dropped
@@ -1075,11 +1062,14 @@ fn inbound(shared: &Shared, worker: usize) {
     };
     serve(shared, wireguard, |received| match received {
         Received::Datagram(table, from, datagram) => {
-            if shared.partners_datagram(datagram) {
-                // What we decrypted before it reaches the device before
-                // what the partner decrypts of it: order across a
-                // hand-over's session switch.
+            if shared.other_epoch(datagram) {
+                // What we decrypted before reaches the device before what
+                // the partner decrypts of this: order across a hand-over's
+                // session switch.
                 coalescer.flush(&mut write);
+                if shared.forward(from, datagram) {
+                    return;
+                }
             }
             decrypt_datagram(
                 shared,
@@ -1118,7 +1108,7 @@ fn decrypt_datagram(
             let _ = wireguard.send_one(from, &plain[..len]);
             return;
         }
-        Err(NoPeer::Dropped | NoPeer::Partners) => return,
+        Err(NoPeer::Dropped) => return,
     };
     let now = shared.now_ms();
     let mut tunn = peer.tunn();

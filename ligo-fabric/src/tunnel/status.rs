@@ -41,7 +41,7 @@ pub fn lock_instance(socket: &Path) -> Result<InstanceLock> {
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    let path = lock_path(socket);
+    let path = beside(socket, ".lock");
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -77,9 +77,10 @@ pub fn wait_for_instance(socket: &Path, timeout: Duration) -> Result<InstanceLoc
     }
 }
 
-fn lock_path(socket: &Path) -> PathBuf {
+/// `<socket><suffix>`: the files that go with the status socket.
+pub fn beside(socket: &Path, suffix: &str) -> PathBuf {
     let mut name = socket.as_os_str().to_owned();
-    name.push(".lock");
+    name.push(suffix);
     PathBuf::from(name)
 }
 
