@@ -14,7 +14,17 @@ use aya::{
     programs::{TestRun, TestRunOptions, TestRunResult},
 };
 use ligo_fabric::{
-    config::parse, desired::desired_state, fabric_maps::FabricMaps, programs::ScratchLoad,
+    config::parse,
+    desired::desired_state,
+    fabric_maps::FabricMaps,
+    host::{HostFacts, Interfaces},
+    programs::ScratchLoad,
+};
+
+/// Interface indexes written into the config map; test runs never reach them.
+const TEST_RUN_INTERFACES: Interfaces = Interfaces {
+    underlay: 1,
+    public: Some(1),
 };
 use ligo_fabric_common::{
     headers::{encap_header, EncapParams},
@@ -117,7 +127,9 @@ fn gateway_config() -> String {
 fn loaded(tag: &str, config: &str) -> Result<(FabricMaps, ScratchLoad)> {
     let load = ScratchLoad::new(tag)?;
     let mut maps = FabricMaps::open(load.pin_dir())?;
-    maps.apply(&desired_state(&parse(config)?), (1, 1))?;
+    let config = parse(config)?;
+    let desired = desired_state(&config.local, &config.spec, &HostFacts::default());
+    maps.apply(&desired, TEST_RUN_INTERFACES)?;
     Ok((maps, load))
 }
 
@@ -258,9 +270,10 @@ pub fn apply_time_ms(n: u32) -> Result<f64> {
         "node_slices = [{ node_ip = \"192.0.2.11\", pod_cidr = \"10.244.1.0/24\" }]",
         &format!("node_slices = [{}]", slices.join(", ")),
     );
-    let desired = desired_state(&parse(&config)?);
+    let config = parse(&config)?;
+    let desired = desired_state(&config.local, &config.spec, &HostFacts::default());
     let started = std::time::Instant::now();
-    let changes = maps.apply(&desired, (1, 1))?;
+    let changes = maps.apply(&desired, TEST_RUN_INTERFACES)?;
     let elapsed = started.elapsed();
     anyhow::ensure!(
         changes as u32 >= n,

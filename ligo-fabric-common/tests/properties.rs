@@ -2,6 +2,7 @@
 //! results checked against a from-scratch computation or an invariant.
 //! (`cargo test` runs 256 cases per property; PROPTEST_CASES raises it.)
 
+use etherparse::{TcpHeader, TcpOptionElement};
 use ligo_fabric_common::{
     checksum::{ipv4_header_checksum, replace_addr, replace_quoted_addr, udp_replace_addr},
     headers::{clamped_mss, peer_from_tunnel_mac, tunnel_source_mac},
@@ -111,17 +112,52 @@ proptest! {
         prop_assert_eq!(checksum(&icmp), 0, "ICMP checksum");
     }
 
+    /// Real TCP headers built by etherparse: SYNs (with or without ACK)
+    /// whose first option is an MSS, followed by the options Linux sends.
+    /// Expected values come from the generated MSS, not from the function.
     #[test]
-    fn mss_clamp_only_lowers_a_syn_mss(
-        tcp in any::<[u8; 24]>(),
-        clamp in any::<u16>(),
+    fn mss_clamp_lowers_exactly_a_syn_mss_above_the_clamp(
+        mss in any::<u16>(),
+        random_clamp in any::<u16>(),
+        // Half the cases put the clamp within 2 of the MSS: the boundary.
+        near in proptest::option::of(-2i32..=2),
+        ack in any::<bool>(),
+        more_options in any::<bool>(),
+        ports in any::<(u16, u16)>(),
+        seq in any::<u32>(),
     ) {
-        if let Some((old, new)) = clamped_mss(&tcp, clamp) {
-            prop_assert!(new < old);
-            prop_assert_eq!(new, clamp);
-            prop_assert!(tcp[13] & 0x02 != 0, "only SYNs");
-            prop_assert_eq!(old, u16::from_be_bytes([tcp[22], tcp[23]]));
-        }
+        let clamp = match near {
+            Some(d) => (i32::from(mss) + d).clamp(0, 0xffff) as u16,
+            None => random_clamp,
+        };
+        let first_24 = |syn: bool, first: TcpOptionElement| {
+            let mut header = TcpHeader::new(ports.0, ports.1, seq, 64240);
+            header.syn = syn;
+            header.ack = ack;
+            let mut options = vec![first];
+            if more_options {
+                options.extend([
+                    TcpOptionElement::SelectiveAcknowledgementPermitted,
+                    TcpOptionElement::Timestamp(seq, 0),
+                    TcpOptionElement::Noop,
+                    TcpOptionElement::WindowScale(7),
+                ]);
+            }
+            header.set_options(&options).expect("options fit");
+            let bytes = header.to_bytes();
+            let first: [u8; 24] = bytes[..24].try_into().expect("24 bytes");
+            first
+        };
+        let syn = first_24(true, TcpOptionElement::MaximumSegmentSize(mss));
+        let expected = (clamp != 0 && mss > clamp).then_some((mss, clamp));
+        prop_assert_eq!(clamped_mss(&syn, clamp), expected);
+        // Not a SYN: never touched.
+        let segment = first_24(false, TcpOptionElement::MaximumSegmentSize(mss));
+        prop_assert_eq!(clamped_mss(&segment, clamp), None);
+        // A SYN whose first option is not the MSS is left alone (the
+        // documented limit: only the first option's place is read).
+        let other_first = first_24(true, TcpOptionElement::WindowScale(7));
+        prop_assert_eq!(clamped_mss(&other_first, clamp), None);
     }
 
     #[test]

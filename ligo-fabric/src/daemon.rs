@@ -1,92 +1,38 @@
 //! `ligo-fabric run`: load and attach the programs (adopting the data path
-//! an earlier daemon left), keep maps and routes equal to the
-//! configuration, reload on SIGHUP or when the file changes. On
+//! an earlier daemon left), keep maps and routes equal to the desired state
+//! (`desired.rs`) of the local configuration and the latest fabric spec
+//! revision from the source (`source.rs`: the file today). On
 //! SIGTERM/SIGINT the daemon exits and the data path keeps forwarding;
 //! `uninstall` removes it. On a gateway with WireGuard peers the daemon
 //! owns the tunnel device and its program; the tunnel itself runs in its
 //! own process (`tunnel_process.rs`).
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use aya::Ebpf;
-use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    config::{self, IngressHook, RoleConfig, ValidConfig},
+    config::{self, FabricSpec, IngressHook, LocalConfig, LocalRole},
     desired::desired_state,
     fabric_maps::{remove_pins, FabricMaps},
+    host::{HostFacts, Interfaces},
     metrics::{self, DaemonMetrics},
     programs,
     routes::RouteManager,
+    source::{self, Revision, SpecRevision, StopSignals},
     tunnel::{device, TunnelConfig},
 };
 
-/// How often the config file's modification time is checked, and the
-/// pod interfaces are listed.
-const CONFIG_POLL: Duration = Duration::from_secs(1);
-
-pub fn read_config(path: &Path) -> Result<ValidConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config file {}", path.display()))?;
-    config::parse(&text).with_context(|| format!("invalid config {}", path.display()))
-}
-
-fn ifindex(name: &str, field: &str) -> Result<u32> {
-    nix::net::if_::if_nametoindex(name)
-        .with_context(|| format!("{field}: no interface named {name:?} in this network namespace"))
-}
-
-/// Interface indexes the programs and routes need: (underlay, public).
-fn resolve_interfaces(role: &RoleConfig) -> Result<(u32, u32)> {
-    match role {
-        RoleConfig::Node { uplink, .. } => Ok((ifindex(uplink, "node.uplink")?, 0)),
-        RoleConfig::Gateway {
-            underlay_interface,
-            public_interface,
-            ..
-        } => Ok((
-            ifindex(underlay_interface, "gateway.underlay_interface")?,
-            ifindex(public_interface, "gateway.public_interface")?,
-        )),
-    }
-}
-
-/// The parts of a configuration that a reload cannot change.
-fn restart_only(
-    cfg: &ValidConfig,
-) -> (
-    std::mem::Discriminant<RoleConfig>,
-    Vec<String>,
-    PathBuf,
-    std::net::SocketAddr,
-) {
-    let interfaces = match &cfg.role {
-        RoleConfig::Node { uplink, .. } => vec![uplink.clone()],
-        RoleConfig::Gateway {
-            underlay_interface,
-            public_interface,
-            ..
-        } => {
-            vec![underlay_interface.clone(), public_interface.clone()]
-        }
-    };
-    (
-        std::mem::discriminant(&cfg.role),
-        interfaces,
-        cfg.pin_dir.clone(),
-        cfg.metrics_address,
-    )
-}
+/// How often the node's pod interfaces are listed.
+const POD_INTERFACE_POLL: Duration = Duration::from_secs(1);
 
 struct Fabric {
-    cfg: ValidConfig,
+    local: LocalConfig,
+    spec: FabricSpec,
     metrics: DaemonMetrics,
-    interfaces: (u32, u32),
+    interfaces: Interfaces,
     maps: FabricMaps,
     routes: RouteManager,
     /// Owns the loaded programs; dropping it detaches them.
@@ -100,27 +46,23 @@ struct Fabric {
 }
 
 impl Fabric {
-    async fn link_mtu(&self, index: u32) -> Result<u32> {
-        self.routes.link_mtu(index).await
-    }
-
-    /// Reads (and checks the permissions of) the key files `cfg` names.
-    async fn check_key_files(&self, cfg: &ValidConfig) -> Result<()> {
-        if let RoleConfig::Gateway { .. } = cfg.role {
-            let public_mtu = self.link_mtu(self.interfaces.1).await?;
-            TunnelConfig::from_config(cfg, public_mtu)?;
-        }
-        Ok(())
+    /// The tunnel part of `local` and `spec`, its key files read and
+    /// checked: a key that cannot be used refuses the revision before
+    /// anything changes.
+    async fn tunnel_config(
+        &self,
+        local: &LocalConfig,
+        spec: &FabricSpec,
+    ) -> Result<Option<TunnelConfig>> {
+        let host = HostFacts::read(&self.routes, self.interfaces).await?;
+        TunnelConfig::from_spec(local, spec, &host)
     }
 
     /// Makes the tunnel device exist exactly when a WireGuard tunnel is
     /// configured, and points the status client at the tunnel process.
     async fn reconcile_tunnel_device(&mut self, wanted: Option<&TunnelConfig>) -> Result<()> {
-        let socket = match &self.cfg.role {
-            RoleConfig::Gateway {
-                wireguard: Some(wg),
-                ..
-            } if wanted.is_some() => Some(wg.status_socket.clone()),
+        let socket = match &self.local.role {
+            LocalRole::Gateway(gw) if wanted.is_some() => Some(gw.status_socket.clone()),
             _ => None,
         };
         self.metrics.tunnel.set_socket(socket);
@@ -139,8 +81,8 @@ impl Fabric {
         Ok(())
     }
 
-    /// Applies `cfg` by difference: maps first (so routes never steer traffic
-    /// into a table that lacks its entry), then routes.
+    /// Applies the running spec by difference: maps first (so routes never
+    /// steer traffic into a table that lacks its entry), then routes.
     async fn apply(&mut self) -> Result<()> {
         let started = Instant::now();
         self.metrics.set_ready(false);
@@ -152,7 +94,7 @@ impl Fabric {
                     .reconcile_duration
                     .observe(started.elapsed().as_secs_f64());
                 self.metrics.set_peer_names(
-                    self.cfg
+                    self.spec
                         .peers
                         .values()
                         .map(|p| (p.id, p.name.clone()))
@@ -168,23 +110,11 @@ impl Fabric {
     }
 
     async fn apply_inner(&mut self, started: Instant) -> Result<()> {
+        let host = HostFacts::read(&self.routes, self.interfaces).await?;
         // Key files are read (and their permissions checked) before anything
         // changes, so a bad key leaves the running state alone.
-        let tunnel = match self.cfg.role {
-            RoleConfig::Gateway { .. } => {
-                let public_mtu = self.link_mtu(self.interfaces.1).await?;
-                TunnelConfig::from_config(&self.cfg, public_mtu)?
-            }
-            RoleConfig::Node { .. } => None,
-        };
-        let uplink_mtu = match self.cfg.role {
-            RoleConfig::Node { .. } => Some(self.link_mtu(self.interfaces.0).await?),
-            RoleConfig::Gateway { .. } => None,
-        };
-        let desired = match uplink_mtu {
-            Some(mtu) => desired_state(&self.cfg).with_uplink_mtu(mtu),
-            None => desired_state(&self.cfg),
-        };
+        let tunnel = TunnelConfig::from_spec(&self.local, &self.spec, &host)?;
+        let desired = desired_state(&self.local, &self.spec, &host);
         let map_changes = self.maps.apply(&desired, self.interfaces)?;
         self.reconcile_tunnel_device(tunnel.as_ref()).await?;
         // At start-up `attach` follows; later, a tunnel device that came or
@@ -192,18 +122,18 @@ impl Fabric {
         if self.attached && self.tunnel_device != self.tunnel_device_attached {
             self.attach()?;
         }
-        let route_changes = match uplink_mtu {
-            Some(mtu) => {
+        let route_changes = match (&self.local.role, host.underlay_mtu) {
+            (LocalRole::Node(_), Some(mtu)) => {
                 self.routes
-                    .reconcile(&desired.routes, self.interfaces.0, mtu)
+                    .reconcile(&desired.routes, self.interfaces.underlay, mtu)
                     .await?
             }
-            None => 0,
+            _ => 0,
         };
         info!(
             map_changes,
             route_changes,
-            peers = self.cfg.peers.len(),
+            peers = self.spec.peers.len(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "configuration applied"
         );
@@ -223,10 +153,10 @@ impl Fabric {
     /// Node role: keeps POD_INTERFACES equal to this node's veths (but the
     /// uplink), so arriving packets can skip the stack on their way in.
     async fn sync_pod_interfaces(&mut self) -> Result<()> {
-        if !matches!(self.cfg.role, RoleConfig::Node { .. }) {
+        if self.local.is_gateway() {
             return Ok(());
         }
-        let veths = self.routes.veth_indexes(self.interfaces.0).await?;
+        let veths = self.routes.veth_indexes(self.interfaces.underlay).await?;
         let changes = self.maps.sync_pod_interfaces(&veths)?;
         if changes > 0 {
             debug!(
@@ -240,28 +170,27 @@ impl Fabric {
 
     fn attach(&mut self) -> Result<()> {
         let is_veth = self.uplink_is_veth;
-        let pin_dir = self.cfg.pin_dir.clone();
+        let pin_dir = self.local.pin_dir.clone();
         let ebpf = self.ebpf.as_mut().context("programs already unloaded")?;
-        let result = match &self.cfg.role {
-            RoleConfig::Node {
-                uplink, ingress, ..
-            } => programs::attach_node(
+        let result = match &self.local.role {
+            LocalRole::Node(node) => programs::attach_node(
                 ebpf,
                 &pin_dir,
-                uplink,
-                self.interfaces.0,
-                Self::ingress_hook(*ingress, is_veth),
+                &node.uplink,
+                self.interfaces.underlay,
+                Self::ingress_hook(node.ingress, is_veth),
             ),
-            RoleConfig::Gateway {
-                underlay_interface,
-                public_interface,
-                ..
-            } => programs::attach_gateway(
+            LocalRole::Gateway(gw) => programs::attach_gateway(
                 ebpf,
                 &pin_dir,
                 &[
-                    (underlay_interface, self.interfaces.0),
-                    (public_interface, self.interfaces.1),
+                    (&gw.underlay_interface, self.interfaces.underlay),
+                    (
+                        &gw.public_interface,
+                        self.interfaces
+                            .public
+                            .context("gateway without a public interface")?,
+                    ),
                 ],
                 self.tunnel_device,
             )
@@ -288,7 +217,7 @@ impl Fabric {
         self.metrics.set_ready(false);
         self.ebpf.take();
         info!(
-            pin_dir = %self.cfg.pin_dir.display(),
+            pin_dir = %self.local.pin_dir.display(),
             "daemon stopped; the data path keeps forwarding. `ligo-fabric uninstall --config FILE` removes it"
         );
     }
@@ -298,20 +227,79 @@ impl Fabric {
         self.metrics.set_ready(false);
         self.ebpf.take();
         drop(self.maps);
-        uninstall(&self.cfg.pin_dir).await
+        uninstall(&self.local.pin_dir).await
+    }
+
+    /// Considers a revision from the source: refused whole when it is
+    /// invalid, changes a setting only a restart applies, or names a key
+    /// file that cannot be used; otherwise applied by difference, and the
+    /// previous state restored if applying fails.
+    async fn consider(&mut self, revision: Revision) {
+        let (reason, local, spec) = match revision {
+            Revision::Rejected { reason, error } => {
+                self.metrics.config_rejections.inc();
+                error!(reason, error = format!("{error:#}"), "new configuration rejected; the running state is unchanged. Fix the file and save it again");
+                return;
+            }
+            Revision::Spec(revision) => {
+                let SpecRevision {
+                    reason,
+                    local,
+                    spec,
+                } = *revision;
+                (reason, local.unwrap_or_else(|| self.local.clone()), spec)
+            }
+        };
+        if let Some(field) = source::restart_needed_for(&self.local, &local) {
+            self.metrics.config_rejections.inc();
+            error!(reason, field, "new configuration changes the role, an interface or another setting that only a restart applies; these need a restart of the daemon. The running state is unchanged");
+            return;
+        }
+        if local == self.local && spec == self.spec {
+            info!(reason, "configuration unchanged");
+            return;
+        }
+        if let Err(e) = self.tunnel_config(&local, &spec).await {
+            self.metrics.config_rejections.inc();
+            error!(reason, error = format!("{e:#}"), "new configuration rejected; the running state is unchanged. Fix the file and save it again");
+            return;
+        }
+        let previous_local = std::mem::replace(&mut self.local, local);
+        let previous_spec = std::mem::replace(&mut self.spec, spec);
+        if let Err(e) = self.apply().await {
+            warn!(
+                reason,
+                error = format!("{e:#}"),
+                "applying the new configuration failed; restoring the previous one"
+            );
+            self.local = previous_local;
+            self.spec = previous_spec;
+            if let Err(e) = self.apply().await {
+                error!(
+                    error = format!("{e:#}"),
+                    "restoring the previous configuration failed; restart the daemon"
+                );
+            }
+        }
     }
 }
 
-pub async fn run(config_path: &Path) -> Result<()> {
-    let cfg = read_config(config_path)?;
-    let interfaces = resolve_interfaces(&cfg.role)?;
-    let adopting = cfg.pin_dir.join("links").is_dir();
-    let ebpf = programs::load(&cfg.pin_dir)?;
-    let maps = FabricMaps::open(&cfg.pin_dir)?;
+/// `ligo-fabric run --config FILE`: the file is both the local settings and
+/// the source of spec revisions.
+pub async fn run(config_path: &std::path::Path) -> Result<()> {
+    let cfg = config::read_file(config_path)?;
+    // Installs the SIGHUP handler before anything else can take a while.
+    let revisions = source::watch_file(config_path)?;
+    let interfaces = Interfaces::resolve(&cfg.local)?;
+    let pin_dir = cfg.local.pin_dir.clone();
+    let adopting = pin_dir.join("links").is_dir();
+    let ebpf = programs::load(&pin_dir)?;
+    let maps = FabricMaps::open(&pin_dir)?;
     let routes = RouteManager::new()?;
     let metrics = DaemonMetrics::new();
     let mut fabric = Fabric {
-        cfg,
+        local: cfg.local,
+        spec: cfg.spec,
         metrics: metrics.clone(),
         interfaces,
         maps,
@@ -323,10 +311,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         uplink_is_veth: false,
     };
     let started = async {
-        fabric.uplink_is_veth = fabric.routes.is_veth(fabric.interfaces.0).await?;
+        fabric.uplink_is_veth = fabric.routes.is_veth(fabric.interfaces.underlay).await?;
         // The endpoints come up first: /readyz answers 503 until ready.
-        let scrape_maps = FabricMaps::open(&fabric.cfg.pin_dir)?;
-        metrics::serve(fabric.cfg.metrics_address, &metrics, scrape_maps).await?;
+        let scrape_maps = FabricMaps::open(&fabric.local.pin_dir)?;
+        metrics::serve(fabric.local.metrics_address, &metrics, scrape_maps).await?;
         fabric.apply().await?;
         fabric.sync_pod_interfaces().await?;
         fabric.attach()
@@ -356,28 +344,33 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
     metrics.set_ready(true);
     info!(config = %config_path.display(), "fabric ready");
+    serve(fabric, revisions).await
+}
 
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut last_modified = modified(config_path);
-    let mut poll = tokio::time::interval(CONFIG_POLL);
+/// The daemon's life after start-up: revisions applied as they come, pod
+/// interfaces kept in sync, until SIGTERM/SIGINT.
+async fn serve(
+    mut fabric: Fabric,
+    mut revisions: tokio::sync::mpsc::Receiver<Revision>,
+) -> Result<()> {
+    let mut stop = StopSignals::new()?;
+    let mut poll = tokio::time::interval(POD_INTERFACE_POLL);
     loop {
-        let reason = tokio::select! {
-            _ = hangup.recv() => "SIGHUP",
+        tokio::select! {
+            _ = stop.recv() => break,
             _ = poll.tick() => {
                 if let Err(e) = fabric.sync_pod_interfaces().await {
                     warn!(error = format!("{e:#}"), "listing pod interfaces failed; arriving packets go through the stack until it works again");
                 }
-                let now = modified(config_path);
-                if now == last_modified { continue; }
-                last_modified = now;
-                "config file changed"
             }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-        };
-        reload(&mut fabric, config_path, reason).await;
+            revision = revisions.recv() => match revision {
+                Some(revision) => fabric.consider(revision).await,
+                None => {
+                    error!("the configuration source stopped; the daemon keeps the running state and stops");
+                    break;
+                }
+            },
+        }
     }
     info!("shutting down");
     fabric.stop();
@@ -388,7 +381,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
 /// links), removes our routes and the tunnel device from this network
 /// namespace and the pinned maps. Run it with no daemon running (and no
 /// tunnel process: it would lose its device).
-pub async fn uninstall(pin_dir: &Path) -> Result<()> {
+pub async fn uninstall(pin_dir: &std::path::Path) -> Result<()> {
     let links = programs::remove_links(pin_dir)?;
     let netlink = RouteManager::new()?;
     let routes = netlink.remove_all().await?;
@@ -402,50 +395,4 @@ pub async fn uninstall(pin_dir: &Path) -> Result<()> {
         "fabric removed from this host"
     );
     Ok(())
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-async fn reload(fabric: &mut Fabric, path: &Path, reason: &str) {
-    let cfg = match read_config(path) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            fabric.metrics.config_rejections.inc();
-            error!(reason, error = format!("{e:#}"), "new configuration rejected; the running state is unchanged. Fix the file and save it again");
-            return;
-        }
-    };
-    if restart_only(&cfg) != restart_only(&fabric.cfg) {
-        fabric.metrics.config_rejections.inc();
-        error!(reason, "new configuration changes the role, an interface, pin_dir or metrics_address; these need a restart of the daemon. The running state is unchanged");
-        return;
-    }
-    if cfg == fabric.cfg {
-        info!(reason, "configuration unchanged");
-        return;
-    }
-    // Key files are part of the configuration: one that cannot be used
-    // refuses the file like any other invalid field.
-    if let Err(e) = fabric.check_key_files(&cfg).await {
-        fabric.metrics.config_rejections.inc();
-        error!(reason, error = format!("{e:#}"), "new configuration rejected; the running state is unchanged. Fix the file and save it again");
-        return;
-    }
-    let previous = std::mem::replace(&mut fabric.cfg, cfg);
-    if let Err(e) = fabric.apply().await {
-        warn!(
-            reason,
-            error = format!("{e:#}"),
-            "applying the new configuration failed; restoring the previous one"
-        );
-        fabric.cfg = previous;
-        if let Err(e) = fabric.apply().await {
-            error!(
-                error = format!("{e:#}"),
-                "restoring the previous configuration failed; restart the daemon"
-            );
-        }
-    }
 }

@@ -1,5 +1,6 @@
-//! What the maps and routes must contain for a configuration: a pure
-//! function of the config, unit-tested without a kernel.
+//! What the maps and routes must contain: a pure function of the local
+//! configuration, the fabric spec and the host's facts, unit-tested without
+//! a kernel.
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -10,7 +11,10 @@ use ligo_fabric_common::{
     prefix::PrefixRewrite,
 };
 
-use crate::config::{RoleConfig, Transport, ValidConfig};
+use crate::{
+    config::{FabricSpec, LocalConfig, LocalRole, Transport},
+    host::HostFacts,
+};
 
 /// Bytes the fabric adds in front of an inner IPv4 packet on the underlay:
 /// outer IPv4 + UDP + VXLAN + inner Ethernet.
@@ -45,16 +49,16 @@ pub struct DesiredState {
     pub routes: Vec<SteeringRoute>,
 }
 
-pub fn desired_state(cfg: &ValidConfig) -> DesiredState {
+pub fn desired_state(local: &LocalConfig, spec: &FabricSpec, host: &HostFacts) -> DesiredState {
     let mut state = DesiredState {
         config: FabricConfig {
-            cluster_id: cfg.cluster_id,
-            fabric_port: cfg.fabric_port.to_be_bytes(),
+            cluster_id: spec.cluster_id,
+            fabric_port: spec.fabric_port.to_be_bytes(),
             ..Default::default()
         },
         ..Default::default()
     };
-    for peer in cfg.peers.values() {
+    for peer in spec.peers.values() {
         let len = peer.pod_cidr.prefix();
         let real = peer.pod_cidr.network().octets();
         let view = peer.view_cidr.network().octets();
@@ -84,37 +88,34 @@ pub fn desired_state(cfg: &ValidConfig) -> DesiredState {
             },
         );
     }
-    match &cfg.role {
-        RoleConfig::Node {
-            underlay_ip,
-            gateway_ip,
-            ..
-        } => {
+    match &local.role {
+        LocalRole::Node(node) => {
             state.config.role = Role::Node as u8;
-            state.config.underlay_ip = underlay_ip.octets();
-            state.config.gateway_ip = gateway_ip.octets();
-            state.routes = cfg
-                .peers
-                .values()
-                .map(|p| SteeringRoute {
-                    destination: p.view_cidr,
-                    via: *gateway_ip,
-                    overhead: ENCAP_OVERHEAD.max(p.transport.overhead()),
-                })
-                .collect();
-            state.routes.sort();
+            state.config.underlay_ip = node.underlay_ip.octets();
+            // A node spec without a gateway steers nowhere: no routes.
+            if let Some(gateway_ip) = spec.gateway_ip {
+                state.config.gateway_ip = gateway_ip.octets();
+                state.routes = spec
+                    .peers
+                    .values()
+                    .map(|p| SteeringRoute {
+                        destination: p.view_cidr,
+                        via: gateway_ip,
+                        overhead: ENCAP_OVERHEAD.max(p.transport.overhead()),
+                    })
+                    .collect();
+                state.routes.sort();
+            }
+            if let Some(mtu) = host.underlay_mtu {
+                state.clamp_mss_to(mtu);
+            }
         }
-        RoleConfig::Gateway {
-            underlay_ip,
-            public_ip,
-            node_slices,
-            ..
-        } => {
+        LocalRole::Gateway(gw) => {
             state.config.role = Role::Gateway as u8;
-            state.config.underlay_ip = underlay_ip.octets();
-            state.config.public_ip = public_ip.octets();
+            state.config.underlay_ip = gw.underlay_ip.octets();
+            state.config.public_ip = gw.public_ip.octets();
             // Only plain peers: WireGuard datagrams go to the tunnel's port.
-            for peer in cfg.peers.values() {
+            for peer in spec.peers.values() {
                 if peer.transport != Transport::Plain {
                     continue;
                 }
@@ -122,7 +123,7 @@ pub fn desired_state(cfg: &ValidConfig) -> DesiredState {
                     state.peer_endpoints.insert(ep.ip().octets(), peer.id);
                 }
             }
-            for (net, node_ip) in node_slices {
+            for (net, node_ip) in &spec.node_slices {
                 state.node_slices.insert(
                     prefix(*net),
                     NodeSlice {
@@ -138,7 +139,7 @@ pub fn desired_state(cfg: &ValidConfig) -> DesiredState {
 impl DesiredState {
     /// Node role: the MSS clamp of each view, from the uplink MTU less the
     /// route's overhead (as its route MTU) less IPv4 and TCP headers.
-    pub fn with_uplink_mtu(mut self, uplink_mtu: u32) -> Self {
+    fn clamp_mss_to(&mut self, uplink_mtu: u32) {
         for route in &self.routes {
             if let Some(view) = self.peer_views.get_mut(&prefix(route.destination)) {
                 let mss = uplink_mtu
@@ -147,7 +148,6 @@ impl DesiredState {
                 view.mss_clamp = u16::try_from(mss).unwrap_or(u16::MAX);
             }
         }
-        self
     }
 }
 
@@ -196,9 +196,14 @@ pod_cidr = "10.100.16.0/20"
 view_cidr = "10.200.32.0/20"
 "#;
 
+    fn state_of(text: &str, host: HostFacts) -> DesiredState {
+        let cfg = parse(text).unwrap();
+        desired_state(&cfg.local, &cfg.spec, &host)
+    }
+
     #[test]
     fn node_state_has_views_peers_and_routes() {
-        let state = desired_state(&parse(NODE).unwrap());
+        let state = state_of(NODE, HostFacts::default());
         assert_eq!(state.config.role, Role::Node as u8);
         assert_eq!(state.config.gateway_ip, [192, 0, 2, 1]);
         assert_eq!(state.config.fabric_port, 4799u16.to_be_bytes());
@@ -224,19 +229,21 @@ view_cidr = "10.200.32.0/20"
             }]
         );
         assert!(state.node_slices.is_empty() && state.peer_endpoints.is_empty());
-        let plain = desired_state(&parse(&format!("{NODE}transport = \"plain\"\n")).unwrap());
+        let plain_text = format!("{NODE}transport = \"plain\"\n");
+        let plain = state_of(&plain_text, HostFacts::default());
         assert_eq!(plain.routes[0].overhead, 50);
         let view = (Ipv4Addr::new(10, 200, 32, 0), 20);
         assert_eq!(
             state.peer_views[&view].mss_clamp, 0,
             "no clamp before the MTU is known"
         );
+        let known = HostFacts {
+            underlay_mtu: Some(1500),
+            public_mtu: None,
+        };
+        assert_eq!(state_of(NODE, known).peer_views[&view].mss_clamp, 1400);
         assert_eq!(
-            state.with_uplink_mtu(1500).peer_views[&view].mss_clamp,
-            1400
-        );
-        assert_eq!(
-            plain.with_uplink_mtu(1500).peer_views[&view].mss_clamp,
+            state_of(&plain_text, known).peer_views[&view].mss_clamp,
             1410
         );
     }

@@ -22,7 +22,10 @@ use ligo_fabric_common::{
     DropReason,
 };
 
-use crate::desired::{plan, DesiredState, Prefix};
+use crate::{
+    desired::{plan, DesiredState, Prefix},
+    host::Interfaces,
+};
 
 pub struct FabricMaps {
     pub config: Array<MapData, FabricConfig>,
@@ -157,7 +160,7 @@ impl FabricMaps {
     /// programs only act once the tables they read are complete. Counters of
     /// kept peers are preserved. Returns the number of entries written or
     /// removed.
-    pub fn apply(&mut self, desired: &DesiredState, ifindexes: (u32, u32)) -> Result<usize> {
+    pub fn apply(&mut self, desired: &DesiredState, interfaces: Interfaces) -> Result<usize> {
         let current = self.snapshot()?;
         let mut changes = 0;
 
@@ -241,8 +244,8 @@ impl FabricMaps {
             + slices.deletes.len();
 
         let config = FabricConfig {
-            underlay_ifindex: ifindexes.0,
-            public_ifindex: ifindexes.1,
+            underlay_ifindex: interfaces.underlay,
+            public_ifindex: interfaces.public.unwrap_or(0),
             ..desired.config
         };
         if config != current.config {

@@ -145,7 +145,7 @@ fn execute(command: Command) -> Result<()> {
         Command::Uninstall { config, pin_dir } => {
             let pin_dir = match (pin_dir, config) {
                 (Some(dir), _) => dir,
-                (None, Some(config)) => daemon::read_config(&config)?.pin_dir,
+                (None, Some(config)) => config::read_file(&config)?.local.pin_dir,
                 (None, None) => PathBuf::from(config::DEFAULT_PIN_DIR),
             };
             tokio::runtime::Builder::new_current_thread()
@@ -154,8 +154,12 @@ fn execute(command: Command) -> Result<()> {
                 .block_on(daemon::uninstall(&pin_dir))
         }
         Command::CheckConfig { config } => {
-            let cfg = daemon::read_config(&config)?;
-            println!("{}: valid ({} peers)", config.display(), cfg.peers.len());
+            let cfg = config::read_file(&config)?;
+            println!(
+                "{}: valid ({} peers)",
+                config.display(),
+                cfg.spec.peers.len()
+            );
             Ok(())
         }
         Command::Inspect { what } => inspect(what),
@@ -163,14 +167,10 @@ fn execute(command: Command) -> Result<()> {
 }
 
 fn inspect_tunnels(args: TunnelsArgs) -> Result<()> {
-    let config = args
-        .config
-        .as_deref()
-        .map(daemon::read_config)
-        .transpose()?;
+    let config = args.config.as_deref().map(config::read_file).transpose()?;
     let mut address = args
         .address
-        .or_else(|| config.map(|c| c.metrics_address))
+        .or_else(|| config.map(|c| c.local.metrics_address))
         .unwrap_or_else(|| ([127, 0, 0, 1], 9477).into());
     if address.ip().is_unspecified() {
         address.set_ip([127, 0, 0, 1].into());
@@ -198,14 +198,10 @@ fn inspect(what: InspectWhat) -> Result<()> {
         InspectWhat::Routes(a) => (a, View::Routes),
         InspectWhat::Tunnels(a) => return inspect_tunnels(a),
     };
-    let config = args
-        .config
-        .as_deref()
-        .map(daemon::read_config)
-        .transpose()?;
+    let config = args.config.as_deref().map(config::read_file).transpose()?;
     let names: inspect::PeerNames = config
         .iter()
-        .flat_map(|c| c.peers.values().map(|p| (p.id, p.name.clone())))
+        .flat_map(|c| c.spec.peers.values().map(|p| (p.id, p.name.clone())))
         .collect();
     let json = matches!(args.output, Output::Json);
     if view == View::Routes {
@@ -226,7 +222,7 @@ fn inspect(what: InspectWhat) -> Result<()> {
     }
     let pin_dir = args
         .pin_dir
-        .or_else(|| config.map(|c| c.pin_dir))
+        .or_else(|| config.map(|c| c.local.pin_dir))
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PIN_DIR));
     let snapshot = fabric_maps::FabricMaps::open(&pin_dir)?.snapshot()?;
     let text = match (view, json) {

@@ -14,102 +14,88 @@
 //! itself is upgraded.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
-use tokio::signal::unix::{signal, SignalKind};
+use anyhow::{bail, Result};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{RoleConfig, ValidConfig},
-    daemon::read_config,
+    config::{self, FabricSpec, LocalConfig, LocalRole},
+    host::{HostFacts, Interfaces},
     routes::RouteManager,
+    source::{self, Revision, SpecRevision, StopSignals},
     tunnel::{device, handover, status, StatusSource, Tunnel, TunnelConfig},
 };
 
-/// How often the config file's modification time is checked (as the
-/// daemon does), and the tunnel device looked for while it is missing.
+/// How often the tunnel device is looked for while it is missing, and a
+/// finished hand-over noticed.
 const POLL: Duration = Duration::from_secs(1);
 
-/// The fields a running tunnel process cannot take from a reload.
-fn restart_only(cfg: &ValidConfig) -> Option<(String, PathBuf)> {
-    match &cfg.role {
-        RoleConfig::Gateway {
-            public_interface,
-            wireguard: Some(wg),
-            ..
-        } => Some((public_interface.clone(), wg.status_socket.clone())),
-        _ => None,
-    }
-}
-
-/// The tunnel part of `cfg`, key files read and checked.
-async fn tunnel_config(netlink: &RouteManager, cfg: &ValidConfig) -> Result<Option<TunnelConfig>> {
-    let RoleConfig::Gateway {
-        public_interface, ..
-    } = &cfg.role
-    else {
-        return Ok(None);
-    };
-    let index = nix::net::if_::if_nametoindex(public_interface.as_str()).with_context(|| {
-        format!("gateway.public_interface: no interface named {public_interface:?} in this network namespace")
-    })?;
-    let public_mtu = netlink.link_mtu(index).await?;
-    TunnelConfig::from_config(cfg, public_mtu)
-}
-
-struct Signals {
-    hangup: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
+/// The tunnel part of `local` and `spec`, key files read and checked.
+async fn tunnel_config(
+    netlink: &RouteManager,
+    local: &LocalConfig,
+    spec: &FabricSpec,
+) -> Result<Option<TunnelConfig>> {
+    let host = HostFacts::read(netlink, Interfaces::resolve(local)?).await?;
+    TunnelConfig::from_spec(local, spec, &host)
 }
 
 enum Event {
-    Reload(&'static str),
+    Revision(Revision),
     Tick,
     Stop,
 }
 
-impl Signals {
-    fn new() -> Result<Self> {
-        Ok(Signals {
-            hangup: signal(SignalKind::hangup())?,
-            terminate: signal(SignalKind::terminate())?,
-            interrupt: signal(SignalKind::interrupt())?,
-        })
-    }
+/// What the tunnel process waits on: stop signals, its poll, and the
+/// configuration source.
+struct Events {
+    stop: StopSignals,
+    poll: tokio::time::Interval,
+    revisions: tokio::sync::mpsc::Receiver<Revision>,
+}
 
-    async fn next(&mut self, poll: &mut tokio::time::Interval) -> Event {
+impl Events {
+    async fn next(&mut self) -> Event {
         tokio::select! {
-            _ = self.hangup.recv() => Event::Reload("SIGHUP"),
-            _ = poll.tick() => Event::Tick,
-            _ = self.terminate.recv() => Event::Stop,
-            _ = self.interrupt.recv() => Event::Stop,
+            _ = self.stop.recv() => Event::Stop,
+            _ = self.poll.tick() => Event::Tick,
+            revision = self.revisions.recv() => match revision {
+                Some(revision) => Event::Revision(revision),
+                None => Event::Stop,
+            },
         }
     }
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {
-    let cfg = read_config(config_path)?;
-    let Some((_, socket)) = restart_only(&cfg) else {
+    let cfg = config::read_file(config_path)?;
+    let mut events = Events {
+        stop: StopSignals::new()?,
+        poll: tokio::time::interval(POLL),
+        revisions: source::watch_file(config_path)?,
+    };
+    let LocalRole::Gateway(gateway) = &cfg.local.role else {
         bail!(
-            "{}: no peer uses WireGuard on a gateway (gateway.private_key_file and a peer with transport = \"wireguard\"), so there is no tunnel to run",
+            "{}: not a gateway ([gateway] section), so there is no tunnel to run",
             config_path.display()
         );
     };
+    let socket = gateway.status_socket.clone();
     let netlink = RouteManager::new()?;
-    let Some(wanted) = tunnel_config(&netlink, &cfg).await? else {
-        bail!("no WireGuard tunnel in {}", config_path.display());
+    let Some(wanted) = tunnel_config(&netlink, &cfg.local, &cfg.spec).await? else {
+        bail!(
+            "{}: no peer uses WireGuard on this gateway (gateway.private_key_file and a peer with transport = \"wireguard\"), so there is no tunnel to run",
+            config_path.display()
+        );
     };
     let source = StatusSource::default();
-    let mut signals = Signals::new()?;
-    let mut poll = tokio::time::interval(POLL);
     let (_lock, running) = match status::lock_instance(&socket) {
         Ok(lock) => {
             // The daemon makes the device (with its program) and brings it
@@ -120,7 +106,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     "waiting for the fabric daemon to create the tunnel device"
                 );
                 while !device::is_ready() {
-                    if let Event::Stop = signals.next(&mut poll).await {
+                    if let Event::Stop = events.next().await {
                         return Ok(());
                     }
                 }
@@ -148,43 +134,39 @@ pub async fn run(config_path: &Path) -> Result<()> {
     handover::serve(&socket, source.clone(), handed_over.clone())?;
     info!(config = %config_path.display(), "tunnel ready");
 
-    let mut current = cfg;
-    let mut last_modified = modified(config_path);
+    let (mut local, mut spec) = (cfg.local, cfg.spec);
     loop {
-        let reason = match signals.next(&mut poll).await {
+        let (reason, new_local, new_spec) = match events.next().await {
             Event::Stop => break,
-            Event::Reload(reason) => reason,
             Event::Tick if handed_over.load(Ordering::SeqCst) => break,
-            Event::Tick => {
-                let now = modified(config_path);
-                if now == last_modified {
-                    continue;
-                }
-                last_modified = now;
-                "config file changed"
-            }
-        };
-        let cfg = match read_config(config_path) {
-            Ok(cfg) => cfg,
-            Err(e) => {
-                error!(reason, error = format!("{e:#}"), "new configuration rejected; the tunnel keeps running unchanged. Fix the file and save it again");
+            Event::Tick => continue,
+            Event::Revision(Revision::Rejected { reason, error }) => {
+                source::log_rejected("tunnel", reason, &error);
                 continue;
             }
-        };
-        if cfg == current {
-            continue;
-        }
-        if restart_only(&cfg).is_some() && restart_only(&cfg) != restart_only(&current) {
-            error!(reason, "new configuration changes gateway.public_interface or gateway.wireguard_status_socket; these need a restart of the tunnel process. The tunnel keeps running unchanged");
-            continue;
-        }
-        match tunnel_config(&netlink, &cfg).await {
-            Err(e) => {
-                error!(reason, error = format!("{e:#}"), "new configuration rejected; the tunnel keeps running unchanged. Fix the file and save it again");
+            Event::Revision(Revision::Spec(revision)) => {
+                let SpecRevision {
+                    reason,
+                    local: new_local,
+                    spec: new_spec,
+                } = *revision;
+                (reason, new_local.unwrap_or_else(|| local.clone()), new_spec)
             }
+        };
+        if new_local == local && new_spec == spec {
+            continue;
+        }
+        // The same rule as the daemon's: both refuse the same revisions.
+        if let Some(field) = source::restart_needed_for(&local, &new_local) {
+            error!(reason, field, "new configuration changes the role, an interface or another setting that only a restart applies; these need a restart of the tunnel process. The tunnel keeps running unchanged");
+            continue;
+        }
+        match tunnel_config(&netlink, &new_local, &new_spec).await {
+            Err(e) => source::log_rejected("tunnel", reason, &e),
             Ok(wanted) => {
                 tunnel = reconcile(tunnel, wanted, &source);
-                current = cfg;
+                local = new_local;
+                spec = new_spec;
             }
         }
     }
@@ -227,8 +209,4 @@ fn reconcile(
             }
         }
     }
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }

@@ -13,6 +13,7 @@ use ligo_fabric::{
     config::parse,
     desired::desired_state,
     fabric_maps::{FabricMaps, Snapshot},
+    host::{HostFacts, Interfaces},
     programs::ScratchLoad,
 };
 use ligo_fabric_common::{
@@ -64,16 +65,10 @@ fn wireguard_gateway_config() -> String {
         )
 }
 
-fn is_root() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("BPF_PROG_TEST_RUN tests need root and CI=true: they must run in CI");
-        }
-        eprintln!("SKIPPED: BPF_PROG_TEST_RUN tests need root");
-    }
-    root
-}
+// The same skip rule as every privileged test (fails under CI, counted as
+// skipped by `cargo xtask test` otherwise).
+#[path = "../../xtask/src/privileged.rs"]
+mod privileged;
 
 /// The eBPF object loaded with its maps pinned in a private bpffs, and
 /// filled from a daemon configuration through the daemon's own code.
@@ -90,8 +85,16 @@ impl Fixture {
         let tag = format!("test{}", FIXTURES.fetch_add(1, Ordering::Relaxed));
         let load = ScratchLoad::new(&tag).expect("load object");
         let mut maps = FabricMaps::open(load.pin_dir()).expect("open maps");
-        let desired = desired_state(&parse(config).expect("config"));
-        maps.apply(&desired, (5, 6)).expect("apply");
+        let config = parse(config).expect("config");
+        let desired = desired_state(&config.local, &config.spec, &HostFacts::default());
+        maps.apply(
+            &desired,
+            Interfaces {
+                underlay: 5,
+                public: Some(6),
+            },
+        )
+        .expect("apply");
         Self { maps, load }
     }
 
@@ -269,7 +272,7 @@ fn assert_checksums_valid(frame: &[u8]) {
 
 #[test]
 fn node_egress_remaps_and_encapsulates_exactly() {
-    if !is_root() {
+    if !privileged::require_root("node_egress_remaps_and_encapsulates_exactly") {
         return;
     }
     let mut fx = Fixture::new(&node_config());
@@ -328,7 +331,9 @@ fn node_egress_remaps_and_encapsulates_exactly() {
 
 #[test]
 fn node_egress_keeps_a_zero_udp_checksum_and_skips_l4_of_later_fragments() {
-    if !is_root() {
+    if !privileged::require_root(
+        "node_egress_keeps_a_zero_udp_checksum_and_skips_l4_of_later_fragments",
+    ) {
         return;
     }
     let mut fx = Fixture::new(&node_config());
@@ -391,7 +396,7 @@ fn node_egress_keeps_a_zero_udp_checksum_and_skips_l4_of_later_fragments() {
 
 #[test]
 fn node_egress_passes_foreign_traffic_untouched() {
-    if !is_root() {
+    if !privileged::require_root("node_egress_passes_foreign_traffic_untouched") {
         return;
     }
     let mut fx = Fixture::new(&node_config());
@@ -415,7 +420,7 @@ fn node_egress_passes_foreign_traffic_untouched() {
 
 #[test]
 fn gateway_forwards_between_nodes_and_peer_gateways() {
-    if !is_root() {
+    if !privileged::require_root("gateway_forwards_between_nodes_and_peer_gateways") {
         return;
     }
     let mut fx = Fixture::new(&gateway_config());
@@ -473,7 +478,7 @@ fn gateway_forwards_between_nodes_and_peer_gateways() {
 
 #[test]
 fn gateway_drops_with_the_right_reason() {
-    if !is_root() {
+    if !privileged::require_root("gateway_drops_with_the_right_reason") {
         return;
     }
     let mut fx = Fixture::new(&gateway_config());
@@ -543,7 +548,7 @@ fn gateway_drops_with_the_right_reason() {
 
 #[test]
 fn node_ingress_decapsulates_and_remaps_the_source_exactly() {
-    if !is_root() {
+    if !privileged::require_root("node_ingress_decapsulates_and_remaps_the_source_exactly") {
         return;
     }
     for hook in HOOKS {
@@ -580,7 +585,7 @@ fn node_ingress_decapsulates_and_remaps_the_source_exactly() {
 
 #[test]
 fn node_ingress_drops_with_the_right_reason_and_passes_the_rest() {
-    if !is_root() {
+    if !privileged::require_root("node_ingress_drops_with_the_right_reason_and_passes_the_rest") {
         return;
     }
     for hook in HOOKS {
@@ -665,7 +670,9 @@ fn node_ingress_drops_with_the_right_reason_and_passes_the_rest() {
 /// the node owning the destination.
 #[test]
 fn wireguard_frames_go_up_and_tunnel_device_frames_go_to_the_owning_node() {
-    if !is_root() {
+    if !privileged::require_root(
+        "wireguard_frames_go_up_and_tunnel_device_frames_go_to_the_owning_node",
+    ) {
         return;
     }
     let mut fx = Fixture::new(&wireguard_gateway_config());
@@ -771,7 +778,7 @@ fn masked_icmp_error(packet: &[u8]) -> Vec<u8> {
 /// view. Every checksum stays valid; both ingress hooks agree.
 #[test]
 fn icmp_errors_quote_the_packet_as_its_sender_sent_it() {
-    if !is_root() {
+    if !privileged::require_root("icmp_errors_quote_the_packet_as_its_sender_sent_it") {
         return;
     }
     let mut fx = Fixture::new(&node_config());
@@ -849,7 +856,7 @@ fn icmp_errors_quote_the_packet_as_its_sender_sent_it() {
 #[test]
 fn hostile_corpus_matches_the_reference_model() {
     use ligo_fabric_common::model::Outcome;
-    if !is_root() {
+    if !privileged::require_root("hostile_corpus_matches_the_reference_model") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("ligo-corpus-{}", std::process::id()));

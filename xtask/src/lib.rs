@@ -3,6 +3,7 @@
 
 pub mod lab;
 pub mod netns;
+pub mod privileged;
 pub mod prometheus;
 pub mod testbed;
 pub mod traffic;
@@ -24,15 +25,4 @@ pub fn daemon_binary() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target/debug/ligo-fabric"))
 }
 
-/// Whether privileged tests can run. Under CI=true they must: a test that
-/// cannot is a failure, never a skip.
-pub fn require_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test} needs root and CI=true: privileged tests must run in CI");
-    }
-    eprintln!("SKIPPED {test}: needs root (network namespaces, eBPF)");
-    false
-}
+pub use privileged::require_root;

@@ -105,40 +105,84 @@ fn ebpf_cargo(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
 }
 
 /// `cargo test --workspace`, echoing its output, then one closing line with
-/// the totals over every test binary.
+/// the totals over every test binary. A privileged test that returned early
+/// (not root, outside CI) reports "ok" to cargo; it records itself in the
+/// skip log (`xtask::privileged`) and is counted as skipped, not passed.
 fn test_with_summary() -> Result<()> {
+    let skip_log = workspace_root().join("target/skipped-tests.txt");
+    match std::fs::remove_file(&skip_log) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", skip_log.display()))
+        }
+        _ => {}
+    }
     let mut child = Command::new(env!("CARGO"))
         .args(["test", "--workspace", "--no-fail-fast"])
+        .env(xtask::privileged::SKIP_LOG_ENV, &skip_log)
         .current_dir(workspace_root())
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test")?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut totals = TestTotals::default();
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(['.', ';']) {
-                let mut words = part.split_whitespace();
-                if let (Some(n), Some(what)) = (words.next(), words.next()) {
-                    let n: u64 = n.parse().unwrap_or(0);
-                    match what {
-                        "passed" => passed += n,
-                        "failed" => failed += n,
-                        "ignored" => ignored += n,
-                        _ => {}
-                    }
-                }
-            }
-        }
+        totals.add_result_line(&line);
     }
     let status = child.wait()?;
-    println!("\nsummary: {passed} passed, {failed} failed, {ignored} skipped");
+    let skipped_early = match std::fs::read_to_string(&skip_log) {
+        Ok(text) => text.lines().map(str::to_owned).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", skip_log.display())),
+    };
+    for test in &skipped_early {
+        println!("skipped (needs root): {test}");
+    }
+    let (passed, failed, skipped) = totals.with_early_skips(skipped_early.len() as u64);
+    println!("\nsummary: {passed} passed, {failed} failed, {skipped} skipped");
     if !status.success() {
         bail!("cargo test failed ({status})");
     }
     Ok(())
+}
+
+/// Totals over the `test result:` lines of every test binary.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    fn add_result_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(['.', ';']) {
+            let mut words = part.split_whitespace();
+            if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                let Ok(n) = n.parse::<u64>() else { continue };
+                match what {
+                    "passed" => self.passed += n,
+                    "failed" => self.failed += n,
+                    "ignored" => self.ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// (passed, failed, skipped) once `early` tests that cargo counted as
+    /// passed are known to have returned without running.
+    fn with_early_skips(&self, early: u64) -> (u64, u64, u64) {
+        (
+            self.passed.saturating_sub(early),
+            self.failed,
+            self.ignored + early,
+        )
+    }
 }
 
 fn build() -> Result<()> {
@@ -346,4 +390,26 @@ fn run_demo(bed: &mut Testbed) -> Result<()> {
         print!("{out}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestTotals;
+
+    #[test]
+    fn early_skips_move_from_passed_to_skipped() {
+        let mut totals = TestTotals::default();
+        totals.add_result_line("test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        totals.add_result_line("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.50s");
+        totals.add_result_line("running 5 tests");
+        assert_eq!(
+            totals,
+            TestTotals {
+                passed: 15,
+                failed: 2,
+                ignored: 1
+            }
+        );
+        assert_eq!(totals.with_early_skips(4), (11, 2, 5));
+    }
 }

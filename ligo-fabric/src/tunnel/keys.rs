@@ -1,7 +1,11 @@
 //! WireGuard key files: read only when nobody but the owner can read them,
 //! and never shown anywhere (errors name the file, not its content).
 
-use std::{fmt, os::unix::fs::PermissionsExt, path::Path};
+use std::{
+    fmt,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::Path,
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -17,15 +21,23 @@ impl fmt::Debug for SecretKey {
     }
 }
 
-/// Reads a base64 key from `path`, refusing a file that group or others may
-/// read or write. `field` names the config field in errors.
+/// Reads a base64 key from `path`, refusing a file that anyone but its
+/// owner (us or root) and the root group may read, or that anyone but the
+/// owner may write. `field` names the config field in errors.
 pub fn read_key_file(path: &Path, field: &str) -> Result<SecretKey> {
+    // `metadata` follows symlinks: Kubernetes mounts a Secret's keys as
+    // links into a `..data` directory.
     let meta = std::fs::metadata(path)
         .with_context(|| format!("{field}: cannot read {}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if let Some(problem) = key_file_exposure(
+        mode,
+        meta.uid(),
+        meta.gid(),
+        nix::unistd::geteuid().as_raw(),
+    ) {
         bail!(
-            "{field}: {} has mode {mode:03o}, so group or others can reach the key; run `chmod 600 {}`",
+            "{field}: {} {problem}; run `chmod 600 {}` (in Kubernetes, mount the Secret with defaultMode: 0400)",
             path.display(),
             path.display()
         );
@@ -39,6 +51,30 @@ pub fn read_key_file(path: &Path, field: &str) -> Result<SecretKey> {
             path.display()
         ),
     }
+}
+
+/// Why a key file with this mode and ownership lets someone other than us
+/// reach the key, or `None` when it does not. Group read is allowed only
+/// for the root group (`defaultMode: 0440` on a root-owned Secret mount);
+/// any other group could be shared with other workloads (`fsGroup`).
+fn key_file_exposure(mode: u32, owner: u32, group: u32, euid: u32) -> Option<String> {
+    if owner != euid && owner != 0 {
+        return Some(format!("is owned by uid {owner}, neither us nor root"));
+    }
+    if mode & 0o007 != 0 {
+        return Some(format!("has mode {mode:03o}, so others can reach the key"));
+    }
+    if mode & 0o020 != 0 {
+        return Some(format!(
+            "has mode {mode:03o}, so its group can change the key"
+        ));
+    }
+    if mode & 0o050 != 0 && group != 0 {
+        return Some(format!(
+            "has mode {mode:03o} and group {group}, so members of that group can read the key"
+        ));
+    }
+    None
 }
 
 /// The public key of a private key, base64 (as `wg pubkey` prints it).
@@ -82,7 +118,10 @@ mod tests {
             read_key_file(&path, "gateway.private_key_file").unwrap_err()
         );
         assert!(e.starts_with("gateway.private_key_file: "), "{e}");
-        assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+        assert!(
+            e.contains("mode 644") && e.contains("chmod 600") && e.contains("defaultMode: 0400"),
+            "{e}"
+        );
         assert!(!e.contains(key), "the key leaked into {e}");
 
         write(&path, 0o600, "not-a-key");
@@ -96,5 +135,39 @@ mod tests {
         );
         assert!(e.starts_with("f: cannot read"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What a Kubernetes Secret mount produces, by defaultMode and owner.
+    #[test]
+    fn secret_mount_modes_are_accepted_only_where_nobody_else_reads() {
+        const ROOT: u32 = 0;
+        const FS_GROUP: u32 = 2000;
+        let accepted = [
+            (0o600, ROOT, ROOT),
+            (0o400, ROOT, ROOT),
+            (0o440, ROOT, ROOT),
+            (0o400, ROOT, FS_GROUP),
+        ];
+        for (mode, owner, group) in accepted {
+            assert_eq!(
+                key_file_exposure(mode, owner, group, ROOT),
+                None,
+                "{mode:o} {owner}:{group}"
+            );
+        }
+        let refused = [
+            (0o644, ROOT, ROOT, "others can reach"),
+            (0o604, ROOT, ROOT, "others can reach"),
+            (0o460, ROOT, ROOT, "group can change"),
+            (0o440, ROOT, FS_GROUP, "group 2000, so members"),
+            (0o400, 1000, ROOT, "owned by uid 1000"),
+        ];
+        for (mode, owner, group, why) in refused {
+            let problem = key_file_exposure(mode, owner, group, ROOT)
+                .unwrap_or_else(|| panic!("accepted {mode:o} {owner}:{group}"));
+            assert!(problem.contains(why), "{problem}");
+        }
+        // A daemon running as uid 1000 may read its own 0400 file.
+        assert_eq!(key_file_exposure(0o400, 1000, 1000, 1000), None);
     }
 }

@@ -52,7 +52,10 @@ use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
-use crate::config::{RoleConfig, Transport, ValidConfig};
+use crate::{
+    config::{FabricSpec, LocalConfig, LocalRole},
+    host::HostFacts,
+};
 
 use self::{
     batch::{GsoBatch, Sender},
@@ -100,31 +103,36 @@ pub struct PeerSpec {
 }
 
 impl TunnelConfig {
-    /// The tunnel part of a gateway config, reading key files; `None` when
-    /// no peer uses WireGuard.
-    pub fn from_config(cfg: &ValidConfig, public_mtu: u32) -> Result<Option<TunnelConfig>> {
-        let RoleConfig::Gateway {
-            underlay_ip,
-            public_ip,
-            node_slices,
-            wireguard: Some(wg),
-            ..
-        } = &cfg.role
-        else {
+    /// The tunnel part of a gateway's desired state, reading key files;
+    /// `None` when no peer uses WireGuard (or this is not a gateway).
+    pub fn from_spec(
+        local: &LocalConfig,
+        spec: &FabricSpec,
+        host: &HostFacts,
+    ) -> Result<Option<TunnelConfig>> {
+        let LocalRole::Gateway(gw) = &local.role else {
             return Ok(None);
         };
-        let private_key = read_key_file(&wg.private_key_file, "gateway.private_key_file")?;
+        if spec.wireguard_peers().next().is_none() {
+            return Ok(None);
+        }
+        let key_file = gw
+            .private_key_file
+            .as_deref()
+            .context("gateway.private_key_file: required once a peer uses WireGuard")?;
+        let public_mtu = host
+            .public_mtu
+            .context("the public interface's MTU is not known")?;
+        let private_key = read_key_file(key_file, "gateway.private_key_file")?;
         let mut peers = Vec::new();
-        for (i, peer) in cfg.peers.values().enumerate() {
-            let (Transport::Wireguard, Some(peer_wg), Some(endpoint)) =
-                (peer.transport, &peer.wireguard, peer.endpoint)
-            else {
+        for peer in spec.wireguard_peers() {
+            let (Some(peer_wg), Some(endpoint)) = (&peer.wireguard, peer.endpoint) else {
                 continue;
             };
             let preshared_key = match &peer_wg.preshared_key_file {
                 Some(path) => Some(read_key_file(
                     path,
-                    &format!("peers[{i}].preshared_key_file"),
+                    &format!("{}.preshared_key_file", peer.origin),
                 )?),
                 None => None,
             };
@@ -139,12 +147,12 @@ impl TunnelConfig {
             });
         }
         Ok(Some(TunnelConfig {
-            underlay: SocketAddrV4::new(*underlay_ip, cfg.fabric_port),
-            public: SocketAddrV4::new(*public_ip, wg.port),
+            underlay: SocketAddrV4::new(gw.underlay_ip, spec.fabric_port),
+            public: SocketAddrV4::new(gw.public_ip, spec.wireguard_port),
             private_key,
             inner_mtu: public_mtu.saturating_sub(crate::config::WIREGUARD_OVERHEAD) as usize,
-            node_slices: node_slices.iter().map(|(n, a)| (*n, *a)).collect(),
-            fabric_port: cfg.fabric_port,
+            node_slices: spec.node_slices.iter().map(|(n, a)| (*n, *a)).collect(),
+            fabric_port: spec.fabric_port,
             peers,
         }))
     }
