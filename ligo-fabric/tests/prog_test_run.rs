@@ -1048,11 +1048,16 @@ fn hostile_corpus_matches_the_reference_model() {
             "drops counted as {reason:?}"
         );
     }
+    // Every program's translation and pass paths are exercised, not only
+    // its drops (a corpus that stopped reaching one would pass unnoticed).
     for outcome in [
         "ingress Translate",
         "ingress Pass",
         "egress Translate",
         "egress Pass",
+        "gateway Translate",
+        "gateway Pass",
+        "tunnel Translate",
     ] {
         assert!(
             tally.get(outcome).is_some_and(|n| *n > 100),

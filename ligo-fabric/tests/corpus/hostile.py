@@ -255,6 +255,11 @@ def verify(path):
                     failures.append((pairs, kind))
         pairs += 1
     print(f"pairs {pairs} checksums verified {verified} failures {len(failures)} {failures[:10]}")
+    if pairs == 0 or not verified:
+        # Nothing was checked: the caller wrote no pairs, or none had a
+        # valid checksum to keep. That must not read as success.
+        print("nothing to verify: no pairs, or no valid checksum among them")
+        sys.exit(2)
     sys.exit(1 if failures else 0)
 
 
