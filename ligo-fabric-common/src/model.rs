@@ -3,12 +3,55 @@
 //! written from the wire format rather than from the programs' code. The
 //! hostile-frame corpus test runs every frame through the real programs
 //! and checks them against it.
+//!
+//! Offsets, the VNI and the tunnel MAC are read here from the RFCs' layouts
+//! (`wire` below), not through the programs' `headers` helpers; a test
+//! checks the two derivations agree. The one piece of arithmetic shared
+//! with the programs is [`PrefixRewrite`]'s prefix match (which peer or
+//! slice an address belongs to); `tests/properties.rs` checks it against a
+//! mask computed from scratch.
 
-use crate::{
-    headers::{outer, vni_from_bytes, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, VXLAN_FLAGS},
-    prefix::PrefixRewrite,
-    DropReason,
-};
+use crate::{prefix::PrefixRewrite, DropReason};
+
+/// The fabric frame's layout, from RFC 894 (Ethernet), RFC 791 (IPv4 without
+/// options), RFC 768 (UDP) and RFC 7348 (VXLAN).
+mod wire {
+    pub const ETH_P_IPV4: [u8; 2] = [0x08, 0x00];
+    pub const IPPROTO_TCP: u8 = 6;
+    pub const IPPROTO_UDP: u8 = 17;
+    /// VXLAN flags with only the I bit (VNI valid).
+    pub const VXLAN_FLAGS: u8 = 0x08;
+    /// Tunnel-device source MACs: 02:4c:47 and then the 24-bit peer id.
+    pub const TUNNEL_MAC_PREFIX: [u8; 3] = [0x02, 0x4c, 0x47];
+    pub mod outer {
+        /// After the 14-byte outer Ethernet header.
+        pub const IP: usize = 14;
+        /// After a 20-byte IPv4 header.
+        pub const UDP: usize = IP + 20;
+        /// After the 8-byte UDP header.
+        pub const VXLAN: usize = UDP + 8;
+        /// After the 8-byte VXLAN header.
+        pub const INNER_ETH: usize = VXLAN + 8;
+        pub const INNER_IP: usize = INNER_ETH + 14;
+    }
+
+    /// The 24-bit VNI in VXLAN bytes 4..7.
+    pub fn vni(f: &[u8]) -> u32 {
+        u32::from_be_bytes([
+            0,
+            f[outer::VXLAN + 4],
+            f[outer::VXLAN + 5],
+            f[outer::VXLAN + 6],
+        ])
+    }
+
+    /// The peer id a tunnel-device frame's source MAC carries.
+    pub fn tunnel_peer(f: &[u8]) -> Option<u32> {
+        (f[6..9] == TUNNEL_MAC_PREFIX).then(|| u32::from_be_bytes([0, f[9], f[10], f[11]]))
+    }
+}
+
+use wire::{outer, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP, VXLAN_FLAGS};
 
 /// What a program does with a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,11 +119,7 @@ impl NodeModel<'_> {
         if f.len() < inner + 20 || f[outer::VXLAN] != VXLAN_FLAGS {
             return Outcome::Drop(DropReason::MalformedTunnelHeader);
         }
-        let vni = vni_from_bytes([
-            f[outer::VXLAN + 4],
-            f[outer::VXLAN + 5],
-            f[outer::VXLAN + 6],
-        ]);
+        let vni = wire::vni(f);
         let Some((_, real_to_view)) = self.peers.iter().find(|(id, _)| *id == vni) else {
             return Outcome::Drop(DropReason::UnknownPeer);
         };
@@ -163,11 +202,7 @@ impl GatewayModel<'_> {
         if [f[outer::INNER_ETH + 12], f[outer::INNER_ETH + 13]] != ETH_P_IPV4 {
             return Outcome::Drop(DropReason::InnerNotIpv4);
         }
-        let vni = vni_from_bytes([
-            f[outer::VXLAN + 4],
-            f[outer::VXLAN + 5],
-            f[outer::VXLAN + 6],
-        ]);
+        let vni = wire::vni(f);
         match from_peer {
             Some(peer) => {
                 if vni != peer {
@@ -213,9 +248,7 @@ impl GatewayModel<'_> {
         if [f[12], f[13]] != ETH_P_IPV4 {
             return Outcome::Drop(DropReason::InnerNotIpv4);
         }
-        let mac = [f[6], f[7], f[8], f[9], f[10], f[11]];
-        let known = crate::headers::peer_from_tunnel_mac(mac)
-            .is_some_and(|id| self.peers.iter().any(|(p, _)| *p == id));
+        let known = wire::tunnel_peer(f).is_some_and(|id| self.peers.iter().any(|(p, _)| *p == id));
         if !known {
             return Outcome::Drop(DropReason::UnknownPeer);
         }
@@ -265,4 +298,40 @@ pub mod corpus {
             ),
         ],
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wire;
+    use crate::headers;
+
+    /// The model's layout, derived from the RFCs, and the programs' agree.
+    #[test]
+    fn the_model_and_the_programs_read_the_same_layout() {
+        assert_eq!(
+            [
+                wire::outer::IP,
+                wire::outer::UDP,
+                wire::outer::VXLAN,
+                wire::outer::INNER_ETH,
+                wire::outer::INNER_IP
+            ],
+            [
+                headers::outer::IP,
+                headers::outer::UDP,
+                headers::outer::VXLAN,
+                headers::outer::INNER_ETH,
+                headers::outer::INNER_IP
+            ]
+        );
+        assert_eq!(wire::ETH_P_IPV4, headers::ETH_P_IPV4);
+        assert_eq!(wire::VXLAN_FLAGS, headers::VXLAN_FLAGS);
+        assert_eq!(wire::TUNNEL_MAC_PREFIX, headers::TUNNEL_MAC_PREFIX);
+        let mut f = [0u8; 64];
+        f[wire::outer::VXLAN + 4..wire::outer::VXLAN + 7]
+            .copy_from_slice(&headers::vni_to_bytes(0x0a0b0c));
+        assert_eq!(wire::vni(&f), 0x0a0b0c);
+        f[6..12].copy_from_slice(&headers::tunnel_source_mac(0x123456));
+        assert_eq!(wire::tunnel_peer(&f), Some(0x123456));
+    }
 }

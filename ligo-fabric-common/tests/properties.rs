@@ -6,7 +6,7 @@ use etherparse::{TcpHeader, TcpOptionElement};
 use ligo_fabric_common::{
     checksum::{ipv4_header_checksum, replace_addr, replace_quoted_addr, udp_replace_addr},
     headers::{clamped_mss, peer_from_tunnel_mac, tunnel_source_mac},
-    prefix::{mask_for_len, PrefixRewrite},
+    prefix::PrefixRewrite,
 };
 use proptest::prelude::*;
 
@@ -41,7 +41,8 @@ proptest! {
         addr in any::<[u8; 4]>(),
     ) {
         let rule = PrefixRewrite::new(from, to, len);
-        let mask = mask_for_len(len);
+        // The network mask from scratch: `len` leading one bits.
+        let mask = (0..len).fold(0u32, |m, bit| m | (1 << (31 - bit)));
         let a = u32::from_be_bytes(addr);
         let inside = a & mask == u32::from_be_bytes(from) & mask;
         prop_assert_eq!(rule.matches(addr), inside);

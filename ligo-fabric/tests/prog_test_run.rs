@@ -8,7 +8,10 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions, TestRunResult};
-use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{
+    EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice,
+    UdpHeader,
+};
 use ligo_fabric::{
     config::parse,
     desired::desired_state,
@@ -17,7 +20,7 @@ use ligo_fabric::{
     programs::ScratchLoad,
 };
 use ligo_fabric_common::{
-    headers::{encap_header, outer, EncapParams, ENCAP_LEN},
+    headers::{outer, ENCAP_LEN},
     DropReason,
 };
 
@@ -208,24 +211,62 @@ fn frame(
     out
 }
 
-/// Wraps `inner` (an Ethernet frame) as fabric frame with VNI `vni`.
-fn encapsulated(outer_src: &str, outer_dst: &str, vni: u32, inner: &[u8]) -> Vec<u8> {
+/// The outer headers of a fabric frame.
+struct Outer<'a> {
+    /// (destination, source) MACs of the outer Ethernet header.
+    macs: ([u8; 6], [u8; 6]),
+    src: &'a str,
+    dst: &'a str,
+    src_port: u16,
+    dst_port: u16,
+    vni: u32,
+}
+
+/// A fabric frame as RFC 7348 lays it out, built from etherparse's headers
+/// (outer IPv4: TTL 64, DF, id 0; UDP checksum 0) and the 8 VXLAN bytes
+/// written from the RFC (flags 0x08, VNI, reserved), around `inner` (an
+/// Ethernet frame). Independent of `encap_header`, which the programs use.
+fn vxlan_frame(outer: &Outer<'_>, inner: &[u8]) -> Vec<u8> {
+    let vni = outer.vni.to_be_bytes();
+    let mut udp_payload = vec![0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0];
+    udp_payload.extend_from_slice(inner);
+    let udp_len = (UdpHeader::LEN + udp_payload.len()) as u16;
+    let mut ipv4 = Ipv4Header::new(udp_len, 64, IpNumber::UDP, ip(outer.src), ip(outer.dst))
+        .expect("outer IPv4");
+    ipv4.dont_fragment = true;
+    let udp = UdpHeader {
+        source_port: outer.src_port,
+        destination_port: outer.dst_port,
+        length: udp_len,
+        checksum: 0,
+    };
+    let eth = Ethernet2Header {
+        destination: outer.macs.0,
+        source: outer.macs.1,
+        ether_type: EtherType::IPV4,
+    };
     let mut f = Vec::new();
-    f.extend_from_slice(&NODE_MAC);
-    f.extend_from_slice(&GW_MAC);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend_from_slice(&encap_header(&EncapParams {
-        outer_src: ip(outer_src),
-        outer_dst: ip(outer_dst),
-        src_port: 50000,
-        dst_port: PORT,
-        vni,
-        inner_ip_len: (inner.len() - 14) as u32,
-        inner_dst_mac: [inner[0], inner[1], inner[2], inner[3], inner[4], inner[5]],
-        inner_src_mac: [inner[6], inner[7], inner[8], inner[9], inner[10], inner[11]],
-    }));
-    f.extend_from_slice(&inner[14..]);
+    eth.write(&mut f).expect("ethernet");
+    ipv4.write(&mut f).expect("ipv4");
+    udp.write(&mut f).expect("udp");
+    f.extend_from_slice(&udp_payload);
     f
+}
+
+/// Wraps `inner` (an Ethernet frame) as the fabric frame a peer or node
+/// sends us with VNI `vni`.
+fn encapsulated(outer_src: &str, outer_dst: &str, vni: u32, inner: &[u8]) -> Vec<u8> {
+    vxlan_frame(
+        &Outer {
+            macs: (NODE_MAC, GW_MAC),
+            src: outer_src,
+            dst: outer_dst,
+            src_port: 50000,
+            dst_port: PORT,
+            vni,
+        },
+        inner,
+    )
 }
 
 /// Checks IP and L4 checksums of the IPv4 packet in an Ethernet frame.
@@ -291,18 +332,19 @@ fn node_egress_remaps_and_encapsulates_exactly() {
             src_port >= 49152,
             "flow-hash source port {src_port} outside the dynamic range"
         );
-        let mut expected = translated[..14].to_vec();
-        expected.extend_from_slice(&encap_header(&EncapParams {
-            outer_src: ip("192.0.2.11"),
-            outer_dst: ip("192.0.2.1"),
-            src_port,
-            dst_port: PORT,
-            vni: 2,
-            inner_ip_len: (translated.len() - 14) as u32,
-            inner_dst_mac: GW_MAC,
-            inner_src_mac: NODE_MAC,
-        }));
-        expected.extend_from_slice(&translated[14..]);
+        // The frame's own Ethernet header stays outermost; the inner one
+        // repeats it.
+        let expected = vxlan_frame(
+            &Outer {
+                macs: (GW_MAC, NODE_MAC),
+                src: "192.0.2.11",
+                dst: "192.0.2.1",
+                src_port,
+                dst_port: PORT,
+                vni: 2,
+            },
+            &translated,
+        );
         assert_eq!(
             out, expected,
             "case {i}: output differs from the expected bytes"
@@ -437,17 +479,19 @@ fn gateway_forwards_between_nodes_and_peer_gateways() {
     let input = encapsulated("192.0.2.11", "192.0.2.1", 2, &inner);
     let (ret, out) = fx.run_tc("gateway", &input);
     assert_eq!(ret, TC_ACT_REDIRECT);
-    let mut expected = input.clone();
-    let mut header: [u8; 20] = input[outer::IP..outer::UDP].try_into().expect("ip");
-    ligo_fabric_common::headers::retarget_outer_ipv4(
-        &mut header,
-        ip("203.0.113.1"),
-        ip("203.0.113.2"),
+    // Re-addressed in place: outer addresses, VNI = our id, fabric port;
+    // the flow's source port and the inner frame kept.
+    let expected = vxlan_frame(
+        &Outer {
+            macs: (NODE_MAC, GW_MAC),
+            src: "203.0.113.1",
+            dst: "203.0.113.2",
+            src_port: 50000,
+            dst_port: PORT,
+            vni: 1,
+        },
+        &inner,
     );
-    expected[outer::IP..outer::UDP].copy_from_slice(&header);
-    expected[outer::UDP + 2..outer::UDP + 4].copy_from_slice(&PORT.to_be_bytes());
-    expected[outer::UDP + 6..outer::UDP + 8].copy_from_slice(&[0, 0]);
-    expected[outer::VXLAN + 4..outer::VXLAN + 7].copy_from_slice(&[0, 0, 1]);
     assert_eq!(out, expected);
     assert_eq!(fx.traffic(0), (1, (inner.len() - 14) as u64));
 
@@ -463,15 +507,17 @@ fn gateway_forwards_between_nodes_and_peer_gateways() {
     let input = encapsulated("203.0.113.2", "203.0.113.1", 2, &reply);
     let (ret, out) = fx.run_tc("gateway", &input);
     assert_eq!(ret, TC_ACT_REDIRECT);
-    let mut header: [u8; 20] = input[outer::IP..outer::UDP].try_into().expect("ip");
-    ligo_fabric_common::headers::retarget_outer_ipv4(
-        &mut header,
-        ip("192.0.2.1"),
-        ip("192.0.2.12"),
+    let expected = vxlan_frame(
+        &Outer {
+            macs: (NODE_MAC, GW_MAC),
+            src: "192.0.2.1",
+            dst: "192.0.2.12",
+            src_port: 50000,
+            dst_port: PORT,
+            vni: 2,
+        },
+        &reply,
     );
-    let mut expected = input.clone();
-    expected[outer::IP..outer::UDP].copy_from_slice(&header);
-    expected[outer::UDP + 6..outer::UDP + 8].copy_from_slice(&[0, 0]);
     assert_eq!(out, expected);
     assert_eq!(fx.traffic(1), (1, (reply.len() - 14) as u64));
 }
@@ -701,19 +747,17 @@ fn wireguard_frames_go_up_and_tunnel_device_frames_go_to_the_owning_node() {
     );
     let (ret, out) = fx.run_tc("gateway_tunnel", &decrypted);
     assert_eq!(ret, TC_ACT_REDIRECT);
-    let mut expected = Vec::new();
-    expected.extend_from_slice(&decrypted[..14]);
-    expected.extend_from_slice(&encap_header(&EncapParams {
-        outer_src: ip("192.0.2.1"),
-        outer_dst: ip("192.0.2.12"),
-        src_port: u16::from_be_bytes([out[outer::UDP], out[outer::UDP + 1]]),
-        dst_port: PORT,
-        vni: 2,
-        inner_ip_len: (decrypted.len() - 14) as u32,
-        inner_dst_mac: decrypted[..6].try_into().expect("mac"),
-        inner_src_mac: tunnel_mac,
-    }));
-    expected.extend_from_slice(&decrypted[14..]);
+    let expected = vxlan_frame(
+        &Outer {
+            macs: (decrypted[..6].try_into().expect("mac"), tunnel_mac),
+            src: "192.0.2.1",
+            dst: "192.0.2.12",
+            src_port: u16::from_be_bytes([out[outer::UDP], out[outer::UDP + 1]]),
+            dst_port: PORT,
+            vni: 2,
+        },
+        &decrypted,
+    );
     assert_eq!(out, expected);
     assert_eq!(fx.traffic(1), (1, (decrypted.len() - 14) as u64));
 
