@@ -30,9 +30,19 @@ fn main() -> Result<()> {
         println!("cargo::rerun-if-changed={}", watched.display());
     }
 
+    // A build marker (see ligo-fabric-ebpf/src/maps.rs) makes a different
+    // object: it gets a target dir of its own so builds with and without it
+    // do not rebuild each other.
+    println!("cargo::rerun-if-env-changed=LIGO_BUILD_MARKER");
+    let marker = env::var("LIGO_BUILD_MARKER").ok();
     // One target dir for every profile and tool (build, clippy, test), so
     // the eBPF crate compiles once; the nested cargo locks it properly.
-    let target_dir = workspace.join("target").join("ebpf");
+    let target_dir = match &marker {
+        None => workspace.join("target").join("ebpf"),
+        Some(marker) => workspace
+            .join("target")
+            .join(format!("ebpf-marker-{marker}")),
+    };
     let mut cmd = Command::new("rustup");
     cmd.args([
         "run",

@@ -79,6 +79,35 @@ pub fn ipv4_header_checksum(header: &[u8; 20]) -> u16 {
     !fold(sum)
 }
 
+/// One's-complement sum of `data` added to `acc`, not folded: 32-bit words
+/// at a time into a 64-bit accumulator, for whole packets in userspace (the
+/// tunnel). A 64 KiB packet adds at most 2^30 per word count, far from
+/// overflowing. Odd trailing bytes are padded with zeros, as RFC 1071 says.
+pub fn ones_sum(data: &[u8], mut acc: u64) -> u64 {
+    let (words, rest) = data.as_chunks::<4>();
+    for w in words {
+        acc += u64::from(u32::from_be_bytes(*w));
+    }
+    let mut tail = [0u8; 4];
+    tail[..rest.len()].copy_from_slice(rest);
+    acc + u64::from(u32::from_be_bytes(tail))
+}
+
+/// Folds a [`ones_sum`] accumulator to the 16-bit one's-complement sum.
+pub const fn fold_wide(mut acc: u64) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// The checksum of an IPv4 header of any length (options included) whose
+/// checksum field is ignored.
+pub fn ipv4_header_checksum_with_options(header: &[u8]) -> u16 {
+    let stored = u64::from(u16::from_be_bytes([header[10], header[11]]));
+    !fold_wide(ones_sum(header, 0) - stored)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

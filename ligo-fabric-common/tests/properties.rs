@@ -4,7 +4,10 @@
 
 use etherparse::{TcpHeader, TcpOptionElement};
 use ligo_fabric_common::{
-    checksum::{ipv4_header_checksum, replace_addr, replace_quoted_addr, udp_replace_addr},
+    checksum::{
+        fold_wide, ipv4_header_checksum, ipv4_header_checksum_with_options, ones_sum, replace_addr,
+        replace_quoted_addr, udp_replace_addr,
+    },
     headers::{clamped_mss, peer_from_tunnel_mac, tunnel_source_mac},
     prefix::PrefixRewrite,
 };
@@ -68,6 +71,28 @@ proptest! {
         prop_assert!(incremental == fresh || (incremental ^ fresh) == 0xffff);
         header[10..12].copy_from_slice(&incremental.to_be_bytes());
         prop_assert_eq!(checksum(&header), 0);
+    }
+
+    /// The tunnel's bulk sum (32-bit words, 64-bit accumulator, any length,
+    /// split anywhere) against RFC 1071's 16-bit sum from scratch.
+    #[test]
+    fn bulk_ones_sum_equals_the_rfc_1071_sum(
+        data in proptest::collection::vec(any::<u8>(), 0..3000),
+        split in any::<prop::sample::Index>(),
+    ) {
+        let at = split.index(data.len() + 1) & !3;
+        let (a, b) = data.split_at(at.min(data.len()));
+        let bulk = !fold_wide(ones_sum(b, ones_sum(a, 0)));
+        let reference = checksum(&data);
+        prop_assert!(bulk == reference || (bulk ^ reference) == 0xffff);
+    }
+
+    #[test]
+    fn header_checksum_with_options_matches_the_fixed_one(header in ipv4_header()) {
+        prop_assert_eq!(
+            ipv4_header_checksum_with_options(&header),
+            ipv4_header_checksum(&header)
+        );
     }
 
     #[test]

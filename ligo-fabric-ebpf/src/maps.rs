@@ -50,9 +50,36 @@ pub static PEER_COUNTERS: PerCpuHashMap<PeerCounterKey, TrafficCounters> =
 #[map(name = "DROP_COUNTERS")]
 pub static DROP_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
 
+/// `LIGO_BUILD_MARKER` (a decimal number) when the programs were built, 0
+/// when unset. It is stored into every program's instructions (below), so
+/// two builds that differ only in it load as different programs, with
+/// different kernel tags: how the restart test proves an upgrade really
+/// swapped the programs.
+const BUILD_MARKER: u32 = parse_marker(option_env!("LIGO_BUILD_MARKER"));
+
+const fn parse_marker(text: Option<&str>) -> u32 {
+    let Some(text) = text else { return 0 };
+    let bytes = text.as_bytes();
+    let mut value = 0u32;
+    let mut i = 0;
+    while i < bytes.len() {
+        assert!(
+            bytes[i].is_ascii_digit(),
+            "LIGO_BUILD_MARKER must be a decimal number"
+        );
+        value = value * 10 + (bytes[i] - b'0') as u32;
+        i += 1;
+    }
+    value
+}
+
 /// A copy of the current configuration, or `None` before the daemon wrote it.
 #[inline(always)]
 pub fn config() -> Option<FabricConfig> {
+    let mut marker = 0u32;
+    // SAFETY: `marker` is a live, aligned local; the volatile store exists
+    // only to keep BUILD_MARKER in the instructions (one stack write).
+    unsafe { core::ptr::write_volatile(&mut marker, BUILD_MARKER) };
     FABRIC_CONFIG.get(0).copied()
 }
 

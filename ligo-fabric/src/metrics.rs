@@ -410,9 +410,16 @@ async fn tunnels_handler(State(state): State<Arc<HttpState>>) -> impl IntoRespon
 }
 
 async fn metrics_handler(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        Ok(()) => (
+    // Collectors read the maps and ask the tunnel process over its Unix
+    // socket (up to its answer timeout): blocking work, kept off the
+    // runtime's worker so /readyz and /healthz answer meanwhile.
+    let encoded = tokio::task::spawn_blocking(move || {
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &state.registry).map(|()| body)
+    })
+    .await;
+    match encoded {
+        Ok(Ok(body)) => (
             StatusCode::OK,
             [(
                 "content-type",
@@ -420,7 +427,7 @@ async fn metrics_handler(State(state): State<Arc<HttpState>>) -> impl IntoRespon
             )],
             body,
         ),
-        Err(_) => (
+        Ok(Err(_)) | Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             [("content-type", "text/plain")],
             "encoding failed\n".into(),

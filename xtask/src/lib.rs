@@ -9,7 +9,7 @@ pub mod testbed;
 pub mod traffic;
 pub mod wire;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::Command, sync::Mutex};
 
 /// The workspace root (this crate lives one level below it).
 pub fn workspace_root() -> PathBuf {
@@ -26,3 +26,42 @@ pub fn daemon_binary() -> PathBuf {
 }
 
 pub use privileged::require_root;
+
+/// The build marker of the "upgraded" daemon: its eBPF programs carry it in
+/// their instructions (ligo-fabric-ebpf/src/maps.rs), so they load as
+/// different programs from the workspace build's.
+pub const UPGRADE_BUILD_MARKER: &str = "1";
+
+/// Where `cargo xtask test` leaves the upgraded daemon.
+pub fn prebuilt_upgrade_binary() -> PathBuf {
+    workspace_root().join("target/upgrade/ligo-fabric")
+}
+
+/// A second build of the daemon whose programs differ from
+/// [`daemon_binary`]'s, for upgrade tests. `cargo xtask test` builds it
+/// beforehand; run alone, a test builds it here (in a target dir of its
+/// own, so the workspace build is left alone).
+pub fn upgraded_daemon_binary() -> anyhow::Result<PathBuf> {
+    static BUILT: Mutex<()> = Mutex::new(());
+    let _once = BUILT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let prebuilt = prebuilt_upgrade_binary();
+    if prebuilt.exists() {
+        return Ok(prebuilt);
+    }
+    let target_dir = workspace_root().join("target/upgrade-build");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--package", "ligo-fabric", "--bin", "ligo-fabric"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("LIGO_BUILD_MARKER", UPGRADE_BUILD_MARKER)
+        .current_dir(workspace_root())
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "building the upgraded daemon failed ({status})"
+    );
+    Ok(target_dir.join("debug/ligo-fabric"))
+}

@@ -189,6 +189,29 @@ fn build() -> Result<()> {
     cargo(&["build", "--package", "ligo-fabric"])
 }
 
+/// Builds the daemon with a build marker (different programs, see
+/// `xtask::upgraded_daemon_binary`) and keeps a copy for the upgrade tests;
+/// the plain build that follows puts the workspace's back. Dependencies are
+/// shared, so this costs two compiles of ligo-fabric alone.
+fn build_upgraded_daemon() -> Result<()> {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--package", "ligo-fabric", "--bin", "ligo-fabric"])
+        .env("LIGO_BUILD_MARKER", xtask::UPGRADE_BUILD_MARKER)
+        .current_dir(workspace_root())
+        .status()
+        .context("building the upgraded daemon")?;
+    if !status.success() {
+        bail!("building the upgraded daemon failed ({status})");
+    }
+    let copy = xtask::prebuilt_upgrade_binary();
+    if let Some(dir) = copy.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::copy(workspace_root().join("target/debug/ligo-fabric"), &copy)
+        .with_context(|| format!("copying the upgraded daemon to {}", copy.display()))?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Build => build(),
@@ -197,6 +220,7 @@ fn main() -> Result<()> {
             demo(scenario)
         }
         Cmd::Test => {
+            build_upgraded_daemon()?;
             build()?;
             cargo(&["fmt", "--all", "--check"])?;
             cargo(&[

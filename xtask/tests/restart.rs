@@ -58,10 +58,9 @@ fn restarts_lose_nothing(prefix: &str, transport: &'static str) {
     if let Err(e) = bed.start_fabric(&daemon_binary()) {
         panic!("{e:#}\n{}", bed.lab.logs());
     }
-    // "Upgrade" to another binary file: the new daemon loads its own copy
-    // of the programs and swaps them into the running links.
-    let upgraded = bed.lab.file("ligo-fabric-next");
-    fs::copy(daemon_binary(), &upgraded).expect("copy the daemon binary");
+    // "Upgrade" to another build, whose programs differ (a build marker in
+    // their instructions): the new daemon swaps them into the running links.
+    let upgraded = xtask::upgraded_daemon_binary().expect("the upgraded daemon");
     // Source node, destination node, and both gateways on the way.
     let (plan_a, plan_b) = (bed.scenario.a.clone(), bed.scenario.b.clone());
     let hosts: Vec<(String, String)> = [
@@ -77,6 +76,8 @@ fn restarts_lose_nothing(prefix: &str, transport: &'static str) {
     let restarts = |bed: &mut Testbed| -> Result<Vec<String>> {
         let mut logs = Vec::new();
         for (ns, config) in &hosts {
+            let pin_dir = bed.lab.pin_dir(ns);
+            let built_here = program_tags(&pin_dir)?;
             for (how, binary) in [
                 ("stop", daemon_binary()),
                 ("kill", daemon_binary()),
@@ -89,6 +90,24 @@ fn restarts_lose_nothing(prefix: &str, transport: &'static str) {
                 bed.lab
                     .start_daemon(&binary, ns, config)
                     .with_context(|| format!("{how} and start {ns}"))?;
+                // What runs is what was started, as the kernel sees it:
+                // the same build keeps the programs' tags, the upgrade
+                // changes every one.
+                let tags = program_tags(&pin_dir)?;
+                anyhow::ensure!(
+                    tags.keys().eq(built_here.keys()),
+                    "{ns} ({how}): attached {:?}, before {:?}",
+                    tags.keys(),
+                    built_here.keys()
+                );
+                for (link, tag) in &tags {
+                    let same = built_here[link] == *tag;
+                    anyhow::ensure!(
+                        same == (how != "upgrade"),
+                        "{ns} ({how}): {link} runs program tag {tag}, before {}",
+                        built_here[link]
+                    );
+                }
                 logs.push(format!(
                     "{ns} ({how}): {}",
                     fs::read_to_string(bed.lab.log_path(ns)).unwrap_or_default()
@@ -116,6 +135,43 @@ fn restarts_lose_nothing(prefix: &str, transport: &'static str) {
         abandoned_take_over_costs_almost_nothing(&mut bed);
         tunnel_process_crash_recovers_and_uninstall_removes_the_device(&mut bed);
     }
+}
+
+/// The kernel's tag (a hash of the instructions) of the program behind each
+/// pinned link in `pin_dir`, by link name, as bpftool reports it.
+fn program_tags(pin_dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    let bpftool_json = |args: &[&str]| -> Result<serde_json::Value> {
+        let out = std::process::Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .context("running bpftool")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).context("bpftool's JSON")
+    };
+    let mut tags = std::collections::BTreeMap::new();
+    for entry in fs::read_dir(pin_dir.join("links")).context("pinned links")? {
+        let path = entry?.path();
+        let link = bpftool_json(&["link", "show", "pinned", &path.to_string_lossy()])?;
+        let prog_id = link["prog_id"]
+            .as_u64()
+            .with_context(|| format!("no prog_id in {link}"))?;
+        let prog = bpftool_json(&["prog", "show", "id", &prog_id.to_string()])?;
+        let tag = prog["tag"]
+            .as_str()
+            .with_context(|| format!("no tag in {prog}"))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        tags.insert(name, tag.to_owned());
+    }
+    anyhow::ensure!(!tags.is_empty(), "no pinned links in {}", pin_dir.display());
+    Ok(tags)
 }
 
 /// A tunnel process is upgraded by starting the new one beside it: the
@@ -176,12 +232,13 @@ fn abandoned_take_over_costs_almost_nothing(bed: &mut Testbed) {
         fs::read_to_string(bed.lab.log_path(&Lab::tunnel_process(&b_gw))).unwrap_or_default();
     assert!(old_log.contains("hand-over abandoned"), "{old_log}");
     // Lost: what the peer sent on the dead process's sessions until our
-    // fresh handshake reached it (~40 ms here; without that handshake,
-    // everything to the end of the stream).
+    // fresh handshake reached it (measured 307-538 packets, 30-55 ms;
+    // without that handshake, everything to the end of the stream).
     assert!(
-        outcome.sent - outcome.received < 3_000,
-        "more than 300 ms of traffic lost: {outcome:?}"
+        outcome.sent - outcome.received < 1_000,
+        "more than 100 ms of traffic lost: {outcome:?}"
     );
+    assert_eq!(outcome.reordered, 0, "{outcome:?}");
     assert_eq!(outcome.duplicates, 0, "{outcome:?}");
     assert_eq!(outcome.mistranslated, 0, "{outcome:?}");
 }
@@ -197,11 +254,11 @@ fn tunnel_process_crash_recovers_and_uninstall_removes_the_device(bed: &mut Test
         bed.lab.start_tunnel(&daemon_binary(), &a_gw)
     });
     eprintln!("stream across a tunnel process crash and restart: {outcome:?}");
+    // One handshake after the new process is up: measured 135-189 packets
+    // (14-19 ms) of the 10,000/s stream.
     let lost = outcome.sent - outcome.received;
-    assert!(
-        lost < 10_000,
-        "more than a second of traffic lost: {outcome:?}"
-    );
+    assert!(lost < 500, "more than 50 ms of traffic lost: {outcome:?}");
+    assert_eq!(outcome.reordered, 0, "{outcome:?}");
     assert_eq!(outcome.duplicates, 0, "{outcome:?}");
     assert_eq!(outcome.mistranslated, 0, "{outcome:?}");
 

@@ -38,7 +38,12 @@ impl GsoBatch {
     /// Room for a datagram of `len` bytes to `destination`; sends what is
     /// batched first when the new datagram cannot join it. The caller
     /// writes into the slice and then calls [`GsoBatch::commit`].
-    pub fn reserve(&mut self, destination: SocketAddr, len: usize, sender: &Sender) -> &mut [u8] {
+    pub fn reserve(
+        &mut self,
+        destination: SocketAddr,
+        len: usize,
+        sender: &BatchSocket,
+    ) -> &mut [u8] {
         let joins = self.count == 0
             || (self.destination == Some(destination)
                 && !self.closed
@@ -75,7 +80,7 @@ impl GsoBatch {
     }
 
     /// Sends what is batched. Returns the datagrams handed to the kernel.
-    pub fn flush(&mut self, sender: &Sender) -> usize {
+    pub fn flush(&mut self, sender: &BatchSocket) -> usize {
         let sent = match self.destination {
             Some(destination) if self.count > 0 => {
                 let transmit = Transmit {
@@ -101,17 +106,17 @@ impl GsoBatch {
 }
 
 /// A UDP socket with quinn-udp's state (GSO/GRO support, DF set).
-pub struct Sender {
+pub struct BatchSocket {
     pub socket: UdpSocket,
     pub state: UdpSocketState,
 }
 
-impl Sender {
+impl BatchSocket {
     pub fn new(socket: UdpSocket) -> io::Result<Self> {
         // quinn-udp makes the socket non-blocking: recvmmsg then returns
         // what is queued at once, and workers wait in `wait_readable`.
         let state = UdpSocketState::new((&socket).into())?;
-        Ok(Sender { socket, state })
+        Ok(BatchSocket { socket, state })
     }
 
     /// Waits until a datagram is queued or `timeout_ms` passes (so workers

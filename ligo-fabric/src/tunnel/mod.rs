@@ -32,7 +32,7 @@ use std::{
     os::unix::net::UnixDatagram,
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc, Condvar, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -58,7 +58,7 @@ use crate::{
 };
 
 use self::{
-    batch::{GsoBatch, Sender},
+    batch::{BatchSocket, GsoBatch},
     device::TunnelDevice,
     keys::{public_key_base64, read_key_file, SecretKey},
     packet::{for_each_tunnel_packet, parse_fabric_payload, Coalescer, SliceTable, TunnelDrop},
@@ -291,6 +291,9 @@ struct Shared {
     /// During a hand-over, the channel to the other process: datagrams of
     /// its sessions go there, with the sender's address in front.
     partner: Mutex<Option<Arc<UnixDatagram>>>,
+    /// Signalled when `partner` is set or the tunnel stops: the partner
+    /// thread sleeps on it outside hand-overs instead of polling.
+    partner_changed: Condvar,
     /// When a datagram last crossed the partner channel.
     last_forward_ms: AtomicU64,
     started: Instant,
@@ -301,8 +304,8 @@ struct Shared {
     public: x25519::PublicKey,
     limiter: Arc<RateLimiter>,
     inner_mtu: usize,
-    fabric: Vec<Sender>,
-    wireguard: Vec<Sender>,
+    fabric: Vec<BatchSocket>,
+    wireguard: Vec<BatchSocket>,
     device: TunnelDevice,
 }
 
@@ -311,7 +314,7 @@ impl Shared {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn drop(&self, reason: TunnelDrop) {
+    fn count_drop(&self, reason: TunnelDrop) {
         self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -422,7 +425,7 @@ enum SocketRole {
     Wireguard,
 }
 
-fn reuseport_socket(addr: SocketAddrV4, role: SocketRole) -> Result<Sender> {
+fn reuseport_socket(addr: SocketAddrV4, role: SocketRole) -> Result<BatchSocket> {
     let what = match role {
         SocketRole::Fabric => "fabric (from nodes)",
         SocketRole::Wireguard => "WireGuard",
@@ -445,7 +448,7 @@ fn reuseport_socket(addr: SocketAddrV4, role: SocketRole) -> Result<Sender> {
         Ok(socket.into())
     };
     let socket = make().with_context(|| format!("binding the {what} socket on {addr}"))?;
-    Sender::new(socket).with_context(|| format!("setting up the {what} socket on {addr}"))
+    BatchSocket::new(socket).with_context(|| format!("setting up the {what} socket on {addr}"))
 }
 
 fn set_no_udp_checksum(socket: &Socket) -> std::io::Result<()> {
@@ -531,10 +534,10 @@ impl Tunnel {
     ) -> Result<Tunnel> {
         let (epoch, fabric, wireguard, partner) = match inherited {
             Some(i) => {
-                let wrap = |sockets: Vec<UdpSocket>| -> Result<Vec<Sender>> {
+                let wrap = |sockets: Vec<UdpSocket>| -> Result<Vec<BatchSocket>> {
                     sockets
                         .into_iter()
-                        .map(|s| Sender::new(s).context("taking over a tunnel socket"))
+                        .map(|s| BatchSocket::new(s).context("taking over a tunnel socket"))
                         .collect()
                 };
                 (
@@ -579,6 +582,7 @@ impl Tunnel {
             parked: AtomicUsize::new(0),
             timers_paused: AtomicBool::new(false),
             partner: Mutex::new(partner),
+            partner_changed: Condvar::new(),
             last_forward_ms: AtomicU64::new(0),
             started: Instant::now(),
             table: Mutex::new(Arc::new(PeerTable::default())),
@@ -683,7 +687,17 @@ impl Tunnel {
 
 impl Drop for Tunnel {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        {
+            // Under the partner lock, so the partner thread cannot miss it
+            // between its check and its wait.
+            let _partner = self
+                .shared
+                .partner
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.shared.stop.store(true, Ordering::Relaxed);
+        }
+        self.shared.partner_changed.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -781,6 +795,20 @@ impl Shared {
 
     fn set_partner(&self, partner: Option<UnixDatagram>) {
         *self.partner.lock().unwrap_or_else(|e| e.into_inner()) = partner.map(Arc::new);
+        self.partner_changed.notify_all();
+    }
+
+    /// The hand-over partner's channel, waiting until there is one or the
+    /// tunnel stops (`None`).
+    fn wait_for_partner(&self) -> Option<Arc<UnixDatagram>> {
+        let guard = self.partner.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = self
+            .partner_changed
+            .wait_while(guard, |partner| {
+                partner.is_none() && !self.stop.load(Ordering::Relaxed)
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        guard.clone()
     }
 }
 
@@ -791,19 +819,13 @@ fn from_partner(shared: &Shared, queue: usize) {
     let mut coalescer = Coalescer::default();
     let mut write = |frame: &[u8]| {
         if shared.device.write(queue, frame).is_err() {
-            shared.drop(TunnelDrop::SendFailed);
+            shared.count_drop(TunnelDrop::SendFailed);
         }
     };
     let mut table = shared.snapshot();
     let mut generation = 0;
     while !shared.stop.load(Ordering::Relaxed) {
-        let partner = shared
-            .partner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let Some(partner) = partner else {
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(partner) = shared.wait_for_partner() else {
             continue;
         };
         let _ = partner.set_read_timeout(Some(Duration::from_millis(100)));
@@ -845,7 +867,7 @@ fn refresh(shared: &Shared, table: &mut Arc<PeerTable>, generation: &mut u64) {
 }
 
 /// Receives a batch into `bufs`; `None` on timeout or a transient error.
-fn receive(sender: &Sender, bufs: &mut [Vec<u8>], metas: &mut [RecvMeta]) -> Option<usize> {
+fn receive(sender: &BatchSocket, bufs: &mut [Vec<u8>], metas: &mut [RecvMeta]) -> Option<usize> {
     // Short enough that a pause (hand-over) or shutdown is noticed fast.
     if !sender.wait_readable(50) {
         return None;
@@ -882,7 +904,7 @@ enum Received<'a> {
 
 /// A worker's loop: receives batches on `socket` until shutdown (GRO
 /// batches split at their stride), with the peer table current.
-fn serve(shared: &Shared, socket: &Sender, mut handle: impl FnMut(Received<'_>)) {
+fn serve(shared: &Shared, socket: &BatchSocket, mut handle: impl FnMut(Received<'_>)) {
     let mut bufs = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
     let mut metas = vec![RecvMeta::default(); RECV_BATCH];
     let mut table = shared.snapshot();
@@ -919,7 +941,7 @@ fn outbound(shared: &Shared, worker: usize) {
             if let Err(reason) =
                 encrypt_frame(shared, table, frame, &mut scratch, &mut batch, wireguard)
             {
-                shared.drop(reason);
+                shared.count_drop(reason);
             }
         }
         Received::BatchDone => {
@@ -934,7 +956,7 @@ fn encrypt_frame(
     frame: &[u8],
     scratch: &mut Vec<u8>,
     batch: &mut GsoBatch,
-    wireguard: &Sender,
+    wireguard: &BatchSocket,
 ) -> Result<(), TunnelDrop> {
     let (vni, inner) = parse_fabric_payload(frame)?;
     let peer = table.by_id.get(&vni).ok_or(TunnelDrop::UnknownPeer)?;
@@ -990,11 +1012,11 @@ fn peer_for_datagram(
 ) -> Result<Arc<PeerTunnel>, NoPeer> {
     let by_index = || -> Result<Arc<PeerTunnel>, NoPeer> {
         let index = receiver_index(datagram).ok_or_else(|| {
-            shared.drop(TunnelDrop::MalformedDatagram);
+            shared.count_drop(TunnelDrop::MalformedDatagram);
             NoPeer::Dropped
         })?;
         table.by_index.get(&index).cloned().ok_or_else(|| {
-            shared.drop(TunnelDrop::UnknownPeer);
+            shared.count_drop(TunnelDrop::UnknownPeer);
             NoPeer::Dropped
         })
     };
@@ -1007,22 +1029,22 @@ fn peer_for_datagram(
             {
                 Ok(Packet::HandshakeInit(p)) => p,
                 Ok(_) => {
-                    shared.drop(TunnelDrop::MalformedDatagram);
+                    shared.count_drop(TunnelDrop::MalformedDatagram);
                     return Err(NoPeer::Dropped);
                 }
                 Err(TunnResult::WriteToNetwork(reply)) => {
-                    shared.drop(TunnelDrop::HandshakeRefused);
+                    shared.count_drop(TunnelDrop::HandshakeRefused);
                     return Err(NoPeer::Cookie(reply.len()));
                 }
                 Err(TunnResult::Err(e)) => {
-                    shared.drop(classify(&e));
+                    shared.count_drop(classify(&e));
                     return Err(NoPeer::Dropped);
                 }
                 Err(_) => return Err(NoPeer::Dropped),
             };
             let half =
                 parse_handshake_anon(&shared.private, &shared.public, &packet).map_err(|e| {
-                    shared.drop(classify(&e));
+                    shared.count_drop(classify(&e));
                     NoPeer::Dropped
                 })?;
             table
@@ -1030,12 +1052,12 @@ fn peer_for_datagram(
                 .get(&half.peer_static_public)
                 .cloned()
                 .ok_or_else(|| {
-                    shared.drop(TunnelDrop::UnknownPeer);
+                    shared.count_drop(TunnelDrop::UnknownPeer);
                     NoPeer::Dropped
                 })
         }
         _ => {
-            shared.drop(TunnelDrop::MalformedDatagram);
+            shared.count_drop(TunnelDrop::MalformedDatagram);
             Err(NoPeer::Dropped)
         }
     }
@@ -1065,7 +1087,7 @@ fn inbound(shared: &Shared, worker: usize) {
     let mut coalescer = Coalescer::default();
     let mut write = |frame: &[u8]| {
         if shared.device.write(worker, frame).is_err() {
-            shared.drop(TunnelDrop::SendFailed);
+            shared.count_drop(TunnelDrop::SendFailed);
         }
     };
     serve(shared, wireguard, |received| match received {
@@ -1100,13 +1122,13 @@ fn decrypt_datagram(
     datagram: &[u8],
     plain: &mut [u8],
     deliver: &mut impl FnMut(u32, &[u8]),
-    wireguard: &Sender,
+    wireguard: &BatchSocket,
 ) {
     let from = match from {
         // The socket is IPv4; map an IPv4-mapped address back.
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(ip) => SocketAddr::new(IpAddr::V4(ip), v6.port()),
-            None => return shared.drop(TunnelDrop::MalformedDatagram),
+            None => return shared.count_drop(TunnelDrop::MalformedDatagram),
         },
         v4 => v4,
     };
@@ -1124,24 +1146,24 @@ fn decrypt_datagram(
         TunnResult::WriteToTunnelV4(packet, source) => {
             peer.authenticated_from(from, now);
             if !peer.spec.pod_cidr.contains(source) {
-                return shared.drop(TunnelDrop::SourceNotAllowed);
+                return shared.count_drop(TunnelDrop::SourceNotAllowed);
             }
             let Some(dst) = packet.get(16..20) else {
-                return shared.drop(TunnelDrop::MalformedPacket);
+                return shared.count_drop(TunnelDrop::MalformedPacket);
             };
             if table
                 .slices
                 .lookup([dst[0], dst[1], dst[2], dst[3]])
                 .is_none()
             {
-                return shared.drop(TunnelDrop::NoNodeForDestination);
+                return shared.count_drop(TunnelDrop::NoNodeForDestination);
             }
             peer.rx_packets.fetch_add(1, Ordering::Relaxed);
             peer.rx_bytes
                 .fetch_add(packet.len() as u64, Ordering::Relaxed);
             deliver(peer.spec.id, packet);
         }
-        TunnResult::WriteToTunnelV6(..) => shared.drop(TunnelDrop::NotIpv4),
+        TunnResult::WriteToTunnelV6(..) => shared.count_drop(TunnelDrop::NotIpv4),
         TunnResult::WriteToNetwork(reply) => {
             if matches!(datagram.first(), Some(1) | Some(2)) {
                 peer.authenticated_from(from, now);
@@ -1164,7 +1186,7 @@ fn decrypt_datagram(
                 peer.authenticated_from(from, now);
             }
         }
-        TunnResult::Err(e) => shared.drop(classify(&e)),
+        TunnResult::Err(e) => shared.count_drop(classify(&e)),
     }
 }
 

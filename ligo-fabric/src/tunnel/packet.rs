@@ -12,6 +12,7 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
+use ligo_fabric_common::checksum::{fold_wide, ipv4_header_checksum_with_options, ones_sum};
 use ligo_fabric_common::headers::{
     tunnel_source_mac, vni_from_bytes, ETH_HDR_LEN, ETH_P_IPV4, IPPROTO_TCP, IPPROTO_UDP,
     VXLAN_FLAGS, VXLAN_HDR_LEN,
@@ -107,32 +108,8 @@ pub fn parse_fabric_payload(payload: &[u8]) -> Result<(u32, &[u8]), TunnelDrop> 
     Ok((vni, &payload[FABRIC_HEADER_LEN..]))
 }
 
-/// One's-complement sum of `data` added to `acc` (not folded).
-pub fn ones_sum(data: &[u8], mut acc: u64) -> u64 {
-    let (words, rest) = data.as_chunks::<4>();
-    for w in words {
-        acc += u64::from(u32::from_be_bytes(*w));
-    }
-    let mut tail = [0u8; 4];
-    tail[..rest.len()].copy_from_slice(rest);
-    acc + u64::from(u32::from_be_bytes(tail))
-}
-
-/// Folds a sum of 32-bit words to the 16-bit one's-complement sum.
-pub fn fold(mut acc: u64) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
-}
-
 fn pseudo_header_sum(ip: &[u8], protocol: u8, l4_len: usize) -> u64 {
     ones_sum(&ip[12..20], 0) + u64::from(protocol) + l4_len as u64
-}
-
-fn ip_header_checksum(header: &[u8]) -> u16 {
-    let sum = ones_sum(header, 0) - u64::from(u16::from_be_bytes([header[10], header[11]]));
-    !fold(sum)
 }
 
 /// What a TCP/UDP checksum field holds.
@@ -152,11 +129,11 @@ fn classify_checksum(ip: &[u8], protocol: u8, l4: &[u8], field: usize) -> L4Chec
     // The cheap test first: a super-packet is always pseudo-header-only,
     // and recomputing a checksum that was in fact complete is harmless.
     let pseudo = pseudo_header_sum(ip, protocol, l4.len());
-    let partial = fold(pseudo);
+    let partial = fold_wide(pseudo);
     if stored == partial || (partial == 0xffff && stored == 0) {
         return L4Checksum::PseudoHeaderOnly;
     }
-    if fold(ones_sum(l4, pseudo)) == 0xffff {
+    if fold_wide(ones_sum(l4, pseudo)) == 0xffff {
         return L4Checksum::Complete;
     }
     L4Checksum::Corrupt
@@ -165,7 +142,7 @@ fn classify_checksum(ip: &[u8], protocol: u8, l4: &[u8], field: usize) -> L4Chec
 /// Writes a complete checksum into the L4 header (`field` is its offset).
 fn complete_checksum(ip: &[u8], protocol: u8, l4: &mut [u8], field: usize) {
     l4[field..field + 2].copy_from_slice(&[0, 0]);
-    let mut check = !fold(ones_sum(l4, pseudo_header_sum(ip, protocol, l4.len())));
+    let mut check = !fold_wide(ones_sum(l4, pseudo_header_sum(ip, protocol, l4.len())));
     if protocol == IPPROTO_UDP && check == 0 {
         check = 0xffff;
     }
@@ -261,7 +238,7 @@ pub fn for_each_tunnel_packet(
         let (ip, l4) = scratch.split_at_mut(ihl);
         ip[2..4].copy_from_slice(&len.to_be_bytes());
         ip[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
-        let check = ip_header_checksum(ip);
+        let check = ipv4_header_checksum_with_options(ip);
         ip[10..12].copy_from_slice(&check.to_be_bytes());
         let segment_seq = seq.wrapping_add((i * mss) as u32);
         l4[4..8].copy_from_slice(&segment_seq.to_be_bytes());
@@ -407,11 +384,11 @@ impl Coalescer {
             let total = self.frame.len() - FRAME_IP;
             let (head, packet) = self.frame.split_at_mut(FRAME_IP);
             packet[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-            let check = ip_header_checksum(&packet[..open.ihl]);
+            let check = ipv4_header_checksum_with_options(&packet[..open.ihl]);
             packet[10..12].copy_from_slice(&check.to_be_bytes());
             // CHECKSUM_PARTIAL: the field holds the pseudo-header sum and the
             // kernel (or the segmentation) completes it.
-            let partial = fold(pseudo_header_sum(
+            let partial = fold_wide(pseudo_header_sum(
                 &packet[..open.ihl],
                 IPPROTO_TCP,
                 total - open.ihl,
@@ -474,6 +451,30 @@ impl SliceTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The enum, `ALL` and the labels are three lists: they must agree.
+    /// `index` relies on `ALL` being in declaration order.
+    #[test]
+    fn every_tunnel_drop_has_its_place_and_its_own_label() {
+        let mut labels = std::collections::HashSet::new();
+        for (i, reason) in TunnelDrop::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason:?} out of order in ALL");
+            let snake: String = format!("{reason:?}")
+                .chars()
+                .enumerate()
+                .flat_map(|(k, c)| {
+                    let sep = (k > 0 && c.is_ascii_uppercase()).then_some('_');
+                    sep.into_iter()
+                        .chain(std::iter::once(c.to_ascii_lowercase()))
+                })
+                .collect();
+            assert_eq!(reason.label(), snake, "label of {reason:?}");
+            assert!(labels.insert(reason.label()), "duplicate label");
+        }
+        // The last variant declared closes ALL (a variant added after it
+        // and left out of ALL would make this fail).
+        assert_eq!(TunnelDrop::SendFailed.index() + 1, TunnelDrop::ALL.len());
+    }
     use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 
     const SRC: [u8; 4] = [10, 244, 1, 2];
@@ -498,7 +499,7 @@ mod tests {
     fn make_partial(packet: &mut [u8], field: usize) {
         let ihl = usize::from(packet[0] & 0xf) * 4;
         let l4_len = packet.len() - ihl;
-        let sum = fold(pseudo_header_sum(&packet[..ihl], packet[9], l4_len));
+        let sum = fold_wide(pseudo_header_sum(&packet[..ihl], packet[9], l4_len));
         packet[ihl + field..ihl + field + 2].copy_from_slice(&sum.to_be_bytes());
     }
 
@@ -691,7 +692,7 @@ mod tests {
             let mut seg = Vec::new();
             b.write(&mut seg, chunk).unwrap();
             seg[4..6].copy_from_slice(&(i as u16).to_be_bytes());
-            let check = ip_header_checksum(&seg[..20]);
+            let check = ipv4_header_checksum_with_options(&seg[..20]);
             seg[10..12].copy_from_slice(&check.to_be_bytes());
             segments.push(seg);
         }
