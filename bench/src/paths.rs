@@ -192,7 +192,9 @@ fn boringtun_cli(bed: &mut Testbed) -> Result<()> {
         configured?;
         // wg-quick's MTU for a 1500-byte link (1500 - 80): what its users
         // get. The TUN default of 1500 would fragment every full datagram.
-        ipc(&format!("-n {gw} link set {wg_if} mtu {BORINGTUN_CLI_MTU} up"))?;
+        ipc(&format!(
+            "-n {gw} link set {wg_if} mtu {BORINGTUN_CLI_MTU} up"
+        ))?;
         ipc(&format!("-n {gw} route add {} dev {wg_if}", peer.pod_cidr))?;
     }
     Ok(())

@@ -22,7 +22,11 @@ use crate::{
     programs,
     routes::RouteManager,
     source::{self, Revision, SpecRevision, StopSignals},
-    tunnel::{device, TunnelConfig},
+    tunnel::{
+        self,
+        config::{write_desired, Desired},
+        device, TunnelSpec,
+    },
 };
 
 /// How often the node's pod interfaces are listed.
@@ -48,19 +52,32 @@ struct Fabric {
 impl Fabric {
     /// The tunnel part of `local` and `spec`, its key files read and
     /// checked: a key that cannot be used refuses the revision before
-    /// anything changes.
-    async fn tunnel_config(
+    /// anything changes (the tunnel process reads the same files).
+    async fn tunnel_spec(
         &self,
         local: &LocalConfig,
         spec: &FabricSpec,
-    ) -> Result<Option<TunnelConfig>> {
+    ) -> Result<Option<TunnelSpec>> {
         let host = HostFacts::read(&self.routes, self.interfaces).await?;
-        TunnelConfig::from_spec(local, spec, &host)
+        let tunnel = TunnelSpec::from_fabric(local, spec, &host)?;
+        if let Some(tunnel) = &tunnel {
+            tunnel.load()?;
+        }
+        Ok(tunnel)
+    }
+
+    /// Hands the tunnel process its configuration (gateways): it reads the
+    /// file now if it runs, at its start otherwise.
+    fn hand_over_tunnel_config(&self, tunnel: Option<TunnelSpec>) -> Result<()> {
+        let LocalRole::Gateway(gw) = &self.local.role else {
+            return Ok(());
+        };
+        write_desired(&gw.status_socket, &Desired { tunnel })
     }
 
     /// Makes the tunnel device exist exactly when a WireGuard tunnel is
     /// configured, and points the status client at the tunnel process.
-    async fn reconcile_tunnel_device(&mut self, wanted: Option<&TunnelConfig>) -> Result<()> {
+    async fn reconcile_tunnel_device(&mut self, wanted: Option<&TunnelSpec>) -> Result<()> {
         let socket = match &self.local.role {
             LocalRole::Gateway(gw) if wanted.is_some() => Some(gw.status_socket.clone()),
             _ => None,
@@ -113,7 +130,10 @@ impl Fabric {
         let host = HostFacts::read(&self.routes, self.interfaces).await?;
         // Key files are read (and their permissions checked) before anything
         // changes, so a bad key leaves the running state alone.
-        let tunnel = TunnelConfig::from_spec(&self.local, &self.spec, &host)?;
+        let tunnel = TunnelSpec::from_fabric(&self.local, &self.spec, &host)?;
+        if let Some(tunnel) = &tunnel {
+            tunnel.load()?;
+        }
         let desired = desired_state(&self.local, &self.spec, &host);
         let map_changes = self.maps.apply(&desired, self.interfaces)?;
         self.reconcile_tunnel_device(tunnel.as_ref()).await?;
@@ -130,6 +150,8 @@ impl Fabric {
             }
             _ => 0,
         };
+        // Last: the device exists and carries its program by now.
+        self.hand_over_tunnel_config(tunnel)?;
         info!(
             map_changes,
             route_changes,
@@ -227,7 +249,11 @@ impl Fabric {
         self.metrics.set_ready(false);
         self.ebpf.take();
         drop(self.maps);
-        uninstall(&self.local.pin_dir).await
+        let socket = match &self.local.role {
+            LocalRole::Gateway(gw) => Some(gw.status_socket.clone()),
+            LocalRole::Node(_) => None,
+        };
+        uninstall(&self.local.pin_dir, socket.as_deref()).await
     }
 
     /// Considers a revision from the source: refused whole when it is
@@ -259,7 +285,7 @@ impl Fabric {
             info!(reason, "configuration unchanged");
             return;
         }
-        if let Err(e) = self.tunnel_config(&local, &spec).await {
+        if let Err(e) = self.tunnel_spec(&local, &spec).await {
             self.metrics.config_rejections.inc();
             error!(reason, error = format!("{e:#}"), "new configuration rejected; the running state is unchanged. Fix the file and save it again");
             return;
@@ -379,18 +405,27 @@ async fn serve(
 
 /// `ligo-fabric uninstall`: detaches the programs (removing their pinned
 /// links), removes our routes and the tunnel device from this network
-/// namespace and the pinned maps. Run it with no daemon running (and no
-/// tunnel process: it would lose its device).
-pub async fn uninstall(pin_dir: &std::path::Path) -> Result<()> {
+/// namespace, the pinned maps and the tunnel's desired configuration beside
+/// `status_socket`. Run it with no daemon running (and no tunnel process: it
+/// would lose its device).
+pub async fn uninstall(
+    pin_dir: &std::path::Path,
+    status_socket: Option<&std::path::Path>,
+) -> Result<()> {
     let links = programs::remove_links(pin_dir)?;
     let netlink = RouteManager::new()?;
     let routes = netlink.remove_all().await?;
     let tunnel_device = netlink.delete_link(device::TUNNEL_DEVICE).await?;
+    let tunnel_config = match status_socket {
+        Some(socket) => tunnel::config::remove_desired(socket)?,
+        None => false,
+    };
     remove_pins(pin_dir)?;
     info!(
         links,
         routes,
         tunnel_device,
+        tunnel_config,
         pin_dir = %pin_dir.display(),
         "fabric removed from this host"
     );

@@ -40,11 +40,13 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Run a gateway's WireGuard tunnel (a process of its own beside `run`,
-    /// reading the same FILE, so either restarts without the other).
+    /// Run a gateway's WireGuard tunnel: a process of its own beside `run`
+    /// (so either restarts without the other), configured by the daemon
+    /// through the file beside SOCKET and reporting to it on SOCKET.
     Tunnel {
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        /// The daemon's gateway.wireguard_status_socket.
+        #[arg(long, value_name = "SOCKET", default_value = config::DEFAULT_WIREGUARD_STATUS_SOCKET)]
+        status_socket: PathBuf,
     },
     /// Remove the data path from this host: detach the programs, delete our
     /// routes, the tunnel device and the pinned maps. Stop the daemon first (it leaves the data
@@ -138,20 +140,29 @@ fn execute(command: Command) -> Result<()> {
             .enable_all()
             .build()?
             .block_on(daemon::run(&config)),
-        Command::Tunnel { config } => tokio::runtime::Builder::new_current_thread()
+        Command::Tunnel { status_socket } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(tunnel_process::run(&config)),
+            .block_on(tunnel_process::run(&status_socket)),
         Command::Uninstall { config, pin_dir } => {
-            let pin_dir = match (pin_dir, config) {
+            let local = config
+                .map(|c| config::read_file(&c))
+                .transpose()?
+                .map(|c| c.local);
+            let pin_dir = match (pin_dir, &local) {
                 (Some(dir), _) => dir,
-                (None, Some(config)) => config::read_file(&config)?.local.pin_dir,
+                (None, Some(local)) => local.pin_dir.clone(),
                 (None, None) => PathBuf::from(config::DEFAULT_PIN_DIR),
+            };
+            let status_socket = match local.map(|l| l.role) {
+                Some(config::LocalRole::Gateway(gw)) => Some(gw.status_socket),
+                Some(config::LocalRole::Node(_)) => None,
+                None => Some(PathBuf::from(config::DEFAULT_WIREGUARD_STATUS_SOCKET)),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(daemon::uninstall(&pin_dir))
+                .block_on(daemon::uninstall(&pin_dir, status_socket.as_deref()))
         }
         Command::CheckConfig { config } => {
             let cfg = config::read_file(&config)?;

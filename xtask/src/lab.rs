@@ -117,7 +117,7 @@ impl Lab {
     }
 
     /// Starts `ligo-fabric tunnel` (the WireGuard tunnel of the gateway in
-    /// `ns`, with the config its daemon got) and waits until it is up.
+    /// `ns`, configured by its daemon) and waits until it is up.
     pub fn start_tunnel(&mut self, daemon: &Path, ns: &str) -> Result<()> {
         self.start_tunnel_via(&[], daemon, ns)
     }
@@ -138,13 +138,13 @@ impl Lab {
         ns: &str,
         name: &str,
     ) -> Result<()> {
-        let config_path = self.config_path(ns);
+        let socket = self.wireguard_socket(ns);
         let mut command: Vec<&OsStr> = wrapper.iter().map(OsStr::new).collect();
         command.extend([
             daemon.as_os_str(),
             OsStr::new("tunnel"),
-            OsStr::new("--config"),
-            config_path.as_os_str(),
+            OsStr::new("--status-socket"),
+            socket.as_os_str(),
         ]);
         self.spawn(ns, name, command[0], &command[1..])
     }
@@ -232,6 +232,13 @@ impl Lab {
     /// A file in this lab's run directory.
     pub fn file(&self, name: &str) -> PathBuf {
         self.run_dir.join(name)
+    }
+
+    /// The status socket of the gateway in `ns` (its daemon's
+    /// gateway.wireguard_status_socket; the tunnel's desired configuration
+    /// lies beside it).
+    pub fn wireguard_socket(&self, ns: &str) -> PathBuf {
+        self.file(&format!("{ns}-wireguard.sock"))
     }
 
     /// Stops the daemon in `ns` with SIGTERM and waits; returns its log.

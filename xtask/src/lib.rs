@@ -37,18 +37,21 @@ pub fn prebuilt_upgrade_binary() -> PathBuf {
     workspace_root().join("target/upgrade/ligo-fabric")
 }
 
+/// Set by `cargo xtask test` to the upgraded daemon it built for this run.
+pub const UPGRADE_BIN_ENV: &str = "LIGO_FABRIC_UPGRADE_BIN";
+
 /// A second build of the daemon whose programs differ from
 /// [`daemon_binary`]'s, for upgrade tests. `cargo xtask test` builds it
-/// beforehand; run alone, a test builds it here (in a target dir of its
-/// own, so the workspace build is left alone).
+/// beforehand (and says where in `LIGO_FABRIC_UPGRADE_BIN`); a test run
+/// alone builds it here, in a target dir of its own so the workspace build
+/// is left alone (cargo makes that a no-op when it is up to date).
 pub fn upgraded_daemon_binary() -> anyhow::Result<PathBuf> {
     static BUILT: Mutex<()> = Mutex::new(());
     let _once = BUILT
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let prebuilt = prebuilt_upgrade_binary();
-    if prebuilt.exists() {
-        return Ok(prebuilt);
+    if let Some(prebuilt) = std::env::var_os(UPGRADE_BIN_ENV) {
+        return Ok(PathBuf::from(prebuilt));
     }
     let target_dir = workspace_root().join("target/upgrade-build");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

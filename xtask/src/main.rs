@@ -119,6 +119,7 @@ fn test_with_summary() -> Result<()> {
     let mut child = Command::new(env!("CARGO"))
         .args(["test", "--workspace", "--no-fail-fast"])
         .env(xtask::privileged::SKIP_LOG_ENV, &skip_log)
+        .env(xtask::UPGRADE_BIN_ENV, xtask::prebuilt_upgrade_binary())
         .current_dir(workspace_root())
         .stdout(Stdio::piped())
         .spawn()
@@ -355,7 +356,7 @@ fn run_demo(bed: &mut Testbed) -> Result<()> {
     println!(
         "== fabric daemons ready on 2 gateways and 4 nodes; gateways talk {}",
         if bed.transport == "wireguard" {
-            "WireGuard (boringtun's protocol engine, in the daemon)"
+            "WireGuard (boringtun's protocol engine, in a tunnel process beside each gateway daemon)"
         } else {
             "plain VXLAN"
         }

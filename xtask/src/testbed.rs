@@ -337,9 +337,7 @@ impl Testbed {
                     c,
                     "private_key_file = \"{}\"\nwireguard_status_socket = \"{}\"",
                     self.private_key_path(plan).display(),
-                    self.lab
-                        .file(&format!("{}-wireguard.sock", self.ns(plan, host)))
-                        .display()
+                    self.lab.wireguard_socket(&self.ns(plan, host)).display()
                 );
             }
         } else {

@@ -507,8 +507,10 @@ fn roaming_peer_is_followed_and_a_silent_peer_is_reported() {
 }
 
 /// A reload whose key file group or others could read is refused like any
-/// invalid field: the log names the field and the fix, the running tunnel
-/// is unchanged; once the mode is fixed the same file applies.
+/// invalid field: the daemon's log names the field and the fix, and the
+/// tunnel is never handed the revision (the daemon is the only reader of
+/// desired state), so it runs on unchanged; once the mode is fixed the same
+/// file applies, and the daemon hands the tunnel the new configuration.
 #[test]
 fn a_key_file_others_can_read_is_refused_on_reload() {
     if !require_root("a_key_file_others_can_read_is_refused_on_reload") {
@@ -521,31 +523,37 @@ fn a_key_file_others_can_read_is_refused_on_reload() {
     let config = fs::read_to_string(&config_path).expect("config");
     let changed = config.replace("persistent_keepalive = 1", "persistent_keepalive = 2");
     assert_ne!(changed, config);
+    let desired = w.bed.lab.wireguard_socket(&w.a_gw);
+    let desired = ligo_fabric::tunnel::config::desired_path(&desired);
+    let handed_over = fs::read_to_string(&desired).expect("the daemon's tunnel configuration");
+    assert!(
+        handed_over.contains("\"persistent_keepalive\": 1"),
+        "{handed_over}"
+    );
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
     fs::write(&config_path, &changed).expect("write");
-    let logs_have = |needle: &str| {
-        (0..100).any(|_| {
-            let found = w.daemon_log().contains(needle) && w.tunnel_log().contains(needle);
-            if !found {
-                thread::sleep(Duration::from_millis(50));
-            }
-            found
-        })
-    };
-    // The daemon and the tunnel process each notice the changed file by
-    // themselves (1 s poll), and each refuses it.
-    assert!(
-        logs_have("gateway.private_key_file"),
-        "refusal not logged by both:\n{}",
-        w.bed.lab.logs()
+    let daemon_refused = (0..100).any(|_| {
+        let log = w.daemon_log();
+        let found = log.contains("new configuration rejected")
+            && log.contains("gateway.private_key_file")
+            && log.contains("chmod 600");
+        if !found {
+            thread::sleep(Duration::from_millis(50));
+        }
+        found
+    });
+    assert!(daemon_refused, "refusal not logged:\n{}", w.bed.lab.logs());
+    assert_eq!(
+        fs::read_to_string(&desired).expect("desired"),
+        handed_over,
+        "a refused revision reached the tunnel"
     );
-    for log in [w.daemon_log(), w.tunnel_log()] {
-        assert!(
-            log.contains("new configuration rejected") && log.contains("chmod 600"),
-            "{log}"
-        );
-    }
+    assert!(
+        !w.tunnel_log().contains("tunnel configuration applied"),
+        "{}",
+        w.tunnel_log()
+    );
     traffic::ping(&w.a_pod(), B_POD_SEEN_FROM_A, 2).expect("tunnel unchanged");
 
     fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod");
@@ -563,6 +571,11 @@ fn a_key_file_others_can_read_is_refused_on_reload() {
         }),
         "the fixed file was not applied:\n{}",
         w.bed.lab.logs()
+    );
+    let handed_over = fs::read_to_string(&desired).expect("desired");
+    assert!(
+        handed_over.contains("\"persistent_keepalive\": 3"),
+        "{handed_over}"
     );
     traffic::ping(&w.a_pod(), B_POD_SEEN_FROM_A, 2).expect("tunnel after the fix");
 }

@@ -19,6 +19,7 @@
 //!   peers that stop answering.
 
 pub mod batch;
+pub mod config;
 pub mod device;
 pub mod handover;
 pub mod keys;
@@ -46,21 +47,17 @@ use boringtun::{
     },
     x25519,
 };
-use ipnetwork::Ipv4Network;
 use quinn_udp::RecvMeta;
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
-use crate::{
-    config::{FabricSpec, LocalConfig, LocalRole},
-    host::HostFacts,
-};
+pub use self::config::{PeerSpec, TunnelConfig, TunnelSpec};
 
 use self::{
     batch::{BatchSocket, GsoBatch},
     device::TunnelDevice,
-    keys::{public_key_base64, read_key_file, SecretKey},
+    keys::{public_key_base64, SecretKey},
     packet::{for_each_tunnel_packet, parse_fabric_payload, Coalescer, SliceTable, TunnelDrop},
 };
 
@@ -77,86 +74,6 @@ const TIMER_TICK: Duration = Duration::from_millis(100);
 /// (`handover.rs`) each process knows which datagrams are the other's.
 const EPOCH_SHIFT: u32 = 23;
 const SLOT_MASK: u32 = (1 << EPOCH_SHIFT) - 1;
-
-/// Everything the tunnel needs, keys read and checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TunnelConfig {
-    pub underlay: SocketAddrV4,
-    pub public: SocketAddrV4,
-    pub private_key: SecretKey,
-    /// Largest inner packet: public link MTU less the WireGuard overhead.
-    pub inner_mtu: usize,
-    pub node_slices: Vec<(Ipv4Network, Ipv4Addr)>,
-    pub fabric_port: u16,
-    pub peers: Vec<PeerSpec>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerSpec {
-    pub id: u32,
-    pub name: String,
-    pub pod_cidr: Ipv4Network,
-    pub public_key: [u8; 32],
-    pub preshared_key: Option<SecretKey>,
-    pub persistent_keepalive: Option<u16>,
-    pub endpoint: SocketAddrV4,
-}
-
-impl TunnelConfig {
-    /// The tunnel part of a gateway's desired state, reading key files;
-    /// `None` when no peer uses WireGuard (or this is not a gateway).
-    pub fn from_spec(
-        local: &LocalConfig,
-        spec: &FabricSpec,
-        host: &HostFacts,
-    ) -> Result<Option<TunnelConfig>> {
-        let LocalRole::Gateway(gw) = &local.role else {
-            return Ok(None);
-        };
-        if spec.wireguard_peers().next().is_none() {
-            return Ok(None);
-        }
-        let key_file = gw
-            .private_key_file
-            .as_deref()
-            .context("gateway.private_key_file: required once a peer uses WireGuard")?;
-        let public_mtu = host
-            .public_mtu
-            .context("the public interface's MTU is not known")?;
-        let private_key = read_key_file(key_file, "gateway.private_key_file")?;
-        let mut peers = Vec::new();
-        for peer in spec.wireguard_peers() {
-            let (Some(peer_wg), Some(endpoint)) = (&peer.wireguard, peer.endpoint) else {
-                continue;
-            };
-            let preshared_key = match &peer_wg.preshared_key_file {
-                Some(path) => Some(read_key_file(
-                    path,
-                    &format!("{}.preshared_key_file", peer.origin),
-                )?),
-                None => None,
-            };
-            peers.push(PeerSpec {
-                id: peer.id,
-                name: peer.name.clone(),
-                pod_cidr: peer.pod_cidr,
-                public_key: peer_wg.public_key,
-                preshared_key,
-                persistent_keepalive: peer_wg.persistent_keepalive,
-                endpoint,
-            });
-        }
-        Ok(Some(TunnelConfig {
-            underlay: SocketAddrV4::new(gw.underlay_ip, spec.fabric_port),
-            public: SocketAddrV4::new(gw.public_ip, spec.wireguard_port),
-            private_key,
-            inner_mtu: public_mtu.saturating_sub(crate::config::WIREGUARD_OVERHEAD) as usize,
-            node_slices: spec.node_slices.iter().map(|(n, a)| (*n, *a)).collect(),
-            fabric_port: spec.fabric_port,
-            peers,
-        }))
-    }
-}
 
 /// A peer's live state, shared by all workers.
 struct PeerTunnel {
