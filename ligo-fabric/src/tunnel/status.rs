@@ -14,14 +14,16 @@ use std::{
         },
     },
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
 use tracing::warn;
 
-use super::{StatusSource, TunnelStatus};
+use serde::{Deserialize, Serialize};
+
+use super::{keys::public_key_base64, packet::TunnelDrop, shared::Shared};
 
 /// How long the daemon waits for the tunnel process's answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -150,4 +152,92 @@ fn fetch_from(socket: &Path) -> Result<TunnelStatus> {
     let status: Option<TunnelStatus> =
         serde_json::from_slice(&answer).context("decoding the tunnel status")?;
     status.context("the tunnel process runs but has no WireGuard peers configured")
+}
+
+/// Per-peer figures for metrics and `inspect tunnels`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub id: u32,
+    pub name: String,
+    pub public_key: String,
+    pub endpoint: String,
+    pub latest_handshake_seconds_ago: Option<f64>,
+    pub up: bool,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TunnelStatus {
+    pub public_key: String,
+    pub listen: String,
+    pub inner_mtu: usize,
+    pub peers: Vec<PeerStatus>,
+    pub drops: Vec<(String, u64)>,
+}
+
+/// The running tunnel's state and its listen address.
+type RunningTunnel = (Arc<Shared>, String);
+
+/// A handle the metrics endpoint reads; empty until a tunnel runs.
+#[derive(Clone, Default)]
+pub struct StatusSource(Arc<Mutex<Option<RunningTunnel>>>);
+
+impl StatusSource {
+    pub fn status(&self) -> Option<TunnelStatus> {
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (shared, listen) = guard.as_ref()?;
+        Some(status(shared, listen))
+    }
+
+    /// The running tunnel's state (for a hand-over).
+    pub(super) fn running(&self) -> Option<Arc<Shared>> {
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|(shared, _)| shared.clone())
+    }
+
+    pub(super) fn set(&self, value: Option<(Arc<Shared>, String)>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = value;
+    }
+}
+
+fn status(shared: &Shared, listen: &str) -> TunnelStatus {
+    let table = shared.snapshot();
+    let mut peers: Vec<PeerStatus> = table
+        .by_id
+        .values()
+        .map(|p| {
+            let (handshake, ..) = p.tunn().stats();
+            PeerStatus {
+                id: p.spec.id,
+                name: p.spec.name.clone(),
+                public_key: public_key_base64(&p.spec.public_key),
+                endpoint: p.endpoint().to_string(),
+                latest_handshake_seconds_ago: handshake.map(|d| d.as_secs_f64()),
+                up: p.up.load(Ordering::Relaxed),
+                tx_bytes: p.tx_bytes.load(Ordering::Relaxed),
+                tx_packets: p.tx_packets.load(Ordering::Relaxed),
+                rx_bytes: p.rx_bytes.load(Ordering::Relaxed),
+                rx_packets: p.rx_packets.load(Ordering::Relaxed),
+            }
+        })
+        .collect();
+    peers.sort_by_key(|p| p.id);
+    TunnelStatus {
+        public_key: public_key_base64(shared.public.as_bytes()),
+        listen: listen.to_string(),
+        inner_mtu: shared.inner_mtu,
+        peers,
+        drops: TunnelDrop::ALL
+            .iter()
+            .map(|r| {
+                (
+                    r.label().to_string(),
+                    shared.drops[r.index()].load(Ordering::Relaxed),
+                )
+            })
+            .collect(),
+    }
 }
