@@ -157,7 +157,7 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "\n## Encrypted between gateways (WireGuard)\n\nligo-wireguard: the fabric with its userspace WireGuard transport; boringtun-cli: direct routing through a boringtun-cli tunnel between the gateways (its defaults); ligo-plain: the fabric unencrypted. Core load is each core's busy share during the 1-stream TCP run (the whole machine: both clusters, iperf3 and every daemon).\n"
+            "\n## Encrypted between gateways (WireGuard)\n\nligo-wireguard: the fabric with its userspace WireGuard transport; boringtun-cli: direct routing through a boringtun-cli tunnel between the gateways (MTU 1420, as wg-quick sets it); ligo-plain: the fabric unencrypted. Core load is each core's busy share during the 1-stream TCP run (the whole machine: both clusters, iperf3 and every daemon).\n"
         );
         let _ = writeln!(
             md,
@@ -225,6 +225,7 @@ impl Report {
             );
         }
         let _ = writeln!(md, "\n## Pod in cluster A to pod in cluster B\n");
+        let _ = writeln!(md, "{PATHS_DESCRIBED}\n");
         let _ = write!(md, "| figure |");
         for (k, _) in &self.paths {
             let _ = write!(md, " {} |", k.name());
@@ -401,3 +402,6 @@ fn draw_legend<'a>(chart: &mut BarChart<'a, 'a>) -> Result<()> {
         .context("chart")?;
     Ok(())
 }
+
+/// What each measured path is, for the report.
+const PATHS_DESCRIBED: &str = "The paths: **direct**: plain routing between the clusters' address spaces, no tunnel (the ceiling). **kernel-reference**: what a user would build from kernel parts: three VXLAN legs per direction (node → gateway, gateway → gateway, gateway → node; one VXLAN device per leg), nftables prefix DNAT of our view to the peer's real CIDR and prefix SNAT of arrivals into our view, with conntrack undoing both for replies, and policy routing on the gateways. **ligo-plain** / **ligo-plain-xdp**: the fabric unencrypted, node ingress at TC / at XDP. **ligo-wireguard**: the fabric with its userspace WireGuard transport. **boringtun-cli**: direct routing through a boringtun-cli tunnel between the gateways, configured with `wg`, MTU 1420 as wg-quick sets it.";
