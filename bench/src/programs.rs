@@ -20,16 +20,16 @@ use ligo_fabric::{
     host::{HostFacts, Interfaces},
     programs::ScratchLoad,
 };
+use ligo_fabric_common::{
+    headers::{encap_header, EncapParams},
+    maps::PeerView,
+    prefix::PrefixRewrite,
+};
 
 /// Interface indexes written into the config map; test runs never reach them.
 const TEST_RUN_INTERFACES: Interfaces = Interfaces {
     underlay: 1,
     public: Some(1),
-};
-use ligo_fabric_common::{
-    headers::{encap_header, EncapParams},
-    maps::PeerView,
-    prefix::PrefixRewrite,
 };
 
 fn run_once<P>(program: &P, frame: &[u8], repeat: u32) -> Result<TestRunResult>

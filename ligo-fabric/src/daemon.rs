@@ -58,6 +58,9 @@ impl Fabric {
         local: &LocalConfig,
         spec: &FabricSpec,
     ) -> Result<Option<TunnelSpec>> {
+        if !local.is_gateway() || spec.wireguard_peers().next().is_none() {
+            return Ok(None);
+        }
         let host = HostFacts::read(&self.routes, self.interfaces).await?;
         let tunnel = TunnelSpec::from_fabric(local, spec, &host)?;
         if let Some(tunnel) = &tunnel {
@@ -148,7 +151,8 @@ impl Fabric {
                     .reconcile(&desired.routes, self.interfaces.underlay, mtu)
                     .await?
             }
-            _ => 0,
+            (LocalRole::Node(_), None) => anyhow::bail!("the uplink's MTU is not known"),
+            (LocalRole::Gateway(_), _) => 0,
         };
         // Last: the device exists and carries its program by now.
         self.hand_over_tunnel_config(tunnel)?;
@@ -313,9 +317,10 @@ impl Fabric {
 /// `ligo-fabric run --config FILE`: the file is both the local settings and
 /// the source of spec revisions.
 pub async fn run(config_path: &std::path::Path) -> Result<()> {
-    let cfg = config::read_file(config_path)?;
-    // Installs the SIGHUP handler before anything else can take a while.
+    // Watching starts first (and installs the SIGHUP handler), so no change
+    // after the start-up read is missed.
     let revisions = source::watch_file(config_path)?;
+    let cfg = config::read_file(config_path)?;
     let interfaces = Interfaces::resolve(&cfg.local)?;
     let pin_dir = cfg.local.pin_dir.clone();
     let adopting = pin_dir.join("links").is_dir();
@@ -392,8 +397,8 @@ async fn serve(
             revision = revisions.recv() => match revision {
                 Some(revision) => fabric.consider(revision).await,
                 None => {
-                    error!("the configuration source stopped; the daemon keeps the running state and stops");
-                    break;
+                    fabric.stop();
+                    anyhow::bail!("the configuration source stopped; the data path keeps its last state. Restart the daemon");
                 }
             },
         }

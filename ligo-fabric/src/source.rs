@@ -3,10 +3,10 @@
 //! configuration file (modification time, SIGHUP); a Kubernetes source
 //! plugs in beside it and sends the same revisions.
 //!
-//! A revision may carry the local settings too (the file holds both). The
-//! settings that need a restart are compared with the running ones by one
-//! rule ([`restart_needed_for`]), used by the daemon and the tunnel process
-//! alike, so the two never accept different changes of the same file.
+//! A revision may carry the local settings too (the file holds both): the
+//! settings that need a restart are compared with the running ones by
+//! [`restart_needed_for`]. The daemon is the only consumer; it hands the
+//! tunnel process its part (`tunnel/config.rs`).
 
 use std::{
     path::Path,
@@ -18,7 +18,6 @@ use tokio::{
     signal::unix::{signal, Signal, SignalKind},
     sync::mpsc,
 };
-use tracing::error;
 
 use crate::config::{self, FabricSpec, LocalConfig, LocalRole};
 
@@ -45,14 +44,15 @@ pub struct SpecRevision {
 }
 
 /// Starts watching `path`: a revision for every change of its modification
-/// time or SIGHUP. The file was read once at start-up by the caller; the
-/// first revision is the first change after that.
+/// time or SIGHUP. Call it before reading the file for start-up: a change
+/// from this call on is sent (one made before the start-up read arrives as
+/// a revision equal to what runs, and is found unchanged).
 pub fn watch_file(path: &Path) -> Result<mpsc::Receiver<Revision>> {
     let (sender, receiver) = mpsc::channel(4);
     let mut hangup = signal(SignalKind::hangup())?;
     let path = path.to_path_buf();
+    let mut last_modified = modified(&path);
     tokio::spawn(async move {
-        let mut last_modified = modified(&path);
         let mut poll = tokio::time::interval(FILE_POLL);
         loop {
             let reason = tokio::select! {
@@ -144,15 +144,6 @@ impl StopSignals {
             _ = self.interrupt.recv() => {}
         }
     }
-}
-
-/// Logs a refused revision the same way in the daemon and the tunnel.
-pub fn log_rejected(process: &str, reason: &str, error: &anyhow::Error) {
-    error!(
-        reason,
-        error = format!("{error:#}"),
-        "new configuration rejected; the {process} keeps running unchanged. Fix the file and save it again"
-    );
 }
 
 #[cfg(test)]

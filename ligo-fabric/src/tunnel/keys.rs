@@ -25,25 +25,37 @@ impl fmt::Debug for SecretKey {
 /// owner (us or root) and the root group may read, or that anyone but the
 /// owner may write. `field` names the config field in errors.
 pub fn read_key_file(path: &Path, field: &str) -> Result<SecretKey> {
-    // `metadata` follows symlinks: Kubernetes mounts a Secret's keys as
-    // links into a `..data` directory.
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("{field}: cannot read {}", path.display()))?;
+    // Opened once and checked through the handle, so the file checked is
+    // the file read even while Kubernetes swaps a Secret mount's `..data`
+    // link (opening follows it).
+    let cannot_read = || format!("{field}: cannot read {}", path.display());
+    let mut file = std::fs::File::open(path).with_context(cannot_read)?;
+    let meta = file.metadata().with_context(cannot_read)?;
     let mode = meta.permissions().mode() & 0o777;
-    if let Some(problem) = key_file_exposure(
+    let exposure = key_file_exposure(
         mode,
         meta.uid(),
         meta.gid(),
         nix::unistd::geteuid().as_raw(),
-    ) {
-        bail!(
-            "{field}: {} {problem}; run `chmod 600 {}` (in Kubernetes, mount the Secret with defaultMode: 0400)",
-            path.display(),
-            path.display()
-        );
+    )
+    .or_else(|| {
+        (mode & 0o070 != 0 && has_access_acl(&file)).then(|| {
+            "has an access ACL, so its group bits do not say who can read the key".to_owned()
+        })
+    });
+    if let Some(problem) = exposure {
+        let fix = if meta.uid() != 0 && meta.uid() != nix::unistd::geteuid().as_raw() {
+            format!("run `chown root {}`", path.display())
+        } else {
+            format!(
+                "run `chmod 600 {}` (in Kubernetes, mount the Secret with defaultMode: 0400 and no fsGroup on the pod)",
+                path.display()
+            )
+        };
+        bail!("{field}: {} {problem}; {fix}", path.display());
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{field}: cannot read {}", path.display()))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).with_context(cannot_read)?;
     match decode_key(&text) {
         Some(key) => Ok(SecretKey(key)),
         None => bail!(
@@ -51,6 +63,24 @@ pub fn read_key_file(path: &Path, field: &str) -> Result<SecretKey> {
             path.display()
         ),
     }
+}
+
+/// Whether `file` carries a POSIX access ACL: then its group mode bits are
+/// the ACL's mask, not the group's rights, and others may be named in it.
+fn has_access_acl(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    const NAME: &[u8] = b"system.posix_acl_access\0";
+    // SAFETY: a size query (null buffer, length 0) on a descriptor we own,
+    // with a NUL-terminated name.
+    let size = unsafe {
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            NAME.as_ptr().cast(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    size > 0
 }
 
 /// Why a key file with this mode and ownership lets someone other than us
