@@ -191,19 +191,35 @@ impl Tunnel {
         *shared.table.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
         shared.generation.fetch_add(1, Ordering::Release);
 
-        let mut threads = Vec::new();
+        // The threads belong to the tunnel from the first one on: if a later
+        // one cannot start, dropping the tunnel stops and joins those that
+        // did.
+        let mut tunnel = Tunnel {
+            shared: shared.clone(),
+            config,
+            threads: Vec::new(),
+        };
         for i in 0..workers {
             let s = shared.clone();
-            threads.push(spawn(format!("ligo-wg-out-{i}"), move || outbound(&s, i))?);
+            tunnel
+                .threads
+                .push(spawn(format!("ligo-wg-out-{i}"), move || outbound(&s, i))?);
             let s = shared.clone();
-            threads.push(spawn(format!("ligo-wg-in-{i}"), move || inbound(&s, i))?);
+            tunnel
+                .threads
+                .push(spawn(format!("ligo-wg-in-{i}"), move || inbound(&s, i))?);
         }
         let s = shared.clone();
-        threads.push(spawn("ligo-wg-timers".into(), move || timers(&s))?);
+        tunnel
+            .threads
+            .push(spawn("ligo-wg-timers".into(), move || timers(&s))?);
         let s = shared.clone();
-        threads.push(spawn("ligo-wg-partner".into(), move || {
-            from_partner(&s, workers)
-        })?);
+        tunnel
+            .threads
+            .push(spawn("ligo-wg-partner".into(), move || {
+                from_partner(&s, workers)
+            })?);
+        let config = &tunnel.config;
         source.set(Some((shared.clone(), config.public.to_string())));
         info!(
             listen = %config.public,
@@ -214,11 +230,7 @@ impl Tunnel {
             epoch,
             "WireGuard tunnel up"
         );
-        Ok(Tunnel {
-            shared,
-            config,
-            threads,
-        })
+        Ok(tunnel)
     }
 
     /// Takes a new configuration. Peers whose keys are unchanged keep their
