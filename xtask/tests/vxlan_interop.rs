@@ -121,10 +121,30 @@ fn kernel_vxlan_device_and_our_programs_understand_each_other() {
             "udp.dstport",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("tshark");
-    thread::sleep(Duration::from_secs(2));
+    // Traffic starts only once dumpcap says it captures (its start-up time
+    // varies a lot on a loaded machine; a fixed sleep once missed every
+    // frame and the test then waited forever).
+    let mut capture = capture;
+    let stderr = capture.stderr.take().expect("tshark stderr");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("Capturing on") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        let _ = capture.kill();
+        panic!("tshark did not start capturing within 60 s");
+    }
 
     // Our encapsulation -> kernel decapsulation; kernel encapsulation ->
     // our decapsulation, for ICMP, TCP and UDP.
@@ -140,6 +160,16 @@ fn kernel_vxlan_device_and_our_programs_understand_each_other() {
         "replies must come back from the view address"
     );
 
+    // Two frames have crossed by now; a capture still waiting is a failure,
+    // not a hang.
+    let started = std::time::Instant::now();
+    while capture.try_wait().expect("tshark").is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = capture.kill();
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
     let output = capture.wait_with_output().expect("tshark output");
     let text = String::from_utf8_lossy(&output.stdout);
     let lines: Vec<&str> = text.lines().collect();
