@@ -1,0 +1,191 @@
+//! The `ligo.io/v1alpha1` custom resources. The YAML in `manifests/crds/`
+//! is generated from these types (`ligo-control crds`); a test keeps the
+//! two equal. No CEL: the schemas must install on 1.20 API servers.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A condition as `metav1.Condition` has it (the list is a map keyed by
+/// `type`, so server-side apply merges per condition).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// CamelCase, e.g. `ViewAllocated`, `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    /// CamelCase reason, e.g. `PoolsExhausted`.
+    pub reason: String,
+    pub message: String,
+    /// RFC 3339; changes only when `status` does.
+    pub last_transition_time: String,
+    /// The `metadata.generation` this condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The local cluster's fabric settings: one object, named `local`.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "ligo.io",
+    version = "v1alpha1",
+    kind = "ClusterFabric",
+    shortname = "ligofabric",
+    status = "ClusterFabricStatus",
+    printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".spec.clusterName"}"#,
+    printcolumn = r#"{"name":"ID","type":"integer","jsonPath":".status.clusterId"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterFabricSpec {
+    /// This cluster's name among its peers (an RFC 1123 label). Taken from
+    /// the About API's `cluster.clusterset.k8s.io` ClusterProperty where it
+    /// is installed, and must agree with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_name: Option<String>,
+    /// 1..2^24 (the VNI peers see us by); chosen at install when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16_777_215))]
+    pub cluster_id: Option<u32>,
+    /// Our pod CIDRs; detected from `Node.spec.podCIDRs` when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_cidr: Option<String>,
+    /// Where peer views come from when a peer's real CIDR collides.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub view_pools: Vec<String>,
+    /// Ranges no view may overlap (besides pod, service and node addresses).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reserved_ranges: Vec<String>,
+    /// The node label that makes a node a gateway (default `ligo.io/gateway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_node_label: Option<String>,
+    /// WireGuard's UDP port on gateways (default 51820).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterFabricStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<u32>,
+    /// Pod CIDRs in use (given or detected).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<String>,
+    /// `ip:port` of each gateway peers can reach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateway_endpoints: Vec<String>,
+    /// The gateway's WireGuard public key (the private key stays in a Secret
+    /// in `ligo-system`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_public_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// One remote cluster we peer with.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "ligo.io",
+    version = "v1alpha1",
+    kind = "Peer",
+    status = "PeerStatus",
+    printcolumn = r#"{"name":"Remote","type":"string","jsonPath":".spec.clusterName"}"#,
+    printcolumn = r#"{"name":"View","type":"string","jsonPath":".spec.view"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerSpec {
+    /// The remote cluster's name (an RFC 1123 label).
+    pub cluster_name: String,
+    /// The remote cluster's id (1..2^24).
+    #[schemars(range(min = 1, max = 16_777_215))]
+    pub cluster_id: u32,
+    /// Its real pod CIDRs.
+    pub pod_cidrs: Vec<String>,
+    /// `ip:port` of its gateways.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateway_endpoints: Vec<String>,
+    /// Its gateways' WireGuard public key (base64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_public_key: Option<String>,
+    /// How to reach its API server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_server: Option<ApiServer>,
+    /// `wireguard` (default) or `plain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    /// Our view of its pod CIDR: allocated here when empty, as
+    /// `Service.spec.clusterIP` is, and immutable afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiServer {
+    pub url: String,
+    /// PEM CA bundle, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+    /// A Secret in `ligo-system` holding a kubeconfig for the remote.
+    pub credentials_secret: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    /// How the remote cluster sees our pod CIDR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_view: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_age_seconds: Option<u64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+/// What the fabric daemon on one node uses and has programmed; one per
+/// Node, named after it and owned by it.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "ligo.io",
+    version = "v1alpha1",
+    kind = "NodeFabric",
+    status = "NodeFabricStatus",
+    printcolumn = r#"{"name":"Slices","type":"string","jsonPath":".status.podCidrs"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeFabricSpec {
+    /// Override of the node's pod CIDR slices, for CNIs that do not fill
+    /// `Node.spec.podCIDRs`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeFabricStatus {
+    /// The slices the daemon uses for this node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<String>,
+    /// The revision of the fabric spec last programmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub programmed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
