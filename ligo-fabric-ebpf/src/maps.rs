@@ -51,9 +51,9 @@ pub static PEER_COUNTERS: PerCpuHashMap<PeerCounterKey, TrafficCounters> =
 pub static DROP_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
 
 /// `LIGO_BUILD_MARKER` (a decimal number) when the programs were built, 0
-/// when unset. It is stored into every program's instructions (below), so
-/// two builds that differ only in it load as different programs, with
-/// different kernel tags: how the restart test proves an upgrade really
+/// when unset. A marker build stores it in every program's instructions
+/// (below), so it loads as different programs, with different kernel tags,
+/// from a build without one: how the restart test proves an upgrade really
 /// swapped the programs.
 const BUILD_MARKER: u32 = parse_marker(option_env!("LIGO_BUILD_MARKER"));
 
@@ -76,10 +76,14 @@ const fn parse_marker(text: Option<&str>) -> u32 {
 /// A copy of the current configuration, or `None` before the daemon wrote it.
 #[inline(always)]
 pub fn config() -> Option<FabricConfig> {
-    let mut marker = 0u32;
-    // SAFETY: `marker` is a live, aligned local; the volatile store exists
-    // only to keep BUILD_MARKER in the instructions (one stack write).
-    unsafe { core::ptr::write_volatile(&mut marker, BUILD_MARKER) };
+    // Folded away in a build without a marker: the packet path pays
+    // nothing; a marker build carries one stack write.
+    if BUILD_MARKER != 0 {
+        let mut marker = 0u32;
+        // SAFETY: `marker` is a live, aligned local; the volatile store
+        // exists only to keep BUILD_MARKER in the instructions.
+        unsafe { core::ptr::write_volatile(&mut marker, BUILD_MARKER) };
+    }
     FABRIC_CONFIG.get(0).copied()
 }
 

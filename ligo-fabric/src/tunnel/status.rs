@@ -140,7 +140,8 @@ impl StatusClient {
 fn fetch_from(socket: &Path) -> Result<TunnelStatus> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!(
-            "the WireGuard tunnel process does not answer on {} (is `ligo-fabric tunnel --config FILE` running?)",
+            "the WireGuard tunnel process does not answer on {} (is `ligo-fabric tunnel --status-socket {}` running?)",
+            socket.display(),
             socket.display()
         )
     })?;
