@@ -155,41 +155,29 @@ fn boringtun_cli(bed: &mut Testbed) -> Result<()> {
         // boringtun-cli's control socket is /var/run/wireguard/<name>.sock,
         // shared by all namespaces: one name per gateway.
         let wg_if = format!("wgb{}", own.name);
-        bed.lab.spawn(
+        let key = bed.private_key_path(own).to_string_lossy().into_owned();
+        let port = WIREGUARD_PORT.to_string();
+        let endpoint = format!("{}:{WIREGUARD_PORT}", peer.public_ip);
+        let allowed = peer.pod_cidr.to_string();
+        let peer_key = bed.keys[1 - i].public.clone();
+        bed.lab.start_boringtun_cli(
             &gw,
             &format!("{gw}-boringtun"),
-            "boringtun-cli".as_ref(),
+            &[],
+            &wg_if,
             &[
-                "--foreground".as_ref(),
-                "--disable-drop-privileges".as_ref(),
-                wg_if.as_ref(),
+                "private-key",
+                &key,
+                "listen-port",
+                &port,
+                "peer",
+                &peer_key,
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                &allowed,
             ],
         )?;
-        let key = bed.private_key_path(own);
-        let args = [
-            "set".to_string(),
-            wg_if.clone(),
-            "private-key".into(),
-            key.to_string_lossy().into_owned(),
-            "listen-port".into(),
-            WIREGUARD_PORT.to_string(),
-            "peer".into(),
-            bed.keys[1 - i].public.clone(),
-            "endpoint".into(),
-            format!("{}:{WIREGUARD_PORT}", peer.public_ip),
-            "allowed-ips".into(),
-            peer.pod_cidr.to_string(),
-        ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut configured = Err(anyhow::anyhow!("boringtun-cli never answered wg"));
-        for _ in 0..100 {
-            configured = netns::exec(&gw, "wg", &args).map(drop);
-            if configured.is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        configured?;
         // wg-quick's MTU for a 1500-byte link (1500 - 80): what its users
         // get. The TUN default of 1500 would fragment every full datagram.
         ipc(&format!(

@@ -209,6 +209,62 @@ impl Lab {
         }
     }
 
+    /// Starts boringtun-cli in `ns` as process `name` (in the foreground,
+    /// with `flags` too), creating interface `wg_if`, and configures it with
+    /// `wg set wg_if wg_set_args…`.
+    ///
+    /// `wg` must not be run before boringtun-cli listens: between its bind()
+    /// and listen() a connect is refused, and `wg` then unlinks the socket as
+    /// stale; boringtun-cli notices its socket is gone and exits without a
+    /// word. So wait for the socket to accept a connection of our own first.
+    pub fn start_boringtun_cli(
+        &mut self,
+        ns: &str,
+        name: &str,
+        flags: &[&str],
+        wg_if: &str,
+        wg_set_args: &[&str],
+    ) -> Result<()> {
+        let mut argv: Vec<&OsStr> = vec![
+            "--foreground".as_ref(),
+            "--disable-drop-privileges".as_ref(),
+        ];
+        argv.extend(flags.iter().map(OsStr::new));
+        argv.push(wg_if.as_ref());
+        self.spawn(ns, name, "boringtun-cli".as_ref(), &argv)?;
+        // Shared by all namespaces: each caller picks its own interface name.
+        let socket = PathBuf::from(format!("/var/run/wireguard/{wg_if}.sock"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            let exited = self
+                .processes
+                .iter_mut()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, c)| c.try_wait().ok().flatten());
+            let log = || fs::read_to_string(self.log_path(name)).unwrap_or_default();
+            if let Some(status) = exited {
+                bail!(
+                    "boringtun-cli ({name}) exited ({status}) before it listened on {}:\n{}",
+                    socket.display(),
+                    log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "boringtun-cli ({name}) did not listen on {} within 20 s:\n{}",
+                    socket.display(),
+                    log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let mut args = vec!["set", wg_if];
+        args.extend_from_slice(wg_set_args);
+        netns::exec(ns, "wg", &args)
+            .map(drop)
+            .with_context(|| format!("configuring boringtun-cli ({name}) with wg"))
+    }
+
     /// Starts `program args` in namespace `ns` as process `name` (its log
     /// and pid file are named after it); the lab stops it on teardown.
     pub fn spawn(&mut self, ns: &str, name: &str, program: &OsStr, args: &[&OsStr]) -> Result<()> {

@@ -88,54 +88,32 @@ fn interop(prefix: &str, wg_if: &str) -> Interop {
 
 /// boringtun-cli in the foreground (the lab stops it), configured by `wg`.
 fn start_boringtun(bed: &mut Testbed, ns: &str, wg_if: &str) -> Result<()> {
-    bed.lab.spawn(
-        ns,
-        "boringtun",
-        "boringtun-cli".as_ref(),
-        &[
-            "--foreground".as_ref(),
-            "--disable-drop-privileges".as_ref(),
-            "--disable-connected-udp".as_ref(),
-            wg_if.as_ref(),
-        ],
-    )?;
     let b = bed.scenario.b.clone();
-    let key_path = bed.private_key_path(&b);
+    let key_path = bed.private_key_path(&b).to_string_lossy().into_owned();
     let a_public = bed.keys[0].public.clone();
     let a_endpoint = format!("{}:{WIREGUARD_PORT}", bed.scenario.a.public_ip);
-    let mut last = None;
-    for _ in 0..100 {
-        let r = netns::exec(
-            ns,
-            "wg",
-            &[
-                "set",
-                wg_if,
-                "private-key",
-                &key_path.to_string_lossy(),
-                "listen-port",
-                &WIREGUARD_PORT.to_string(),
-                "peer",
-                &a_public,
-                "endpoint",
-                &a_endpoint,
-                "allowed-ips",
-                "10.244.0.0/16",
-                "persistent-keepalive",
-                "1",
-            ],
-        );
-        match r {
-            Ok(_) => {
-                netns::exec(ns, "ip", &["link", "set", wg_if, "up"])?;
-                return Ok(());
-            }
-            Err(e) => last = Some(e),
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("wg set never ran")))
-        .context("configuring boringtun-cli with wg")
+    let port = WIREGUARD_PORT.to_string();
+    bed.lab.start_boringtun_cli(
+        ns,
+        "boringtun",
+        &["--disable-connected-udp"],
+        wg_if,
+        &[
+            "private-key",
+            &key_path,
+            "listen-port",
+            &port,
+            "peer",
+            &a_public,
+            "endpoint",
+            &a_endpoint,
+            "allowed-ips",
+            "10.244.0.0/16",
+            "persistent-keepalive",
+            "1",
+        ],
+    )?;
+    netns::exec(ns, "ip", &["link", "set", wg_if, "up"]).map(drop)
 }
 
 impl Interop {
@@ -304,28 +282,16 @@ fn boringtun_cli_peer_interoperates_and_bad_datagrams_are_counted() {
     let stranger = WireguardKeys::generate().expect("keys");
     let stranger_key = w.bed.lab.file("stranger.key");
     fs::write(&stranger_key, &stranger.private).expect("write key");
+    let a_public = w.bed.keys[0].public.clone();
+    let a_endpoint = format!("{}:{WIREGUARD_PORT}", w.bed.scenario.a.public_ip);
     w.bed
         .lab
-        .spawn(
+        .start_boringtun_cli(
             &w.b_gw,
             "stranger",
-            "boringtun-cli".as_ref(),
+            &[],
+            "wgi1",
             &[
-                "--foreground".as_ref(),
-                "--disable-drop-privileges".as_ref(),
-                "wgi1".as_ref(),
-            ],
-        )
-        .expect("second boringtun-cli");
-    let mut configured = false;
-    for _ in 0..100 {
-        let a_public = w.bed.keys[0].public.clone();
-        let r = netns::exec(
-            &w.b_gw,
-            "wg",
-            &[
-                "set",
-                "wgi1",
                 "private-key",
                 &stranger_key.to_string_lossy(),
                 "listen-port",
@@ -333,20 +299,14 @@ fn boringtun_cli_peer_interoperates_and_bad_datagrams_are_counted() {
                 "peer",
                 &a_public,
                 "endpoint",
-                &format!("{}:{WIREGUARD_PORT}", w.bed.scenario.a.public_ip),
+                &a_endpoint,
                 "allowed-ips",
                 "10.99.0.0/16",
                 "persistent-keepalive",
                 "1",
             ],
-        );
-        if r.is_ok() {
-            configured = true;
-            break;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    assert!(configured, "wg set for the stranger");
+        )
+        .expect("second boringtun-cli, configured by wg");
     netns::exec(&w.b_gw, "ip", &["link", "set", "wgi1", "up"]).expect("up");
     let mut refused = false;
     for _ in 0..50 {
