@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a fresh machine of its kind
 # (Debian 12, root): Rust toolchains, bpf-linker, Debian packages, scapy,
-# boringtun-cli (the independent WireGuard peer of the interop test and bench).
+# boringtun-cli (the independent WireGuard peer of the interop test and bench),
+# Kubernetes server binaries and kubectl (the control-plane tests).
 # Idempotent: each step is skipped when what it installs already answers.
 set -euo pipefail
 
@@ -10,7 +11,8 @@ EBPF_TOOLCHAIN=nightly-2026-06-25
 BPF_LINKER_VERSION=0.13.0
 BORINGTUN_CLI_VERSION=0.7.1
 DEBIAN_PACKAGES=(llvm-22-dev libpolly-22-dev iproute2 iperf3 tshark iputils-ping
-  bpftool nftables ethtool procps prometheus wireguard-tools iputils-tracepath)
+  bpftool nftables ethtool procps prometheus wireguard-tools iputils-tracepath
+  etcd-server)
 
 log() { echo "bootstrap: $*" >&2; }
 
@@ -52,4 +54,19 @@ fi
 if ! python3 -c 'import scapy' 2>/dev/null; then
   log "installing scapy (independent packet library for tests)"
   python3 -m pip install --quiet --disable-pip-version-check scapy
+fi
+
+# Genuine Kubernetes v1.20.2 server binaries for the control-plane tests,
+# built offline from Debian's source package into a cache outside the clone
+# (the script returns at once when they are there).
+KUBE_BIN_DIR=${LIGO_KUBE_BIN:-$HOME/.cache/ligo-kube}
+if [ ! -x "$KUBE_BIN_DIR/kube-apiserver" ] || [ ! -x "$KUBE_BIN_DIR/kubelet" ]; then
+  log "building Kubernetes v1.20.2 from Debian's source into $KUBE_BIN_DIR (about 7 minutes, once)"
+  bash "$(dirname "$0")/kube/build-kube.sh" "$KUBE_BIN_DIR" >/dev/null
+fi
+if ! command -v kubectl >/dev/null; then
+  log "installing kubectl (Debian's kubernetes-client)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
 fi

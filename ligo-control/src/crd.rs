@@ -34,24 +34,35 @@ pub struct Condition {
     kind = "ClusterFabric",
     shortname = "ligofabric",
     status = "ClusterFabricStatus",
-    printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".spec.clusterName"}"#,
-    printcolumn = r#"{"name":"ID","type":"integer","jsonPath":".status.clusterId"}"#
+    printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".status.clusterName"}"#,
+    printcolumn = r#"{"name":"ID","type":"integer","jsonPath":".status.clusterId"}"#,
+    printcolumn = r#"{"name":"Pod CIDR","type":"string","jsonPath":".status.podCIDR"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterFabricSpec {
-    /// This cluster's name among its peers (an RFC 1123 label). Taken from
-    /// the About API's `cluster.clusterset.k8s.io` ClusterProperty where it
-    /// is installed, and must agree with it.
+    /// This cluster's name among its peers (an RFC 1123 label). When not
+    /// given: the About API's `cluster.clusterset.k8s.io` ClusterProperty
+    /// where it is installed (and it must agree with it), else
+    /// `cluster-<kube-system UID prefix>`; written here once chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_name: Option<String>,
-    /// 1..2^24 (the VNI peers see us by); chosen at install when not given.
+    /// 1..2^24-1 (the VNI peers see us by); when not given, derived from
+    /// the `kube-system` namespace's UID and written here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 16_777_215))]
     pub cluster_id: Option<u32>,
-    /// Our pod CIDRs; detected from `Node.spec.podCIDRs` when empty.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pod_cidrs: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Our pod CIDR; when not given, detected from the Nodes'
+    /// `spec.podCIDRs` (the /16 holding them) and written here, so it stays
+    /// what peers' views were made for.
+    #[serde(rename = "podCIDR", default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<String>,
+    /// Our service CIDR: no peer view may overlap it.
+    #[serde(
+        rename = "serviceCIDR",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub service_cidr: Option<String>,
     /// Where peer views come from when a peer's real CIDR collides.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -70,11 +81,13 @@ pub struct ClusterFabricSpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterFabricStatus {
+    /// The name and id peers know us by, and our pod CIDR, once valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<u32>,
-    /// Pod CIDRs in use (given or detected).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pod_cidrs: Vec<String>,
+    #[serde(rename = "podCIDR", default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<String>,
     /// `ip:port` of each gateway peers can reach.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateway_endpoints: Vec<String>,
@@ -105,8 +118,9 @@ pub struct PeerSpec {
     /// The remote cluster's id (1..2^24).
     #[schemars(range(min = 1, max = 16_777_215))]
     pub cluster_id: u32,
-    /// Its real pod CIDRs.
-    pub pod_cidrs: Vec<String>,
+    /// Its real pod CIDR.
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: String,
     /// `ip:port` of its gateways.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateway_endpoints: Vec<String>,
@@ -119,8 +133,8 @@ pub struct PeerSpec {
     /// `wireguard` (default) or `plain`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
-    /// Our view of its pod CIDR: allocated here when empty, as
-    /// `Service.spec.clusterIP` is, and immutable afterwards.
+    /// Our view of its pod CIDR (same prefix length): allocated here when
+    /// empty, as `Service.spec.clusterIP` is, and immutable afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub view: Option<String>,
 }
@@ -166,13 +180,13 @@ pub struct LinkStatus {
     version = "v1alpha1",
     kind = "NodeFabric",
     status = "NodeFabricStatus",
-    printcolumn = r#"{"name":"Slices","type":"string","jsonPath":".status.podCidrs"}"#
+    printcolumn = r#"{"name":"Slices","type":"string","jsonPath":".status.podCIDRs"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NodeFabricSpec {
     /// Override of the node's pod CIDR slices, for CNIs that do not fill
     /// `Node.spec.podCIDRs`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(rename = "podCIDRs", default, skip_serializing_if = "Vec::is_empty")]
     pub pod_cidrs: Vec<String>,
 }
 
@@ -180,7 +194,7 @@ pub struct NodeFabricSpec {
 #[serde(rename_all = "camelCase")]
 pub struct NodeFabricStatus {
     /// The slices the daemon uses for this node.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(rename = "podCIDRs", default, skip_serializing_if = "Vec::is_empty")]
     pub pod_cidrs: Vec<String>,
     /// The revision of the fabric spec last programmed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

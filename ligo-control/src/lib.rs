@@ -2,8 +2,12 @@
 //! daemons from Kubernetes objects. Pure logic lives in modules of its own
 //! (`ipam`), the object types in `crd`.
 
+pub mod cluster;
+pub mod conditions;
 pub mod crd;
 pub mod ipam;
+pub mod peer;
+pub mod validate;
 
 use anyhow::{Context, Result};
 use kube::CustomResourceExt;

@@ -1,6 +1,7 @@
 //! Support code for `cargo xtask`: network namespaces, the two-cluster
 //! testbed, and traffic checks. Shared by the demo and the end-to-end tests.
 
+pub mod kube;
 pub mod lab;
 pub mod netns;
 pub mod privileged;

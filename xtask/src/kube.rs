@@ -1,0 +1,501 @@
+//! A real Kubernetes control plane per simulated cluster: etcd and
+//! kube-apiserver (and, when asked, kube-controller-manager and
+//! kube-scheduler), built by `xtask/kube/build-kube.sh` into a cache outside
+//! the clone.
+//!
+//! Network safety: each control plane runs in a network namespace of its own
+//! and is reached from the root namespace through one veth with link-local
+//! addresses (169.254.N.0/30). The root namespace gets no route to any pod,
+//! service, view or underlay range, so identical pod CIDRs in two clusters
+//! stay unambiguous and nothing of a cluster can leave the machine. etcd
+//! listens on the namespace's own loopback, so every cluster uses the same
+//! ports without collisions.
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+use crate::netns::{self, ipc};
+
+/// The API server's port inside its namespace.
+pub const APISERVER_PORT: u16 = 6443;
+/// The admin token the harness's kubeconfig carries (static token file).
+const ADMIN_TOKEN: &str = "ligo-test-admin";
+
+/// Where `xtask/kube/build-kube.sh` leaves the Kubernetes binaries:
+/// `LIGO_KUBE_BIN`, else `~/.cache/ligo-kube`.
+pub fn kube_bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LIGO_KUBE_BIN") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/ligo-kube")
+}
+
+fn kube_binary(name: &str) -> Result<PathBuf> {
+    let path = kube_bin_dir().join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: `./x bootstrap` builds the Kubernetes binaries (about 7 minutes, once)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// What a control plane is started with.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneOptions {
+    /// Picks the link-local /30 (169.254.N.0/30); unique per concurrent test.
+    pub index: u8,
+    /// `--service-cluster-ip-range` (must end in .0).
+    pub service_cidr: String,
+    /// kube-controller-manager's `--cluster-cidr`, when it runs.
+    pub cluster_cidr: String,
+    /// Also run kube-controller-manager (garbage collector, token Secrets,
+    /// node IPAM, …; not the node lifecycle controller: nodes are hand-made)
+    /// and kube-scheduler.
+    pub controllers: bool,
+}
+
+impl ControlPlaneOptions {
+    pub fn new(index: u8) -> Self {
+        Self {
+            index,
+            service_cidr: "10.96.0.0/24".into(),
+            cluster_cidr: "10.244.0.0/16".into(),
+            controllers: false,
+        }
+    }
+}
+
+/// A running control plane; dropping it stops every process and removes
+/// its namespace and files.
+pub struct ControlPlane {
+    pub name: String,
+    /// The namespace etcd and the API server run in.
+    pub netns: String,
+    /// The API server as the root namespace reaches it.
+    pub url: String,
+    /// An admin kubeconfig for [`Self::url`].
+    pub kubeconfig: PathBuf,
+    /// The CA bundle (PEM) that signed the API server's certificate.
+    pub ca_pem: String,
+    dir: PathBuf,
+    processes: Vec<(String, Child)>,
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver (and the controllers when asked) and
+    /// returns once `/readyz` answers. `name` prefixes the namespace and
+    /// the files; leftovers of a killed run with the same name go first.
+    pub fn start(name: &str, options: &ControlPlaneOptions) -> Result<Self> {
+        let apiserver = kube_binary("kube-apiserver")?;
+        let dir = PathBuf::from(format!("/run/ligo-testbed/{name}-kube"));
+        let netns = format!("{name}-cp");
+        clear_leftovers(&netns, &dir);
+        fs::create_dir_all(dir.join("etcd"))?;
+        let host_if = format!("{name}-k");
+        let root_addr = Ipv4Addr::new(169, 254, options.index, 1);
+        let cp_addr = Ipv4Addr::new(169, 254, options.index, 2);
+        netns::add(&netns)?;
+        ipc(&format!(
+            "link add {host_if} type veth peer name k0 netns {netns}"
+        ))?;
+        ipc(&format!("addr add {root_addr}/30 dev {host_if}"))?;
+        ipc(&format!("link set {host_if} up"))?;
+        ipc(&format!("-n {netns} addr add {cp_addr}/30 dev k0"))?;
+        ipc(&format!("-n {netns} link set k0 up"))?;
+
+        // Pods reach the API server at the first address of the service
+        // range (the `kubernetes` Service).
+        let kubernetes_service = first_service_address(&options.service_cidr)?;
+        let pki = Pki::generate(&[
+            IpAddr::V4(cp_addr),
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V4(kubernetes_service),
+        ])?;
+        pki.write(&dir)?;
+        fs::write(
+            dir.join("tokens.csv"),
+            format!("{ADMIN_TOKEN},admin,admin,system:masters\n"),
+        )?;
+        let url = format!("https://{cp_addr}:{APISERVER_PORT}");
+        let kubeconfig = dir.join("kubeconfig");
+        fs::write(&kubeconfig, admin_kubeconfig(&url, &pki.ca_pem))?;
+        // The controllers reach the API server on the namespace's loopback.
+        let local_kubeconfig = dir.join("kubeconfig.local");
+        fs::write(
+            &local_kubeconfig,
+            admin_kubeconfig(&format!("https://127.0.0.1:{APISERVER_PORT}"), &pki.ca_pem),
+        )?;
+
+        let mut plane = ControlPlane {
+            name: name.to_owned(),
+            netns,
+            url,
+            kubeconfig,
+            ca_pem: pki.ca_pem.clone(),
+            dir,
+            processes: Vec::new(),
+        };
+        let d = plane.dir.clone();
+        let p = |file: &str| d.join(file).to_string_lossy().into_owned();
+        plane.spawn(
+            "etcd",
+            Path::new("etcd"),
+            &[
+                "--name",
+                "ligo-test",
+                "--data-dir",
+                &p("etcd"),
+                "--listen-client-urls",
+                "http://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "http://127.0.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "ligo-test=http://127.0.0.1:2380",
+                "--unsafe-no-fsync",
+            ],
+        )?;
+        let advertise = cp_addr.to_string();
+        let port = APISERVER_PORT.to_string();
+        plane.spawn(
+            "kube-apiserver",
+            &apiserver,
+            &[
+                "--etcd-servers",
+                "http://127.0.0.1:2379",
+                "--bind-address",
+                "0.0.0.0",
+                "--advertise-address",
+                &advertise,
+                "--secure-port",
+                &port,
+                "--tls-cert-file",
+                &p("server.crt"),
+                "--tls-private-key-file",
+                &p("server.key"),
+                "--client-ca-file",
+                &p("ca.crt"),
+                "--token-auth-file",
+                &p("tokens.csv"),
+                "--authorization-mode",
+                "RBAC",
+                "--service-account-issuer",
+                "https://kubernetes.default.svc",
+                "--service-account-key-file",
+                &p("sa.pub"),
+                "--service-account-signing-key-file",
+                &p("sa.key"),
+                "--service-cluster-ip-range",
+                &options.service_cidr,
+                "--allow-privileged=true",
+                // Hand-made Nodes stay schedulable (no kubelet clears the
+                // not-ready taint) and pods need no ServiceAccount.
+                "--disable-admission-plugins",
+                "ServiceAccount,TaintNodesByCondition",
+                "--endpoint-reconciler-type",
+                "lease",
+                "--kubelet-preferred-address-types",
+                "InternalIP",
+                "--cert-dir",
+                &p("certs"),
+            ],
+        )?;
+        plane.wait_ready()?;
+        if options.controllers {
+            let kcm = kube_binary("kube-controller-manager")?;
+            let scheduler = kube_binary("kube-scheduler")?;
+            let kc = local_kubeconfig.to_string_lossy().into_owned();
+            plane.spawn(
+                "kube-controller-manager",
+                &kcm,
+                &[
+                    "--kubeconfig",
+                    &kc,
+                    "--leader-elect=false",
+                    "--port=0",
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--controllers",
+                    "*,-nodelifecycle",
+                    "--service-account-private-key-file",
+                    &p("sa.key"),
+                    "--root-ca-file",
+                    &p("ca.crt"),
+                    "--cluster-signing-cert-file",
+                    &p("ca.crt"),
+                    "--cluster-signing-key-file",
+                    &p("ca.key"),
+                    "--allocate-node-cidrs",
+                    "--cluster-cidr",
+                    &options.cluster_cidr,
+                    "--node-cidr-mask-size",
+                    "24",
+                    "--service-cluster-ip-range",
+                    &options.service_cidr,
+                ],
+            )?;
+            plane.spawn(
+                "kube-scheduler",
+                &scheduler,
+                &[
+                    "--kubeconfig",
+                    &kc,
+                    "--leader-elect=false",
+                    "--port=0",
+                    "--bind-address",
+                    "127.0.0.1",
+                ],
+            )?;
+        }
+        Ok(plane)
+    }
+
+    fn spawn(&mut self, name: &str, program: &Path, args: &[&str]) -> Result<()> {
+        let log = fs::File::create(self.log_path(name))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name} in {}", self.netns))?;
+        fs::write(self.dir.join(format!("{name}.pid")), child.id().to_string())?;
+        self.processes.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    pub fn log_path(&self, process: &str) -> PathBuf {
+        self.dir.join(format!("{process}.log"))
+    }
+
+    /// The last lines of every process's log, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        for (name, _) in &self.processes {
+            let log = fs::read_to_string(self.log_path(name)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            all.push_str(&format!("--- {} {name} ---\n", self.name));
+            for line in tail.iter().rev() {
+                all.push_str(line);
+                all.push('\n');
+            }
+        }
+        all
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.kubectl(&["get", "--raw", "/readyz"]).is_ok() {
+                return Ok(());
+            }
+            for (name, child) in &mut self.processes {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log = fs::read_to_string(self.dir.join(format!("{name}.log")))
+                        .unwrap_or_default();
+                    bail!("{name} of {} exited ({status}):\n{log}", self.name);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the API server of {} was not ready within 60 s:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs kubectl against this cluster as admin; returns its stdout.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let kubeconfig = self.kubeconfig.to_string_lossy();
+        let mut full = vec!["--kubeconfig", &kubeconfig, "--request-timeout", "10s"];
+        full.extend_from_slice(args);
+        netns::run("kubectl", &full)
+    }
+
+    /// Stops the API server (etcd keeps the state): an outage.
+    pub fn stop_apiserver(&mut self) -> Result<()> {
+        if let Some(pos) = self
+            .processes
+            .iter()
+            .position(|(n, _)| n == "kube-apiserver")
+        {
+            let (_, mut child) = self.processes.remove(pos);
+            terminate(&mut child);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // The controllers first, etcd last, so nothing logs a lost store.
+        while let Some((_, mut child)) = self.processes.pop() {
+            terminate(&mut child);
+        }
+        clear_leftovers(&self.netns, &self.dir);
+    }
+}
+
+/// SIGTERM, then SIGKILL after 5 s; always reaps.
+fn terminate(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Kills what a killed run left (by its pid files) and removes its
+/// namespace (which takes the veth with it) and files.
+fn clear_leftovers(netns: &str, dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "pid") {
+                if let Some(pid) = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    // `ip netns exec` execs the program, so the pid is its.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+    let _ = netns::ip(&["netns", "del", netns]);
+    let _ = fs::remove_dir_all(dir);
+}
+
+fn first_service_address(service_cidr: &str) -> Result<Ipv4Addr> {
+    let base: Ipv4Addr = service_cidr
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("service CIDR {service_cidr}"))?;
+    Ok(Ipv4Addr::from(u32::from(base) + 1))
+}
+
+fn admin_kubeconfig(url: &str, ca_pem: &str) -> String {
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: ligo-test
+  cluster:
+    server: {url}
+    certificate-authority-data: {ca}
+users:
+- name: admin
+  user:
+    token: {ADMIN_TOKEN}
+contexts:
+- name: ligo-test
+  context:
+    cluster: ligo-test
+    user: admin
+current-context: ligo-test
+"
+    )
+}
+
+/// The control plane's keys and certificates (ECDSA P-256: generated in
+/// milliseconds, where RSA took the harness a second or two).
+struct Pki {
+    ca_pem: String,
+    ca_key: String,
+    server_pem: String,
+    server_key: String,
+    service_account_key: String,
+    service_account_public: String,
+}
+
+impl Pki {
+    fn generate(addresses: &[IpAddr]) -> Result<Self> {
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "ligo-test-ca");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, &ca_key);
+
+        let server_key = KeyPair::generate()?;
+        let mut server = CertificateParams::new(vec![
+            "localhost".to_owned(),
+            "kubernetes".to_owned(),
+            "kubernetes.default.svc".to_owned(),
+        ])?;
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
+        for address in addresses {
+            server.subject_alt_names.push(SanType::IpAddress(*address));
+        }
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_cert = server.signed_by(&server_key, &issuer)?;
+        let service_account = KeyPair::generate()?;
+        Ok(Self {
+            ca_pem: ca_cert.pem(),
+            ca_key: ca_key.serialize_pem(),
+            server_pem: server_cert.pem(),
+            server_key: server_key.serialize_pem(),
+            service_account_key: service_account.serialize_pem(),
+            service_account_public: service_account.public_key_pem(),
+        })
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        for (file, content) in [
+            ("ca.crt", &self.ca_pem),
+            ("ca.key", &self.ca_key),
+            ("server.crt", &self.server_pem),
+            ("server.key", &self.server_key),
+            ("sa.key", &self.service_account_key),
+            ("sa.pub", &self.service_account_public),
+        ] {
+            fs::write(dir.join(file), content)?;
+        }
+        fs::create_dir_all(dir.join("certs"))?;
+        Ok(())
+    }
+}
