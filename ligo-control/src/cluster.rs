@@ -80,6 +80,8 @@ pub struct ClusterPlan {
     /// Status without conditions (the shell merges [`Self::verdicts`]).
     pub status: ClusterFabricStatus,
     pub verdicts: Vec<Verdict>,
+    /// The settings with the fill applied, or the first invalid field.
+    pub resolved: Result<Resolved, String>,
 }
 
 /// The settings as they resolve: everything peers and daemons use.
@@ -210,6 +212,7 @@ pub fn reconcile(inputs: &ClusterInputs) -> ClusterPlan {
         create_key: *inputs.key == KeyState::Missing,
         status,
         verdicts,
+        resolved: resolved.map_err(|e| format!("ClusterFabric/{CLUSTER_FABRIC_NAME} {e}")),
     }
 }
 

@@ -199,7 +199,21 @@ pub struct NodeFabricStatus {
     /// The revision of the fabric spec last programmed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub programmed_generation: Option<i64>,
+    /// On gateways: each peer's link as the tunnel sees it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["peer"]))]
+    pub peers: Vec<PeerLinkReport>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// One peer's link on one gateway.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerLinkReport {
+    /// The `Peer` object's name.
+    pub peer: String,
+    #[serde(flatten)]
+    pub link: LinkStatus,
 }

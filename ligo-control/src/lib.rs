@@ -4,8 +4,10 @@
 
 pub mod cluster;
 pub mod conditions;
+pub mod controller;
 pub mod crd;
 pub mod ipam;
+pub mod keys;
 pub mod peer;
 pub mod validate;
 

@@ -27,7 +27,10 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
-use crate::netns::{self, ipc};
+use crate::{
+    lab::{kill_named, terminate},
+    netns::{self, ipc},
+};
 
 /// The API server's port inside its namespace.
 pub const APISERVER_PORT: u16 = 6443;
@@ -270,16 +273,43 @@ impl ControlPlane {
     }
 
     fn spawn(&mut self, name: &str, program: &Path, args: &[&str]) -> Result<()> {
-        let log = fs::File::create(self.log_path(name))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.netns])
+        let netns = self.netns.clone();
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &netns])
             .arg(program)
+            .args(args);
+        self.spawn_command(name, command)
+    }
+
+    /// Starts `program args` in the root namespace (it reaches the API
+    /// server over the link-local veth) as process `name` of this cluster:
+    /// logged beside the others, stopped with them.
+    pub fn start_process(&mut self, name: &str, program: &Path, args: &[&str]) -> Result<()> {
+        let mut command = Command::new(program);
+        command
             .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        self.spawn_command(name, command)
+    }
+
+    /// Kills process `name` with SIGKILL (a crash) and reaps it.
+    pub fn kill_process(&mut self, name: &str) -> Result<()> {
+        kill_named(&mut self.processes, name)
+    }
+
+    fn spawn_command(&mut self, name: &str, mut command: Command) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(name))?;
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {name} in {}", self.netns))?;
+            .with_context(|| format!("starting {name} for {}", self.name))?;
         fs::write(self.dir.join(format!("{name}.pid")), child.id().to_string())?;
         self.processes.push((name.to_owned(), child));
         Ok(())
@@ -336,6 +366,49 @@ impl ControlPlane {
         netns::run("kubectl", &full)
     }
 
+    /// `kubectl apply` of a YAML document (or several).
+    pub fn apply(&self, yaml: &str) -> Result<String> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let file = self.dir.join(format!(
+            "apply-{}.yaml",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::write(&file, yaml)?;
+        self.kubectl(&["apply", "-f", &file.to_string_lossy()])
+    }
+
+    /// `kubectl get KIND NAME -o jsonpath=PATH`.
+    pub fn jsonpath(&self, kind: &str, name: &str, path: &str) -> Result<String> {
+        self.kubectl(&["get", kind, name, "-o", &format!("jsonpath={path}")])
+    }
+
+    /// Polls `check` every 100 ms until it returns `Some` or `timeout`
+    /// passes; the error says what was awaited and the last answer.
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match check() {
+                Ok(Some(value)) => return Ok(value),
+                Ok(None) => "not yet".to_owned(),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: {what} not within {timeout:?} (last: {last})\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Stops the API server (etcd keeps the state): an outage.
     pub fn stop_apiserver(&mut self) -> Result<()> {
         if let Some(pos) = self
@@ -358,21 +431,6 @@ impl Drop for ControlPlane {
         }
         clear_leftovers(&self.netns, &self.dir);
     }
-}
-
-/// SIGTERM, then SIGKILL after 5 s; always reaps.
-fn terminate(child: &mut Child) {
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Kills what a killed run left (by its pid files) and removes its

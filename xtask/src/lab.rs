@@ -308,12 +308,7 @@ impl Lab {
 
     /// Kills the daemon in `ns` with SIGKILL (a crash) and reaps it.
     pub fn kill_daemon(&mut self, ns: &str) -> Result<()> {
-        if let Some(pos) = self.processes.iter().position(|(n, _)| n == ns) {
-            let (_, mut child) = self.processes.remove(pos);
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
+        kill_named(&mut self.processes, ns)
     }
 
     /// `ligo-fabric inspect maps -o json` for the daemon in `ns`.
@@ -422,8 +417,9 @@ pub fn attach_pod(node_ns: &str, host_if: &str, pod_ns: &str, pod_ip: Ipv4Addr) 
     Ok(())
 }
 
-fn terminate(child: &mut Child) {
-    // `ip netns exec` execs the daemon, so this pid is the daemon itself.
+/// SIGTERM, then SIGKILL after 5 s; always reaps. (`ip netns exec` execs
+/// the program, so the child's pid is the program's own.)
+pub(crate) fn terminate(child: &mut Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -435,6 +431,16 @@ fn terminate(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Kills process `name` of `processes` with SIGKILL (a crash) and reaps it.
+pub(crate) fn kill_named(processes: &mut Vec<(String, Child)>, name: &str) -> Result<()> {
+    if let Some(pos) = processes.iter().position(|(n, _)| n == name) {
+        let (_, mut child) = processes.remove(pos);
+        child.kill()?;
+        child.wait()?;
+    }
+    Ok(())
 }
 
 /// Removes everything a lab named `prefix` may have left behind.

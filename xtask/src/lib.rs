@@ -28,6 +28,14 @@ pub fn daemon_binary() -> PathBuf {
 
 pub use privileged::require_root;
 
+/// The ligo-control binary the tests run: `LIGO_CONTROL_BIN`, else the
+/// workspace's debug build (`cargo test --workspace` builds it).
+pub fn control_binary() -> PathBuf {
+    std::env::var_os("LIGO_CONTROL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/ligo-control"))
+}
+
 /// The build marker of the "upgraded" daemon: its eBPF programs carry it in
 /// their instructions (ligo-fabric-ebpf/src/maps.rs), so they load as
 /// different programs from the workspace build's.

@@ -1,0 +1,212 @@
+//! The `Peer` pass: every peer in creation order, each reconciled against
+//! the others as this pass leaves them (so a view given to one is taken
+//! for the next), and what differs written.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnetwork::Ipv4Network;
+use kube::{
+    api::{Api, Patch, PatchParams},
+    Client, ResourceExt,
+};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::{
+    cluster::Local,
+    now_rfc3339,
+    remote::{Remotes, Target, KUBECONFIG_FIELD},
+    Stores, FIELD_MANAGER,
+};
+use crate::{
+    conditions,
+    crd::{LinkStatus, Peer},
+    peer::{self, OtherPeer, PeerInputs},
+};
+
+/// Views written in an earlier pass that the store may not show yet.
+pub type PendingViews = BTreeMap<String, String>;
+
+pub async fn pass(
+    client: &Client,
+    stores: &Stores,
+    remotes: &Remotes,
+    local: Option<&Local>,
+    pending: &mut PendingViews,
+) {
+    let mut peers = stores.peers.state();
+    peers.sort_by_key(|p| (created(p), p.name_any()));
+    let names: BTreeSet<String> = peers.iter().map(|p| p.name_any()).collect();
+    remotes.retain(&names);
+    // Until the store shows the spec with its view.
+    pending.retain(|name, _| {
+        peers
+            .iter()
+            .any(|p| p.name_any() == *name && p.spec.view.is_none())
+    });
+    let Some(local) = local else { return };
+    let api: Api<Peer> = Api::all(client.clone());
+
+    // The view each peer holds, as this pass goes.
+    let mut views: BTreeMap<String, Ipv4Network> = peers
+        .iter()
+        .filter_map(|p| {
+            let name = p.name_any();
+            let view = p
+                .spec
+                .view
+                .clone()
+                .or_else(|| pending.get(&name).cloned())?;
+            Some((name, view.parse().ok()?))
+        })
+        .collect();
+
+    for peer in &peers {
+        let name = peer.name_any();
+        let others: Vec<OtherPeer> = peers
+            .iter()
+            .filter(|o| o.name_any() != name)
+            .map(|o| OtherPeer {
+                name: o.name_any(),
+                cluster_id: o.spec.cluster_id,
+                view: views.get(&o.name_any()).copied(),
+                created: created(o),
+            })
+            .collect();
+        let mut spec = peer.spec.clone();
+        if spec.view.is_none() {
+            spec.view = pending.get(&name).cloned();
+        }
+        let target = remote_target(peer, stores, local);
+        let remote = remotes.observe(&name, target);
+        let link = link_of(stores, &name);
+        let plan = peer::reconcile(&PeerInputs {
+            name: &name,
+            created: &created(peer),
+            spec: &spec,
+            local: local.resolved.as_ref().map_err(Clone::clone),
+            node_addresses: &local.node_addresses,
+            others: &others,
+            remote: &remote,
+            link: link.as_ref(),
+        });
+
+        if !plan.update.is_empty() {
+            let mut fields = serde_json::Map::new();
+            if let Some(view) = &plan.update.view {
+                fields.insert("view".into(), json!(view));
+            }
+            if let Some(endpoints) = &plan.update.gateway_endpoints {
+                fields.insert("gatewayEndpoints".into(), json!(endpoints));
+            }
+            if let Some(key) = &plan.update.wireguard_public_key {
+                fields.insert("wireguardPublicKey".into(), json!(key));
+            }
+            // A merge patch with the version read: a view is written into
+            // the spec we saw, or not at all (the next pass retries).
+            let patch = json!({
+                "metadata": {"resourceVersion": peer.resource_version()},
+                "spec": fields,
+            });
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    info!(peer = %name, update = ?plan.update, "updated Peer spec");
+                    if let Some(view) = &plan.update.view {
+                        pending.insert(name.clone(), view.clone());
+                        if let Ok(net) = view.parse() {
+                            views.insert(name.clone(), net);
+                        }
+                    }
+                }
+                Err(e) => warn!(peer = %name, error = %e, "cannot update the Peer spec; retrying"),
+            }
+        }
+
+        let previous = peer.status.clone().unwrap_or_default();
+        let mut status = plan.status.clone();
+        status.conditions = conditions::merge(
+            &previous.conditions,
+            &plan.verdicts,
+            peer.metadata.generation,
+            &now_rfc3339(),
+        );
+        let same = conditions::same_apart_from_time(&previous.conditions, &status.conditions)
+            && previous.remote_view == status.remote_view
+            && previous.link == status.link;
+        if !same {
+            let patch = json!({
+                "apiVersion": "ligo.io/v1alpha1",
+                "kind": "Peer",
+                "status": status,
+            });
+            if let Err(e) = api
+                .patch_status(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await
+            {
+                warn!(peer = %name, error = %e, "cannot write the Peer status");
+            }
+        }
+    }
+}
+
+fn created(peer: &Peer) -> String {
+    peer.metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default()
+}
+
+/// Where and how to read the remote, when the spec says.
+fn remote_target(peer: &Peer, stores: &Stores, local: &Local) -> Option<Target> {
+    let api_server = peer.spec.api_server.as_ref()?;
+    let our_name = local.resolved.as_ref().ok()?.cluster_name.clone();
+    let secret = stores
+        .secrets
+        .state()
+        .into_iter()
+        .find(|s| s.name_any() == api_server.credentials_secret);
+    let kubeconfig = match secret {
+        None => Err(format!(
+            "spec.apiServer.credentialsSecret: Secret {:?} does not exist in the control plane's namespace",
+            api_server.credentials_secret
+        )),
+        Some(s) => s
+            .data
+            .as_ref()
+            .and_then(|d| d.get(KUBECONFIG_FIELD))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .ok_or_else(|| {
+                format!(
+                    "Secret {:?} has no data.{KUBECONFIG_FIELD}",
+                    api_server.credentials_secret
+                )
+            }),
+    };
+    Some(Target {
+        url: api_server.url.clone(),
+        ca_bundle: api_server.ca_bundle.clone(),
+        kubeconfig,
+        our_name,
+    })
+}
+
+/// The freshest link report for `peer` among the gateways' NodeFabrics.
+fn link_of(stores: &Stores, peer: &str) -> Option<LinkStatus> {
+    stores
+        .node_fabrics
+        .state()
+        .iter()
+        .filter_map(|nf| nf.status.as_ref())
+        .flat_map(|s| s.peers.iter())
+        .filter(|r| r.peer == peer)
+        .min_by_key(|r| r.link.handshake_age_seconds.unwrap_or(u64::MAX))
+        .map(|r| r.link.clone())
+}
