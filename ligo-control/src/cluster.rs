@@ -13,11 +13,7 @@ use crate::{
     validate::{self, FieldError},
 };
 
-/// The one `ClusterFabric` object's name.
-pub const CLUSTER_FABRIC_NAME: &str = "local";
-/// The label that makes a node a gateway unless the settings name another.
-pub const DEFAULT_GATEWAY_LABEL: &str = "ligo.io/gateway";
-pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
+pub use ligo_api::{CLUSTER_FABRIC_NAME, DEFAULT_GATEWAY_LABEL, DEFAULT_WIREGUARD_PORT};
 /// A detected pod CIDR is at least this wide: the usual `--cluster-cidr`
 /// holds many /24 node slices, and a CIDR that grew with each new node
 /// would invalidate the views peers made for it.

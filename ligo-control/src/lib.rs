@@ -2,13 +2,15 @@
 //! daemons from Kubernetes objects. Pure logic lives in modules of its own
 //! (`ipam`), the object types in `crd`.
 
+pub mod cli;
 pub mod cluster;
 pub mod conditions;
 pub mod controller;
-pub mod crd;
+pub use ligo_api as crd;
 pub mod ipam;
 pub mod keys;
 pub mod peer;
+pub mod peering;
 pub mod validate;
 
 use anyhow::{Context, Result};

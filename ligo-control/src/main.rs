@@ -1,10 +1,16 @@
-//! `ligo-control`: the Kubernetes side of Ligo: the controller (`run`)
-//! and the CRDs (`crds`).
+//! `ligo-control`: the Kubernetes side of Ligo: the controller (`run`),
+//! peering (`peer`, `unpeer`, `status`) and the CRDs (`crds`).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use ligo_control::cli::{
+    self,
+    peer::{PeerArgs, UnpeerArgs},
+    status::StatusArgs,
+    Access,
+};
 
 #[derive(Parser)]
 #[command(version, about = "Ligo's Kubernetes control plane")]
@@ -13,29 +19,24 @@ struct Cli {
     command: Command,
 }
 
-/// How to reach a cluster, as kubectl takes it.
-#[derive(clap::Args, Clone, Debug)]
-struct ClusterAccess {
-    /// A kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or the
-    /// in-cluster service account).
-    #[arg(long, value_name = "FILE")]
-    kubeconfig: Option<PathBuf>,
-    /// The kubeconfig context to use.
-    #[arg(long)]
-    context: Option<String>,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller: resolves ClusterFabric/local, keeps the gateway
     /// key, allocates peer views and checks peers' API servers.
     Run {
         #[command(flatten)]
-        access: ClusterAccess,
+        access: Access,
         /// Where the gateway key and peers' credentials Secrets live.
         #[arg(long, env = "POD_NAMESPACE", default_value = "ligo-system")]
         namespace: String,
     },
+    /// Peer this cluster with another: identities, credentials and Peer
+    /// objects in both, after checking both.
+    Peer(PeerArgs),
+    /// Remove a peering from both clusters.
+    Unpeer(UnpeerArgs),
+    /// This cluster's fabric and its peers.
+    Status(StatusArgs),
     /// Print the CustomResourceDefinitions (or write one file per CRD).
     Crds {
         /// Write `<name>.yaml` files into this directory instead.
@@ -44,62 +45,53 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Run { access, namespace } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
-            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            runtime.block_on(async {
-                let client = client(&access).await?;
-                ligo_control::controller::run(
-                    client,
-                    ligo_control::controller::Options { namespace },
-                )
-                .await
-            })
-        }
-        Command::Crds { write: None } => {
-            for (_, yaml) in ligo_control::crd_manifests()? {
-                print!("---\n{yaml}");
-            }
-            Ok(())
-        }
-        Command::Crds { write: Some(dir) } => {
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            for (name, yaml) in ligo_control::crd_manifests()? {
-                let path = dir.join(name);
-                std::fs::write(&path, yaml)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            Ok(())
-        }
+fn main() {
+    let outcome = match Cli::parse().command {
+        Command::Run { access, namespace } => run_controller(access, namespace),
+        Command::Peer(args) => block_on(cli::peer::peer(args)),
+        Command::Unpeer(args) => block_on(cli::peer::unpeer(args)),
+        Command::Status(args) => block_on(cli::status::status(args)),
+        Command::Crds { write } => crds(write),
+    };
+    if let Err(e) = outcome {
+        eprintln!("✗ {e:#}");
+        std::process::exit(1);
     }
 }
 
-async fn client(access: &ClusterAccess) -> Result<kube::Client> {
-    let options = kube::config::KubeConfigOptions {
-        context: access.context.clone(),
-        ..Default::default()
-    };
-    let config = match &access.kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &options)
-                .await
-                .with_context(|| format!("using --kubeconfig {}", path.display()))?
+fn block_on<F: std::future::Future<Output = Result<()>>>(future: F) -> Result<()> {
+    tokio::runtime::Runtime::new()
+        .context("starting the runtime")?
+        .block_on(future)
+}
+
+fn run_controller(access: Access, namespace: String) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    block_on(async {
+        let cluster = cli::connect(access.kubeconfig.as_ref(), access.context.as_deref()).await?;
+        ligo_control::controller::run(
+            cluster.client,
+            ligo_control::controller::Options { namespace },
+        )
+        .await
+    })
+}
+
+fn crds(write: Option<PathBuf>) -> Result<()> {
+    let Some(dir) = write else {
+        for (_, yaml) in ligo_control::crd_manifests()? {
+            print!("---\n{yaml}");
         }
-        None if access.context.is_some() => kube::Config::from_kubeconfig(&options)
-            .await
-            .context("reading the kubeconfig")?,
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig and not in a cluster: pass --kubeconfig")?,
+        return Ok(());
     };
-    kube::Client::try_from(config).context("building the Kubernetes client")
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, yaml) in ligo_control::crd_manifests()? {
+        let path = dir.join(name);
+        std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }

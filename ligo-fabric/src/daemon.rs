@@ -18,6 +18,7 @@ use crate::{
     desired::desired_state,
     fabric_maps::{remove_pins, FabricMaps},
     host::{HostFacts, Interfaces},
+    kube_source,
     metrics::{self, DaemonMetrics},
     programs,
     routes::RouteManager,
@@ -321,6 +322,46 @@ pub async fn run(config_path: &std::path::Path) -> Result<()> {
     // after the start-up read is missed.
     let revisions = source::watch_file(config_path)?;
     let cfg = config::read_file(config_path)?;
+    start(cfg, revisions, &format!("config {}", config_path.display())).await
+}
+
+/// `ligo-fabric run --kubernetes`: the local settings and the spec both
+/// come from the API server's objects. Until every watch has listed once
+/// nothing on this host is touched: a data path an earlier daemon left
+/// pinned keeps forwarding while the API server cannot be read.
+pub async fn run_kubernetes(client: kube::Client, flags: kube_source::DaemonFlags) -> Result<()> {
+    let mut revisions = kube_source::watch(client, flags);
+    let mut stop = StopSignals::new()?;
+    info!("waiting for the API server's objects; nothing on this host changes until every watch has listed");
+    let cfg = loop {
+        tokio::select! {
+            _ = stop.recv() => {
+                info!("stopped before the first revision; the data path is left as it was");
+                return Ok(());
+            }
+            revision = revisions.recv() => match revision {
+                Some(Revision::Spec(r)) => match r.local {
+                    Some(local) => break config::Configuration { local, spec: r.spec },
+                    None => continue,
+                },
+                Some(Revision::Rejected { error, .. }) => warn!(
+                    error = format!("{error:#}"),
+                    "cannot start yet: waiting for the objects to be fixed"
+                ),
+                None => anyhow::bail!("the Kubernetes source stopped before it listed"),
+            },
+        }
+    };
+    start(cfg, revisions, "the Kubernetes API").await
+}
+
+/// Loads (or adopts) the data path for `cfg`, then applies revisions until
+/// stopped.
+async fn start(
+    cfg: config::Configuration,
+    revisions: tokio::sync::mpsc::Receiver<Revision>,
+    source: &str,
+) -> Result<()> {
     let interfaces = Interfaces::resolve(&cfg.local)?;
     let pin_dir = cfg.local.pin_dir.clone();
     let adopting = pin_dir.join("links").is_dir();
@@ -374,7 +415,7 @@ pub async fn run(config_path: &std::path::Path) -> Result<()> {
         return Err(e);
     }
     metrics.set_ready(true);
-    info!(config = %config_path.display(), "fabric ready");
+    info!(source, "fabric ready");
     serve(fabric, revisions).await
 }
 

@@ -9,6 +9,7 @@ pub mod desired;
 pub mod fabric_maps;
 pub mod host;
 pub mod inspect;
+pub mod kube_source;
 pub mod metrics;
 pub mod programs;
 pub mod routes;

@@ -33,12 +33,45 @@ enum Output {
     Json,
 }
 
+/// `run --kubernetes`: what the DaemonSet passes (the rest comes from the
+/// Node and Ligo objects).
+#[derive(clap::Args)]
+struct KubernetesArgs {
+    /// Take the desired state from the Kubernetes API (in-cluster config,
+    /// or --kubeconfig).
+    #[arg(long)]
+    kubernetes: bool,
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (the DaemonSet sets NODE_NAME from spec.nodeName).
+    #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
+    node_name: Option<String>,
+    #[arg(long, default_value = config::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    #[arg(long, default_value = config::DEFAULT_METRICS_ADDRESS)]
+    metrics_address: std::net::SocketAddr,
+    /// The gateway key Secret's private-key file, where it is mounted.
+    #[arg(long, value_name = "FILE")]
+    private_key_file: Option<PathBuf>,
+    /// The tunnel process's status socket (gateways).
+    #[arg(long, value_name = "SOCKET", default_value = config::DEFAULT_WIREGUARD_STATUS_SOCKET)]
+    status_socket: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon: attach the programs and keep the fabric in sync with FILE.
+    /// Run the daemon: attach the programs and keep the fabric in sync with
+    /// FILE, or (--kubernetes) with the cluster's Ligo objects.
     Run {
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "kubernetes",
+            conflicts_with = "kubernetes"
+        )]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        kubernetes: KubernetesArgs,
     },
     /// Run a gateway's WireGuard tunnel: a process of its own beside `run`
     /// (so either restarts without the other), configured by the daemon
@@ -135,11 +168,16 @@ fn main() -> ExitCode {
 
 fn execute(command: Command) -> Result<()> {
     match command {
-        Command::Run { config } => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?
-            .block_on(daemon::run(&config)),
+        Command::Run { config, kubernetes } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            match config {
+                Some(config) => runtime.block_on(daemon::run(&config)),
+                None => runtime.block_on(run_kubernetes(kubernetes)),
+            }
+        }
         Command::Tunnel { status_socket } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -246,4 +284,35 @@ fn inspect(what: InspectWhat) -> Result<()> {
     };
     print!("{text}");
     Ok(())
+}
+
+async fn run_kubernetes(args: KubernetesArgs) -> Result<()> {
+    use anyhow::Context as _;
+    let node_name = args
+        .node_name
+        .context("--node-name (or NODE_NAME) is required with --kubernetes")?;
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("using --kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster()
+            .context("not in a pod (no service account): pass --kubeconfig")?,
+    };
+    let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+    daemon::run_kubernetes(
+        client,
+        ligo_fabric::kube_source::DaemonFlags {
+            node_name,
+            pin_dir: args.pin_dir,
+            metrics_address: args.metrics_address,
+            ingress: config::IngressHook::Auto,
+            private_key_file: args.private_key_file,
+            status_socket: args.status_socket,
+        },
+    )
+    .await
 }

@@ -71,6 +71,9 @@ pub struct ControlPlaneOptions {
     /// node IPAM, …; not the node lifecycle controller: nodes are hand-made)
     /// and kube-scheduler.
     pub controllers: bool,
+    /// More addresses the API server's certificate names (where nodes
+    /// reach it: see [`ControlPlane::attach`]).
+    pub extra_addresses: Vec<Ipv4Addr>,
 }
 
 impl ControlPlaneOptions {
@@ -80,6 +83,7 @@ impl ControlPlaneOptions {
             service_cidr: "10.96.0.0/24".into(),
             cluster_cidr: "10.244.0.0/16".into(),
             controllers: false,
+            extra_addresses: Vec::new(),
         }
     }
 }
@@ -125,11 +129,13 @@ impl ControlPlane {
         // Pods reach the API server at the first address of the service
         // range (the `kubernetes` Service).
         let kubernetes_service = first_service_address(&options.service_cidr)?;
-        let pki = Pki::generate(&[
+        let mut addresses = vec![
             IpAddr::V4(cp_addr),
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V4(kubernetes_service),
-        ])?;
+        ];
+        addresses.extend(options.extra_addresses.iter().copied().map(IpAddr::V4));
+        let pki = Pki::generate(&addresses)?;
         pki.write(&dir)?;
         fs::write(
             dir.join("tokens.csv"),
@@ -364,6 +370,23 @@ impl ControlPlane {
         let mut full = vec!["--kubeconfig", &kubeconfig, "--request-timeout", "10s"];
         full.extend_from_slice(args);
         netns::run("kubectl", &full)
+    }
+
+    /// Puts the control plane on a cluster's underlay too: a veth from its
+    /// namespace into bridge `br0` of namespace `underlay_ns`, holding
+    /// `address`/24, so the cluster's nodes reach the API server at
+    /// `https://address:6443` (name `address` in `extra_addresses`).
+    /// Returns a kubeconfig for that URL (admin).
+    pub fn attach(&self, underlay_ns: &str, address: Ipv4Addr) -> Result<PathBuf> {
+        netns::veth(underlay_ns, "kube", &self.netns, "ul0")?;
+        ipc(&format!("-n {underlay_ns} link set kube master br0"))?;
+        ipc(&format!("-n {} addr add {address}/24 dev ul0", self.netns))?;
+        let path = self.dir.join("kubeconfig.underlay");
+        fs::write(
+            &path,
+            admin_kubeconfig(&format!("https://{address}:{APISERVER_PORT}"), &self.ca_pem),
+        )?;
+        Ok(path)
     }
 
     /// `kubectl apply` of a YAML document (or several).

@@ -85,18 +85,7 @@ impl Lab {
         ns: &str,
         config: &str,
     ) -> Result<()> {
-        if !self.bpffs_mounted {
-            netns::run(
-                "mount",
-                &[
-                    "-t",
-                    "bpf",
-                    "bpf",
-                    &self.run_dir.join("bpffs").to_string_lossy(),
-                ],
-            )?;
-            self.bpffs_mounted = true;
-        }
+        self.mount_bpffs()?;
         fs::write(self.config_path(ns), config)?;
         let config_path = self.config_path(ns);
         let run_args = [
@@ -109,6 +98,33 @@ impl Lab {
         command.extend(run_args);
         self.spawn(ns, ns, command[0], &command[1..])?;
         self.wait_for_log(ns, "fabric ready")
+    }
+
+    /// Starts `daemon run ARGS` in `ns` (arguments other than a config file,
+    /// e.g. `--kubernetes …`) and waits until it reports ready.
+    pub fn start_daemon_with(&mut self, daemon: &Path, ns: &str, args: &[&str]) -> Result<()> {
+        self.mount_bpffs()?;
+        let mut command: Vec<&OsStr> = vec![OsStr::new("run")];
+        command.extend(args.iter().map(OsStr::new));
+        self.spawn(ns, ns, daemon.as_os_str(), &command)?;
+        self.wait_for_log(ns, "fabric ready")
+    }
+
+    /// The lab's bpffs (pin dirs live in it), mounted once.
+    fn mount_bpffs(&mut self) -> Result<()> {
+        if !self.bpffs_mounted {
+            netns::run(
+                "mount",
+                &[
+                    "-t",
+                    "bpf",
+                    "bpf",
+                    &self.run_dir.join("bpffs").to_string_lossy(),
+                ],
+            )?;
+            self.bpffs_mounted = true;
+        }
+        Ok(())
     }
 
     /// The name the tunnel process of the gateway in `ns` runs under.

@@ -2,6 +2,7 @@
 //! testbed, and traffic checks. Shared by the demo and the end-to-end tests.
 
 pub mod kube;
+pub mod kube_fixtures;
 pub mod lab;
 pub mod netns;
 pub mod privileged;

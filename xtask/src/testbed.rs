@@ -332,12 +332,19 @@ impl Testbed {
                 );
             }
             let _ = writeln!(c, "]");
+            // Each gateway its own socket (and desired file beside it), in
+            // the lab's directory, plain transport too: never the host's
+            // default path, which every gateway of the lab would share.
+            let _ = writeln!(
+                c,
+                "wireguard_status_socket = \"{}\"",
+                self.lab.wireguard_socket(&self.ns(plan, host)).display()
+            );
             if wireguard {
                 let _ = writeln!(
                     c,
-                    "private_key_file = \"{}\"\nwireguard_status_socket = \"{}\"",
-                    self.private_key_path(plan).display(),
-                    self.lab.wireguard_socket(&self.ns(plan, host)).display()
+                    "private_key_file = \"{}\"",
+                    self.private_key_path(plan).display()
                 );
             }
         } else {

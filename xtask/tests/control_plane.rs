@@ -7,55 +7,26 @@
 use std::time::Duration;
 
 use xtask::{
-    control_binary,
     kube::{ControlPlane, ControlPlaneOptions},
-    netns, require_root, workspace_root,
+    kube_fixtures::CONDITION_WAIT as WAIT,
+    netns, require_root,
 };
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// A control plane with the CRDs, `ligo-system` and two hand-made Nodes
 /// (`gw` labelled gateway), and `extra` applied.
 fn cluster(name: &str, index: u8, slices: [&str; 2], extra: &str) -> ControlPlane {
     let cp = ControlPlane::start(name, &ControlPlaneOptions::new(index))
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let crds = workspace_root().join("manifests/crds");
-    cp.kubectl(&["apply", "-f", &crds.to_string_lossy()])
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    cp.kubectl(&[
-        "wait",
-        "--for",
-        "condition=Established",
-        "crd/clusterfabrics.ligo.io",
-        "crd/peers.ligo.io",
-        "crd/nodefabrics.ligo.io",
-        "--timeout",
-        "30s",
-    ])
-    .unwrap_or_else(|e| panic!("{e:#}"));
-    let nodes = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ligo-system}}\n---\n\
-apiVersion: v1\nkind: Node\nmetadata: {{name: gw, labels: {{ligo.io/gateway: \"\"}}}}\nspec: {{podCIDR: \"{}\", podCIDRs: [\"{}\"]}}\n---\n\
-apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\nspec: {{podCIDR: \"{}\", podCIDRs: [\"{}\"]}}\n",
-        slices[0], slices[0], slices[1], slices[1]
-    );
-    cp.apply(&nodes).unwrap_or_else(|e| panic!("{e:#}"));
-    for (node, ip) in [("gw", index_ip(index, 1)), ("n1", index_ip(index, 2))] {
-        cp.kubectl(&[
-            "patch",
-            "node",
-            node,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &format!(
-                "{{\"status\":{{\"addresses\":[{{\"type\":\"InternalIP\",\"address\":\"{ip}\"}}]}}}}"
-            ),
-        ])
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    }
-    if !extra.is_empty() {
-        cp.apply(extra).unwrap_or_else(|e| panic!("{e:#}"));
+    let setup = cp.install_crds().and_then(|()| {
+        cp.add_node("gw", slices[0], &index_ip(index, 1), true)?;
+        cp.add_node("n1", slices[1], &index_ip(index, 2), false)?;
+        if !extra.is_empty() {
+            cp.apply(extra)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = setup {
+        panic!("{e:#}\n{}", cp.logs());
     }
     cp
 }
@@ -67,43 +38,7 @@ fn index_ip(index: u8, host: u8) -> String {
 }
 
 fn start_controller(cp: &mut ControlPlane) {
-    let kubeconfig = cp.kubeconfig.to_string_lossy().into_owned();
-    cp.start_process(
-        "ligo-control",
-        &control_binary(),
-        &[
-            "run",
-            "--kubeconfig",
-            &kubeconfig,
-            "--namespace",
-            "ligo-system",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
-}
-
-/// `status` of condition `type_` of `kind/name`, with reason and message.
-fn condition(
-    cp: &ControlPlane,
-    kind: &str,
-    name: &str,
-    type_: &str,
-) -> Option<(String, String, String)> {
-    let out = cp
-        .jsonpath(
-            kind,
-            name,
-            &format!(
-                "{{.status.conditions[?(@.type==\"{type_}\")].status}}|{{.status.conditions[?(@.type==\"{type_}\")].reason}}|{{.status.conditions[?(@.type==\"{type_}\")].message}}"
-            ),
-        )
-        .ok()?;
-    let mut parts = out.splitn(3, '|');
-    let status = parts.next()?.to_owned();
-    if status.is_empty() {
-        return None;
-    }
-    Some((status, parts.next()?.to_owned(), parts.next()?.to_owned()))
+    cp.start_controller().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 fn wait_condition(
@@ -113,12 +48,8 @@ fn wait_condition(
     type_: &str,
     status: &str,
 ) -> (String, String) {
-    cp.wait_for(&format!("{kind}/{name} {type_}={status}"), WAIT, || {
-        Ok(condition(cp, kind, name, type_)
-            .filter(|(s, _, _)| s == status)
-            .map(|(_, reason, message)| (reason, message)))
-    })
-    .unwrap_or_else(|e| panic!("{e:#}"))
+    cp.wait_condition(kind, name, type_, status)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[test]
@@ -410,16 +341,8 @@ apiVersion: ligo.io/v1alpha1\nkind: Peer\nmetadata: {{name: nocreds}}\nspec: {{c
     assert!(message.contains("\"missing\""), "{message}");
 
     // A moved gateway on B reaches A's Peer without re-peering.
-    b.kubectl(&[
-        "patch",
-        "node",
-        "gw",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"192.168.205.77\"}]}}",
-    ])
-    .expect("move B's gateway");
+    b.set_node_address("gw", "192.168.205.77")
+        .expect("move B's gateway");
     a.wait_for("Peer/b's new endpoint", Duration::from_secs(40), || {
         let got = a.jsonpath("peer", "b", "{.spec.gatewayEndpoints[0]}")?;
         Ok((got == "192.168.205.77:51820").then_some(()))

@@ -11,6 +11,8 @@ mod cluster;
 mod peer;
 mod remote;
 
+pub use remote::KUBECONFIG_FIELD;
+
 use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};

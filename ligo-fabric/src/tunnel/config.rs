@@ -188,7 +188,8 @@ pub fn write_desired(status_socket: &Path, desired: &Desired) -> Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let temporary = beside(&path, ".new");
+    // Named by our pid: two writers never share (and steal) one file.
+    let temporary = beside(&path, &format!(".new.{}", std::process::id()));
     let json = serde_json::to_vec_pretty(desired).context("encoding the tunnel configuration")?;
     let mut file = fs::OpenOptions::new()
         .create(true)

@@ -1,10 +1,17 @@
-//! The `ligo.io/v1alpha1` custom resources. The YAML in `manifests/crds/`
-//! is generated from these types (`ligo-control crds`); a test keeps the
-//! two equal. No CEL: the schemas must install on 1.20 API servers.
+//! The `ligo.io/v1alpha1` custom resources, shared by `ligo-control` and
+//! the fabric daemon. The YAML in `manifests/crds/` is generated from these
+//! types (`ligo-control crds`); a test keeps the two equal. No CEL: the
+//! schemas must install on 1.20 API servers.
 
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+/// The one `ClusterFabric` object's name.
+pub const CLUSTER_FABRIC_NAME: &str = "local";
+/// The label that makes a node a gateway unless the settings name another.
+pub const DEFAULT_GATEWAY_LABEL: &str = "ligo.io/gateway";
+pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
 
 /// A condition as `metav1.Condition` has it (the list is a map keyed by
 /// `type`, so server-side apply merges per condition).
@@ -76,6 +83,15 @@ pub struct ClusterFabricSpec {
     /// WireGuard's UDP port on gateways (default 51820).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard_port: Option<u16>,
+    /// The URL peers reach our API server at (`ligo-control peer` uses it
+    /// unless told another; it never takes the operator's kubeconfig URL,
+    /// which may be a proxy or a loopback tunnel).
+    #[serde(
+        rename = "apiServerURL",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub api_server_url: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]

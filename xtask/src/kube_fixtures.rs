@@ -1,0 +1,127 @@
+//! What the control-plane tests do to a [`ControlPlane`]: install the
+//! CRDs, add hand-made Nodes, run `ligo-control`, read conditions.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::{control_binary, kube::ControlPlane, workspace_root};
+
+/// How long a condition may take to turn.
+pub const CONDITION_WAIT: Duration = Duration::from_secs(30);
+
+impl ControlPlane {
+    /// `manifests/crds` applied and Established, and `ligo-system`.
+    pub fn install_crds(&self) -> Result<()> {
+        let crds = workspace_root().join("manifests/crds");
+        self.kubectl(&["apply", "-f", &crds.to_string_lossy()])?;
+        self.kubectl(&[
+            "wait",
+            "--for",
+            "condition=Established",
+            "crd/clusterfabrics.ligo.io",
+            "crd/peers.ligo.io",
+            "crd/nodefabrics.ligo.io",
+            "--timeout",
+            "30s",
+        ])?;
+        self.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: ligo-system}\n")?;
+        Ok(())
+    }
+
+    /// A Node object (no kubelet) with pod CIDR `slice` and InternalIP
+    /// `ip`, labelled a gateway when `gateway`.
+    pub fn add_node(&self, name: &str, slice: &str, ip: &str, gateway: bool) -> Result<()> {
+        let labels = if gateway {
+            "{ligo.io/gateway: \"\"}"
+        } else {
+            "{}"
+        };
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {labels}}}\nspec: {{podCIDR: \"{slice}\", podCIDRs: [\"{slice}\"]}}\n"
+        ))?;
+        self.set_node_address(name, ip)
+    }
+
+    /// Sets a Node's InternalIP (as a kubelet reports it).
+    pub fn set_node_address(&self, name: &str, ip: &str) -> Result<()> {
+        self.kubectl(&[
+            "patch",
+            "node",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &format!(
+                "{{\"status\":{{\"addresses\":[{{\"type\":\"InternalIP\",\"address\":\"{ip}\"}}]}}}}"
+            ),
+        ])
+        .map(drop)
+    }
+
+    /// `ligo-control run` against this cluster, as process `ligo-control`.
+    pub fn start_controller(&mut self) -> Result<()> {
+        let kubeconfig = self.kubeconfig.to_string_lossy().into_owned();
+        self.start_process(
+            "ligo-control",
+            &control_binary(),
+            &[
+                "run",
+                "--kubeconfig",
+                &kubeconfig,
+                "--namespace",
+                "ligo-system",
+            ],
+        )
+    }
+
+    /// Condition `type_` of `kind/name`: (status, reason, message).
+    pub fn condition(
+        &self,
+        kind: &str,
+        name: &str,
+        type_: &str,
+    ) -> Option<(String, String, String)> {
+        let field = |f: &str| format!("{{.status.conditions[?(@.type==\"{type_}\")].{f}}}");
+        let out = self
+            .jsonpath(
+                kind,
+                name,
+                &format!(
+                    "{}|{}|{}",
+                    field("status"),
+                    field("reason"),
+                    field("message")
+                ),
+            )
+            .ok()?;
+        let mut parts = out.splitn(3, '|');
+        let status = parts.next()?.to_owned();
+        if status.is_empty() {
+            return None;
+        }
+        Some((status, parts.next()?.to_owned(), parts.next()?.to_owned()))
+    }
+
+    /// Waits until condition `type_` of `kind/name` is `status`; returns
+    /// its reason and message.
+    pub fn wait_condition(
+        &self,
+        kind: &str,
+        name: &str,
+        type_: &str,
+        status: &str,
+    ) -> Result<(String, String)> {
+        self.wait_for(
+            &format!("{kind}/{name} {type_}={status}"),
+            CONDITION_WAIT,
+            || {
+                Ok(self
+                    .condition(kind, name, type_)
+                    .filter(|(s, _, _)| s == status)
+                    .map(|(_, reason, message)| (reason, message)))
+            },
+        )
+        .with_context(|| format!("waiting on {kind}/{name}"))
+    }
+}
