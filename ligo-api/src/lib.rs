@@ -186,6 +186,10 @@ pub struct LinkStatus {
     pub handshake_age_seconds: Option<u64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+    /// `wireguard` or `plain` (a plain link has no handshake: it is up once
+    /// the gateway programmed it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// What the fabric daemon on one node uses and has programmed; one per
@@ -212,9 +216,13 @@ pub struct NodeFabricStatus {
     /// The slices the daemon uses for this node.
     #[serde(rename = "podCIDRs", default, skip_serializing_if = "Vec::is_empty")]
     pub pod_cidrs: Vec<String>,
-    /// The revision of the fabric spec last programmed.
+    /// How many revisions of the desired state the daemon has applied since
+    /// it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub programmed_generation: Option<i64>,
+    /// The `Peer` objects this node's data path carries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub programmed_peers: Vec<String>,
     /// On gateways: each peer's link as the tunnel sees it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["peer"]))]

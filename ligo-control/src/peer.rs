@@ -64,6 +64,20 @@ pub struct PeerInputs<'a> {
     pub remote: &'a Remote,
     /// The gateway daemon's report of this peer's link, once it has one.
     pub link: Option<&'a LinkStatus>,
+    /// What the nodes' daemons report of this peer.
+    pub nodes: &'a NodeReports,
+}
+
+/// Which nodes' fabric daemons carry a peer (from their `NodeFabric`
+/// status), sorted by node name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeReports {
+    /// The daemon reports the peer programmed.
+    pub programmed: Vec<String>,
+    /// The daemon reports, but not this peer (yet), or refused a revision.
+    pub lagging: Vec<String>,
+    /// A node that is not known to be down, whose daemon never reported.
+    pub silent: Vec<String>,
 }
 
 /// Spec fields to write.
@@ -210,7 +224,13 @@ pub fn reconcile(inputs: &PeerInputs) -> PeerPlan {
         }
     }
 
+    let plain = spec.transport.as_deref() == Some("plain");
     verdicts.push(match inputs.link {
+        Some(_) if plain => Verdict::ok(
+            "TunnelEstablished",
+            "PlainTransport",
+            "the gateway programmed this peer (plain transport: no handshake to wait for)",
+        ),
         Some(link) if link.handshake_age_seconds.is_some_and(|age| age < 180) => Verdict::ok(
             "TunnelEstablished",
             "HandshakeRecent",
@@ -230,12 +250,47 @@ pub fn reconcile(inputs: &PeerInputs) -> PeerPlan {
             "no gateway daemon has reported this peer's link yet",
         ),
     });
+    verdicts.push(nodes_programmed(inputs.nodes));
     verdicts.push(summary(&verdicts));
     PeerPlan {
         update,
         status,
         verdicts,
     }
+}
+
+/// Traffic flows from every node only once every node's daemon carries the
+/// peer.
+fn nodes_programmed(nodes: &NodeReports) -> Verdict {
+    const TYPE: &str = "NodesProgrammed";
+    if !nodes.lagging.is_empty() {
+        return Verdict::failed(
+            TYPE,
+            "NodesLagging",
+            format!(
+                "the fabric daemons of {} do not carry this peer yet (see their NodeFabric status)",
+                nodes.lagging.join(", ")
+            ),
+        );
+    }
+    if !nodes.silent.is_empty() {
+        return Verdict::failed(
+            TYPE,
+            "NodesNotReporting",
+            format!(
+                "no fabric daemon reports from {}: is the ligo-fabric DaemonSet running there?",
+                nodes.silent.join(", ")
+            ),
+        );
+    }
+    if nodes.programmed.is_empty() {
+        return Verdict::failed(TYPE, "NoNodes", "no node's fabric daemon reports yet");
+    }
+    Verdict::ok(
+        TYPE,
+        "AllNodes",
+        format!("programmed on {} node(s)", nodes.programmed.len()),
+    )
 }
 
 fn unverified() -> Verdict {

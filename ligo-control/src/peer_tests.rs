@@ -36,6 +36,7 @@ fn run(spec: &PeerSpec, local: &Resolved, others: &[OtherPeer], remote: &Remote)
         others,
         remote,
         link: None,
+        nodes: &NodeReports::default(),
     })
 }
 
@@ -220,6 +221,7 @@ fn a_bad_field_is_named() {
         others: &[],
         remote: &Remote::NotConfigured,
         link: None,
+        nodes: &NodeReports::default(),
     });
     assert!(verdict(&plan, "Valid").message.contains("metadata.name"));
 }
@@ -304,17 +306,100 @@ fn ready_needs_a_recent_handshake() {
         handshake_age_seconds: Some(3),
         tx_bytes: 1,
         rx_bytes: 1,
+        transport: Some("wireguard".into()),
     };
-    let up = reconcile(&PeerInputs {
-        name: "b",
-        created: "",
-        spec: &peer,
-        local: Ok(&local),
-        node_addresses: &[],
-        others: &[],
-        remote: &Remote::NotConfigured,
-        link: Some(&link),
-    });
+    let all_nodes = NodeReports {
+        programmed: vec!["gw".into(), "n1".into()],
+        ..NodeReports::default()
+    };
+    let with = |spec: &PeerSpec, link: &LinkStatus, nodes: &NodeReports| {
+        reconcile(&PeerInputs {
+            name: "b",
+            created: "",
+            spec,
+            local: Ok(&local),
+            node_addresses: &[],
+            others: &[],
+            remote: &Remote::NotConfigured,
+            link: Some(link),
+            nodes,
+        })
+    };
+    let up = with(&peer, &link, &all_nodes);
     assert!(verdict(&up, "TunnelEstablished").ok);
+    assert!(verdict(&up, "NodesProgrammed").ok);
     assert!(verdict(&up, "Ready").ok, "{:?}", up.verdicts);
+
+    let stale = LinkStatus {
+        handshake_age_seconds: Some(181),
+        ..link.clone()
+    };
+    let old = with(&peer, &stale, &all_nodes);
+    assert_eq!(
+        verdict(&old, "TunnelEstablished").reason,
+        "NoRecentHandshake"
+    );
+    assert!(!verdict(&old, "Ready").ok);
+    let never = LinkStatus {
+        handshake_age_seconds: None,
+        ..link.clone()
+    };
+    assert!(!verdict(&with(&peer, &never, &all_nodes), "TunnelEstablished").ok);
+    // A plain link has no handshake: reported is established.
+    let plain = PeerSpec {
+        transport: Some("plain".into()),
+        ..peer.clone()
+    };
+    let plain_up = with(&plain, &never, &all_nodes);
+    assert_eq!(
+        verdict(&plain_up, "TunnelEstablished").reason,
+        "PlainTransport"
+    );
+    assert!(verdict(&plain_up, "Ready").ok);
+}
+
+#[test]
+fn ready_needs_every_nodes_daemon_to_carry_the_peer() {
+    let local = local();
+    let peer = spec("b", 2, "10.245.0.0/16");
+    let link = LinkStatus {
+        handshake_age_seconds: Some(1),
+        ..LinkStatus::default()
+    };
+    let plan = |nodes: &NodeReports| {
+        reconcile(&PeerInputs {
+            name: "b",
+            created: "",
+            spec: &peer,
+            local: Ok(&local),
+            node_addresses: &[],
+            others: &[],
+            remote: &Remote::NotConfigured,
+            link: Some(&link),
+            nodes,
+        })
+    };
+    let lagging = plan(&NodeReports {
+        programmed: vec!["gw".into()],
+        lagging: vec!["n2".into()],
+        silent: vec!["n3".into()],
+    });
+    let v = verdict(&lagging, "NodesProgrammed");
+    assert_eq!(v.reason, "NodesLagging");
+    assert!(v.message.contains("n2"), "{}", v.message);
+    assert_eq!(verdict(&lagging, "Ready").reason, "NodesLagging");
+    let silent = plan(&NodeReports {
+        programmed: vec!["gw".into()],
+        silent: vec!["n3".into()],
+        ..NodeReports::default()
+    });
+    let v = verdict(&silent, "NodesProgrammed");
+    assert!(
+        v.reason == "NodesNotReporting" && v.message.contains("from n3:"),
+        "{v:?}"
+    );
+    assert_eq!(
+        verdict(&plan(&NodeReports::default()), "NodesProgrammed").reason,
+        "NoNodes"
+    );
 }

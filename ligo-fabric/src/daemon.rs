@@ -18,7 +18,7 @@ use crate::{
     desired::desired_state,
     fabric_maps::{remove_pins, FabricMaps},
     host::{HostFacts, Interfaces},
-    kube_source,
+    kube_source::{self, report, Programmed},
     metrics::{self, DaemonMetrics},
     programs,
     routes::RouteManager,
@@ -26,9 +26,12 @@ use crate::{
     tunnel::{
         self,
         config::{write_desired, Desired},
-        device, TunnelSpec,
+        device,
+        status::StatusClient,
+        TunnelSpec,
     },
 };
+use tokio::sync::watch;
 
 /// How often the node's pod interfaces are listed.
 const POD_INTERFACE_POLL: Duration = Duration::from_secs(1);
@@ -48,9 +51,27 @@ struct Fabric {
     tunnel_device_attached: Option<u32>,
     attached: bool,
     uplink_is_veth: bool,
+    /// Where what is programmed is reported (the Kubernetes source's
+    /// NodeFabric status), when a source wants it.
+    report: Option<watch::Sender<Programmed>>,
+    revisions_applied: i64,
 }
 
 impl Fabric {
+    /// Tells the reporter what is programmed now, and what was refused.
+    fn report(&mut self, refused: Option<String>) {
+        if refused.is_none() {
+            self.revisions_applied += 1;
+        }
+        if let Some(report) = &self.report {
+            report.send_replace(Programmed {
+                revisions: self.revisions_applied,
+                state: Some((self.local.clone(), self.spec.clone())),
+                refused,
+            });
+        }
+    }
+
     /// The tunnel part of `local` and `spec`, its key files read and
     /// checked: a key that cannot be used refuses the revision before
     /// anything changes (the tunnel process reads the same files).
@@ -270,6 +291,7 @@ impl Fabric {
             Revision::Rejected { reason, error } => {
                 self.metrics.config_rejections.inc();
                 error!(reason, error = format!("{error:#}"), "new configuration rejected; the running state is unchanged. Fix the file and save it again");
+                self.report(Some(format!("{reason}: {error:#}")));
                 return;
             }
             Revision::Spec(revision) => {
@@ -284,6 +306,9 @@ impl Fabric {
         if let Some(field) = source::restart_needed_for(&self.local, &local) {
             self.metrics.config_rejections.inc();
             error!(reason, field, "new configuration changes the role, an interface or another setting that only a restart applies; these need a restart of the daemon. The running state is unchanged");
+            self.report(Some(format!(
+                "{field} changed: only a restart of the daemon applies it"
+            )));
             return;
         }
         if local == self.local && spec == self.spec {
@@ -293,6 +318,7 @@ impl Fabric {
         if let Err(e) = self.tunnel_spec(&local, &spec).await {
             self.metrics.config_rejections.inc();
             error!(reason, error = format!("{e:#}"), "new configuration rejected; the running state is unchanged. Fix the file and save it again");
+            self.report(Some(format!("{e:#}")));
             return;
         }
         let previous_local = std::mem::replace(&mut self.local, local);
@@ -305,13 +331,16 @@ impl Fabric {
             );
             self.local = previous_local;
             self.spec = previous_spec;
-            if let Err(e) = self.apply().await {
+            if let Err(restoring) = self.apply().await {
                 error!(
-                    error = format!("{e:#}"),
+                    error = format!("{restoring:#}"),
                     "restoring the previous configuration failed; restart the daemon"
                 );
             }
+            self.report(Some(format!("applying failed, previous state kept: {e:#}")));
+            return;
         }
+        self.report(None);
     }
 }
 
@@ -322,7 +351,13 @@ pub async fn run(config_path: &std::path::Path) -> Result<()> {
     // after the start-up read is missed.
     let revisions = source::watch_file(config_path)?;
     let cfg = config::read_file(config_path)?;
-    start(cfg, revisions, &format!("config {}", config_path.display())).await
+    start(
+        cfg,
+        revisions,
+        &format!("config {}", config_path.display()),
+        None,
+    )
+    .await
 }
 
 /// `ligo-fabric run --kubernetes`: the local settings and the spec both
@@ -330,7 +365,8 @@ pub async fn run(config_path: &std::path::Path) -> Result<()> {
 /// nothing on this host is touched: a data path an earlier daemon left
 /// pinned keeps forwarding while the API server cannot be read.
 pub async fn run_kubernetes(client: kube::Client, flags: kube_source::DaemonFlags) -> Result<()> {
-    let mut revisions = kube_source::watch(client, flags);
+    let node_name = flags.node_name.clone();
+    let mut revisions = kube_source::watch(client.clone(), flags);
     let mut stop = StopSignals::new()?;
     info!("waiting for the API server's objects; nothing on this host changes until every watch has listed");
     let cfg = loop {
@@ -352,7 +388,16 @@ pub async fn run_kubernetes(client: kube::Client, flags: kube_source::DaemonFlag
             },
         }
     };
-    start(cfg, revisions, "the Kubernetes API").await
+    let (programmed, reported) = watch::channel(Programmed::default());
+    let tunnel = StatusClient::default();
+    tokio::spawn(report::report(client, node_name, reported, tunnel.clone()));
+    start(
+        cfg,
+        revisions,
+        "the Kubernetes API",
+        Some((programmed, tunnel)),
+    )
+    .await
 }
 
 /// Loads (or adopts) the data path for `cfg`, then applies revisions until
@@ -361,6 +406,7 @@ async fn start(
     cfg: config::Configuration,
     revisions: tokio::sync::mpsc::Receiver<Revision>,
     source: &str,
+    report: Option<(watch::Sender<Programmed>, StatusClient)>,
 ) -> Result<()> {
     let interfaces = Interfaces::resolve(&cfg.local)?;
     let pin_dir = cfg.local.pin_dir.clone();
@@ -368,7 +414,12 @@ async fn start(
     let ebpf = programs::load(&pin_dir)?;
     let maps = FabricMaps::open(&pin_dir)?;
     let routes = RouteManager::new()?;
-    let metrics = DaemonMetrics::new();
+    let mut metrics = DaemonMetrics::new();
+    let report = report.map(|(sender, tunnel)| {
+        // The reporter asks the tunnel process what /metrics asks it.
+        metrics.tunnel = tunnel;
+        sender
+    });
     let mut fabric = Fabric {
         local: cfg.local,
         spec: cfg.spec,
@@ -381,6 +432,8 @@ async fn start(
         tunnel_device_attached: None,
         attached: false,
         uplink_is_veth: false,
+        report,
+        revisions_applied: 0,
     };
     let started = async {
         fabric.uplink_is_veth = fabric.routes.is_veth(fabric.interfaces.underlay).await?;
@@ -415,6 +468,7 @@ async fn start(
         return Err(e);
     }
     metrics.set_ready(true);
+    fabric.report(None);
     info!(source, "fabric ready");
     serve(fabric, revisions).await
 }

@@ -456,6 +456,15 @@ impl Drop for ControlPlane {
     }
 }
 
+/// Removes what a control plane named `name` left behind (an interrupted
+/// demo, a killed test).
+pub fn remove(name: &str) {
+    clear_leftovers(
+        &format!("{name}-cp"),
+        &PathBuf::from(format!("/run/ligo-testbed/{name}-kube")),
+    );
+}
+
 /// Kills what a killed run left (by its pid files) and removes its
 /// namespace (which takes the veth with it) and files.
 fn clear_leftovers(netns: &str, dir: &Path) {

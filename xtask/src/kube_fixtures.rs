@@ -14,7 +14,7 @@ impl ControlPlane {
     /// `manifests/crds` applied and Established, and `ligo-system`.
     pub fn install_crds(&self) -> Result<()> {
         let crds = workspace_root().join("manifests/crds");
-        self.kubectl(&["apply", "-f", &crds.to_string_lossy()])?;
+        self.kubectl(&["apply", "-k", &crds.to_string_lossy()])?;
         self.kubectl(&[
             "wait",
             "--for",
@@ -43,8 +43,20 @@ impl ControlPlane {
         self.set_node_address(name, ip)
     }
 
-    /// Sets a Node's InternalIP (as a kubelet reports it).
-    pub fn set_node_address(&self, name: &str, ip: &str) -> Result<()> {
+    /// Sets a Node's InternalIP and, when given, its ExternalIP (as a
+    /// kubelet or cloud provider reports them).
+    pub fn set_node_addresses(
+        &self,
+        name: &str,
+        internal: &str,
+        external: Option<&str>,
+    ) -> Result<()> {
+        let mut addresses = format!("{{\"type\":\"InternalIP\",\"address\":\"{internal}\"}}");
+        if let Some(external) = external {
+            addresses.push_str(&format!(
+                ",{{\"type\":\"ExternalIP\",\"address\":\"{external}\"}}"
+            ));
+        }
         self.kubectl(&[
             "patch",
             "node",
@@ -52,11 +64,14 @@ impl ControlPlane {
             "--subresource=status",
             "--type=merge",
             "-p",
-            &format!(
-                "{{\"status\":{{\"addresses\":[{{\"type\":\"InternalIP\",\"address\":\"{ip}\"}}]}}}}"
-            ),
+            &format!("{{\"status\":{{\"addresses\":[{addresses}]}}}}"),
         ])
         .map(drop)
+    }
+
+    /// Sets a Node's InternalIP (as a kubelet reports it).
+    pub fn set_node_address(&self, name: &str, ip: &str) -> Result<()> {
+        self.set_node_addresses(name, ip, None)
     }
 
     /// `ligo-control run` against this cluster, as process `ligo-control`.

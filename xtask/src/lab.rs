@@ -301,6 +301,30 @@ impl Lab {
         Ok(())
     }
 
+    /// Like [`Lab::spawn`], in the root network namespace.
+    pub fn spawn_here(&mut self, name: &str, program: &OsStr, args: &[&OsStr]) -> Result<()> {
+        let log = fs::File::create(self.log_path(name))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", program.to_string_lossy()))?;
+        fs::write(self.pid_path(name), child.id().to_string())?;
+        self.processes.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    /// The bpffs directory that stands for node `ns`'s `/sys/fs/bpf`
+    /// (a daemon's `--pin-dir` lies below it).
+    pub fn bpffs_of(&mut self, ns: &str) -> Result<PathBuf> {
+        self.mount_bpffs()?;
+        let dir = self.pin_dir(ns);
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
     /// A file in this lab's run directory.
     pub fn file(&self, name: &str) -> PathBuf {
         self.run_dir.join(name)

@@ -1,8 +1,10 @@
 //! Support code for `cargo xtask`: network namespaces, the two-cluster
 //! testbed, and traffic checks. Shared by the demo and the end-to-end tests.
 
+pub mod demo;
 pub mod kube;
 pub mod kube_fixtures;
+pub mod kube_testbed;
 pub mod lab;
 pub mod netns;
 pub mod privileged;
@@ -10,6 +12,7 @@ pub mod prometheus;
 pub mod testbed;
 pub mod traffic;
 pub mod wire;
+pub mod workloads;
 
 use std::{path::PathBuf, process::Command, sync::Mutex};
 

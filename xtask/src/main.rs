@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use xtask::{
     daemon_binary, lab,
     testbed::{Scenario, Testbed},
-    traffic, workspace_root,
+    workspace_root,
 };
 
 #[derive(Parser)]
@@ -23,7 +23,8 @@ struct Cli {
 enum ScenarioName {
     /// Both clusters on 10.244.0.0/16.
     Identical,
-    /// 10.244.0.0/16 and 10.100.16.0/20, seen through a remapped /20.
+    /// 10.244.0.0/16 and 10.100.16.0/20 (each keeps the other's real CIDR as
+    /// its view: it collides with nothing).
     Different,
 }
 
@@ -65,7 +66,11 @@ impl ScenarioName {
     fn scenario(self) -> Scenario {
         match self {
             ScenarioName::Identical => Scenario::identical_cidrs(),
-            ScenarioName::Different => Scenario::different_cidrs(),
+            ScenarioName::Different => {
+                let mut s = Scenario::different_cidrs();
+                s.a.view_of_peer = s.b.pod_cidr;
+                s
+            }
         }
     }
 }
@@ -187,7 +192,13 @@ impl TestTotals {
 }
 
 fn build() -> Result<()> {
-    cargo(&["build", "--package", "ligo-fabric"])
+    cargo(&[
+        "build",
+        "--package",
+        "ligo-fabric",
+        "--package",
+        "ligo-control",
+    ])
 }
 
 /// Builds the daemon with a build marker (different programs, see
@@ -218,7 +229,7 @@ fn main() -> Result<()> {
         Cmd::Build => build(),
         Cmd::Demo { scenario } => {
             build()?;
-            demo(scenario)
+            xtask::demo::run(scenario.scenario())
         }
         Cmd::Test => {
             build_upgraded_daemon()?;
@@ -315,104 +326,6 @@ fn bench(quick: bool) -> Result<()> {
         .context("running ligo-bench")?;
     if !status.success() {
         bail!("ligo-bench failed ({status})");
-    }
-    Ok(())
-}
-
-const DEMO_PREFIX: &str = "ligo-demo";
-
-fn demo(scenario: ScenarioName) -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
-    }
-    ctrlc::set_handler(|| {
-        eprintln!("\ninterrupted: removing the demo testbed");
-        lab::remove(DEMO_PREFIX);
-        std::process::exit(130);
-    })?;
-    let scenario = scenario.scenario();
-    let (a, b) = (&scenario.a, &scenario.b);
-    println!(
-        "== Ligo demo: two clusters, cluster A pods {} and cluster B pods {}",
-        a.pod_cidr, b.pod_cidr
-    );
-    println!(
-        "   A sees B's pods as {}, B sees A's pods as {}",
-        a.view_of_peer, b.view_of_peer
-    );
-    let mut bed = Testbed::up(DEMO_PREFIX, scenario.clone())?;
-    let result = run_demo(&mut bed);
-    if result.is_err() {
-        eprintln!("{}", bed.lab.logs());
-    }
-    bed.lab.down()?;
-    println!("== testbed removed");
-    result
-}
-
-fn run_demo(bed: &mut Testbed) -> Result<()> {
-    let daemon = daemon_binary();
-    bed.start_fabric(&daemon)?;
-    println!(
-        "== fabric daemons ready on 2 gateways and 4 nodes; gateways talk {}",
-        if bed.transport == "wireguard" {
-            "WireGuard (boringtun's protocol engine, in a tunnel process beside each gateway daemon)"
-        } else {
-            "plain VXLAN"
-        }
-    );
-    let a_pod = bed.pod(0, 0, 0);
-    let b_pod = bed.pod(1, 1, 1);
-    for (from, to, port) in [(&a_pod, &b_pod, 7001), (&b_pod, &a_pod, 7002)] {
-        let dst = bed.address_seen_from_peer(to);
-        let (from_c, to_c) = (
-            if from.cluster == 0 { "A" } else { "B" },
-            if to.cluster == 0 { "A" } else { "B" },
-        );
-        println!(
-            "\n-- pod {} in {from_c} -> pod {} in {to_c}, addressed as {dst}",
-            from.ip, to.ip
-        );
-        let ping = traffic::ping(from, dst, 3)?;
-        if let Some(summary) = ping.lines().find(|l| l.contains("packets transmitted")) {
-            println!("   ICMP: {summary}");
-        }
-        let tcp = traffic::tcp_transfer(from, to, dst, port, 4 << 20)?;
-        println!(
-            "   TCP:  {} bytes, SHA-256 matches; the server saw the client as {}",
-            tcp.bytes, tcp.server_saw
-        );
-        let udp = traffic::udp_exchange(from, to, dst, port, 20)?;
-        println!(
-            "   UDP:  20 datagrams echoed; server saw {}, replies came from {}",
-            udp.server_saw, udp.reply_from
-        );
-    }
-    let a_node = bed.ns(&bed.scenario.a, "n1");
-    let a_gw = bed.ns(&bed.scenario.a, "gw");
-    for ns in [a_node, a_gw] {
-        println!("\n== ligo-fabric inspect maps ({ns})");
-        let out = xtask::netns::run(
-            &daemon.to_string_lossy(),
-            &[
-                "inspect",
-                "maps",
-                "--pin-dir",
-                &bed.lab.pin_dir(&ns).to_string_lossy(),
-            ],
-        )?;
-        print!("{out}");
-    }
-    if bed.transport == "wireguard" {
-        let a_gw = bed.ns(&bed.scenario.a, "gw");
-        println!("\n== ligo-fabric inspect tunnels ({a_gw})");
-        let config = bed.lab.config_path(&a_gw);
-        let out = xtask::netns::exec(
-            &a_gw,
-            &daemon.to_string_lossy(),
-            &["inspect", "tunnels", "--config", &config.to_string_lossy()],
-        )?;
-        print!("{out}");
     }
     Ok(())
 }

@@ -40,7 +40,8 @@ pub async fn pass(
         .into_iter()
         .find(|f| f.name_any() == CLUSTER_FABRIC_NAME)
     else {
-        // The manifests create it; make it if someone deleted it.
+        // Made here, not by the manifests (a CR applied with its CRD in one
+        // `kubectl apply` fails before the CRD is established).
         let empty = ClusterFabric::new(CLUSTER_FABRIC_NAME, ClusterFabricSpec::default());
         match api.create(&PostParams::default(), &empty).await {
             Ok(_) => info!("created ClusterFabric/{CLUSTER_FABRIC_NAME} with defaults"),

@@ -21,7 +21,7 @@ use super::{
 use crate::{
     conditions,
     crd::{LinkStatus, Peer},
-    peer::{self, OtherPeer, PeerInputs},
+    peer::{self, NodeReports, OtherPeer, PeerInputs},
 };
 
 /// Views written in an earlier pass that the store may not show yet.
@@ -80,6 +80,7 @@ pub async fn pass(
         let target = remote_target(peer, stores, local);
         let remote = remotes.observe(&name, target);
         let link = link_of(stores, &name);
+        let nodes = node_reports(stores, &name);
         let plan = peer::reconcile(&PeerInputs {
             name: &name,
             created: &created(peer),
@@ -89,6 +90,7 @@ pub async fn pass(
             others: &others,
             remote: &remote,
             link: link.as_ref(),
+            nodes: &nodes,
         });
 
         if !plan.update.is_empty() {
@@ -209,4 +211,46 @@ fn link_of(stores: &Stores, peer: &str) -> Option<LinkStatus> {
         .filter(|r| r.peer == peer)
         .min_by_key(|r| r.link.handshake_age_seconds.unwrap_or(u64::MAX))
         .map(|r| r.link.clone())
+}
+
+/// Which nodes' daemons carry `peer`. A node whose Ready condition says it
+/// is down is not waited for; one with no conditions (no kubelet reports
+/// them) is.
+fn node_reports(stores: &Stores, peer: &str) -> NodeReports {
+    let fabrics = stores.node_fabrics.state();
+    let mut reports = NodeReports::default();
+    let mut nodes = stores.nodes.state();
+    nodes.sort_by_key(|n| n.name_any());
+    for node in nodes {
+        let name = node.name_any();
+        let status = fabrics
+            .iter()
+            .find(|nf| nf.name_any() == name)
+            .and_then(|nf| nf.status.as_ref())
+            .filter(|s| !s.conditions.is_empty());
+        match status {
+            Some(s) => {
+                let refused = s
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Programmed" && c.status != "True");
+                if !refused && s.programmed_peers.iter().any(|p| p == peer) {
+                    reports.programmed.push(name);
+                } else {
+                    reports.lagging.push(name);
+                }
+            }
+            None if known_down(&node) => {}
+            None => reports.silent.push(name),
+        }
+    }
+    reports
+}
+
+fn known_down(node: &k8s_openapi::api::core::v1::Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|ready| ready.status != "True")
 }

@@ -8,7 +8,10 @@
 //! data path keeps forwarding; the watches catch up by themselves when it
 //! returns.
 
+pub mod report;
 pub mod translate;
+
+pub use report::Programmed;
 
 use std::{sync::Arc, time::Duration};
 

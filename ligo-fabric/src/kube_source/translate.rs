@@ -21,6 +21,12 @@ use crate::config::{
     PeerContext, PeerInput, PeerProblem, Transport, DEFAULT_FABRIC_PORT, DEFAULT_WIREGUARD_PORT,
 };
 
+/// Keepalives toward every WireGuard peer of a cluster: the session is
+/// made as soon as the peer is configured (so `ligo-control peer --wait`
+/// sees the tunnel up within a round trip) and a dead peer is reported
+/// within 2 × 10 + 3 s.
+pub const KEEPALIVE_SECONDS: u16 = 10;
+
 /// What the DaemonSet passes the daemon (flags and the downward API).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonFlags {
@@ -158,6 +164,7 @@ pub fn translate(
             p.name_any(),
         )
     });
+    let is_wireguard_gateway = |t: Transport| is_gateway && t == Transport::Wireguard;
     let inputs = peers.into_iter().filter_map(|p| {
         // A peer without a view is not allocated yet: not a problem.
         let view = p.spec.view.clone()?;
@@ -176,9 +183,13 @@ pub fn translate(
                 view_cidr: Some(view),
                 endpoint: endpoints.into_iter().next(),
                 transport,
-                public_key: p.spec.wireguard_public_key.clone(),
+                // Nodes carry no WireGuard settings (the file source
+                // refuses them there too).
+                public_key: is_wireguard_gateway(transport)
+                    .then(|| p.spec.wireguard_public_key.clone())
+                    .flatten(),
                 preshared_key_file: None,
-                persistent_keepalive: None,
+                persistent_keepalive: is_wireguard_gateway(transport).then_some(KEEPALIVE_SECONDS),
             },
         ))
     });

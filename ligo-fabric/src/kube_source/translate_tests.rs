@@ -222,3 +222,32 @@ fn what_is_missing_is_named() {
         "{e}"
     );
 }
+
+#[test]
+fn only_the_gateway_gets_wireguard_keys_and_keepalives() {
+    let fabrics = [fabric(true)];
+    let nodes = nodes();
+    let peers = [peer("b", 2, Some("10.128.0.0/16"), KEY_B)];
+    let observed = Observed {
+        fabrics: &fabrics,
+        nodes: &nodes,
+        node_fabrics: &[],
+        peers: &peers,
+    };
+    let on_node = translate(&flags("n1"), &observed, &host(&[("eth0", "192.168.1.2")]))
+        .expect("a translation");
+    assert!(on_node.problems.is_empty(), "{:?}", on_node.problems);
+    assert_eq!(on_node.spec.peers[&2].wireguard, None);
+    let on_gateway = translate(
+        &flags("gw"),
+        &observed,
+        &host(&[("eth0", "192.168.1.1"), ("eth1", "203.0.113.1")]),
+    )
+    .expect("a translation");
+    let wireguard = on_gateway.spec.peers[&2]
+        .wireguard
+        .as_ref()
+        .expect("WireGuard settings on the gateway");
+    assert_eq!(wireguard.persistent_keepalive, Some(10));
+    assert_eq!(wireguard.public_key[..3], [0, 1, 2]);
+}

@@ -219,6 +219,9 @@ impl Tunnel {
             .push(spawn("ligo-wg-partner".into(), move || {
                 from_partner(&s, workers)
             })?);
+        if !paused {
+            shared.initiate_handshakes_with(|p| p.spec.persistent_keepalive.is_some());
+        }
         let config = &tunnel.config;
         source.set(Some((shared.clone(), config.public.to_string())));
         info!(
@@ -249,6 +252,15 @@ impl Tunnel {
         *self.shared.table.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
         self.shared.generation.fetch_add(1, Ordering::Release);
         self.config = config;
+        // A peer with keepalives is one we keep a session with: like
+        // wireguard-go, start it now rather than at the first keepalive, so
+        // a new peering is usable (and reported up) within a round trip.
+        if !self.shared.paused.load(Ordering::Relaxed) {
+            self.shared.initiate_handshakes_with(|p| {
+                p.spec.persistent_keepalive.is_some()
+                    && old.by_id.get(&p.spec.id).is_none_or(|o| o.index != p.index)
+            });
+        }
     }
 
     /// Sends a handshake initiation to every peer now (a taking-over

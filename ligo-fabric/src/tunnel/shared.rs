@@ -19,8 +19,12 @@ use boringtun::{
 };
 
 use super::{
-    batch::BatchSocket, device::TunnelDevice, inbound::receiver_index, packet::TunnelDrop,
-    peers::PeerTable, EPOCH_SHIFT,
+    batch::BatchSocket,
+    device::TunnelDevice,
+    inbound::receiver_index,
+    packet::TunnelDrop,
+    peers::{PeerTable, PeerTunnel},
+    EPOCH_SHIFT,
 };
 
 pub(super) struct Shared {
@@ -102,9 +106,14 @@ impl Shared {
     /// Sends a handshake initiation to every peer now: the sessions it
     /// makes become the ones peers send with.
     pub(super) fn initiate_handshakes(&self) {
+        self.initiate_handshakes_with(|_| true);
+    }
+
+    /// Sends a handshake initiation now to the peers `wanted` picks.
+    pub(super) fn initiate_handshakes_with(&self, wanted: impl Fn(&PeerTunnel) -> bool) {
         let mut buf = vec![0u8; 256];
         let now = self.now_ms();
-        for peer in self.snapshot().by_id.values() {
+        for peer in self.snapshot().by_id.values().filter(|p| wanted(p)) {
             let mut tunn = peer.tunn();
             if let TunnResult::WriteToNetwork(datagram) =
                 tunn.format_handshake_initiation(&mut buf, false)

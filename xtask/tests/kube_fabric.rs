@@ -1,0 +1,178 @@
+//! The fabric run by Kubernetes, end to end: per cluster a real control
+//! plane with `kubectl apply -k manifests/` applied for real, the testbed's
+//! namespaces as the Nodes, and Ligo's controller, fabric daemons and
+//! tunnel started from the pod templates the API server holds. Then
+//! `ligo-control peer --wait`, ICMP/TCP/UDP both ways through the views
+//! the controllers allocated, `unpeer` (traffic stops, nothing left on
+//! either side), and peering again. Identical and different pod CIDRs,
+//! over WireGuard.
+
+use std::{sync::Mutex, time::Duration};
+
+use anyhow::{ensure, Context, Result};
+use xtask::{
+    kube_testbed::KubeTestbed,
+    require_root,
+    testbed::{Pod, Scenario},
+    traffic,
+};
+
+/// One two-cluster bed at a time: each is four API servers' worth of work
+/// for two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const TRANSFER_BYTES: usize = 2 << 20;
+
+/// The view cluster `of` allocated for the other cluster, read back from
+/// its Peer object.
+fn allocated_view(kb: &KubeTestbed, of: usize) -> Result<String> {
+    let other = kb.plans()[1 - of].name;
+    kb.clusters[of].jsonpath("peer", other, "{.spec.view}")
+}
+
+/// ICMP, a hashed TCP transfer and UDP echoes from `from` to `to`, with
+/// the addresses each side sees checked against the scenario's views.
+fn exchange(kb: &KubeTestbed, from: &Pod, to: &Pod, port: u16) -> Result<()> {
+    let dst = kb.bed.address_seen_from_peer(to);
+    let src_seen = kb.bed.address_seen_from_peer(from);
+    traffic::ping(from, dst, 2)?;
+    let tcp = traffic::tcp_transfer(from, to, dst, port, TRANSFER_BYTES)?;
+    ensure!(
+        tcp.server_saw == src_seen,
+        "TCP server saw {}, expected {src_seen}",
+        tcp.server_saw
+    );
+    let udp = traffic::udp_exchange(from, to, dst, port, 20)?;
+    ensure!(
+        udp.server_saw == src_seen && udp.reply_from == dst,
+        "UDP: server saw {}, reply from {}; expected {src_seen} and {dst}",
+        udp.server_saw,
+        udp.reply_from
+    );
+    Ok(())
+}
+
+fn exchange_both_ways(kb: &KubeTestbed) -> Result<()> {
+    let (a, b) = (kb.bed.pod(0, 0, 0), kb.bed.pod(1, 1, 1));
+    exchange(kb, &a, &b, 7400).context("A -> B")?;
+    exchange(kb, &b, &a, 7401).context("B -> A")?;
+    Ok(())
+}
+
+/// Peering objects of a peering with `remote` left in `cluster`.
+fn left_behind(kb: &KubeTestbed, cluster: usize, remote: &str) -> Vec<String> {
+    let cp = &kb.clusters[cluster];
+    let mut left = Vec::new();
+    for (kind, name, namespaced) in [
+        ("peer", remote.to_owned(), false),
+        ("secret", format!("ligo-credentials-{remote}"), true),
+        ("serviceaccount", format!("ligo-peer-{remote}"), true),
+        ("clusterrole", format!("ligo-peer-{remote}"), false),
+        ("clusterrolebinding", format!("ligo-peer-{remote}"), false),
+    ] {
+        let mut args = vec!["get", kind, &name, "--ignore-not-found", "-o", "name"];
+        if namespaced {
+            args.extend(["-n", "ligo-system"]);
+        }
+        if !cp.kubectl(&args).unwrap_or_default().trim().is_empty() {
+            left.push(format!("{kind}/{name}"));
+        }
+    }
+    left
+}
+
+fn peer_unpeer_and_peer_again(prefix: &str, scenario: Scenario, index: u8) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut kb = KubeTestbed::up(prefix, scenario, index).unwrap_or_else(|e| panic!("{e:#}"));
+    if let Err(e) = kb.start_ligo() {
+        panic!("{e:#}\n{}", kb.logs());
+    }
+    let (out, took) = kb.peer().unwrap_or_else(|e| panic!("{e:#}"));
+    println!("peer --wait took {took:?}:\n{out}");
+    assert!(out.contains("Ready after"), "{out}");
+
+    // The controllers allocated the views the scenario expects (each
+    // cluster's pool holds exactly that block; a free real CIDR is kept).
+    for (i, plan) in kb.plans().iter().enumerate() {
+        let view = allocated_view(&kb, i).expect("view");
+        assert_eq!(view, plan.view_of_peer.to_string(), "{}'s view", plan.name);
+    }
+    if let Err(e) = exchange_both_ways(&kb) {
+        panic!("{e:#}\n{}", kb.logs());
+    }
+
+    // Every daemon reports the peer programmed; the gateway its link.
+    for (i, plan) in kb.plans().iter().enumerate() {
+        let other = kb.plans()[1 - i].name;
+        for host in ["gw", "n1", "n2"] {
+            let peers = kb.clusters[i]
+                .jsonpath("nodefabric", host, "{.status.programmedPeers}")
+                .unwrap_or_default();
+            assert!(
+                peers.contains(other),
+                "{} {host}: programmedPeers {peers}",
+                plan.name
+            );
+        }
+        let link = kb.clusters[i]
+            .jsonpath("peer", other, "{.status.link.handshakeAgeSeconds}")
+            .unwrap_or_default();
+        assert!(
+            !link.is_empty(),
+            "{}: no handshake age in Peer/{other}",
+            plan.name
+        );
+    }
+
+    let (out, took) = kb.unpeer().unwrap_or_else(|e| panic!("{e:#}"));
+    println!("unpeer took {took:?}:\n{out}");
+    for (i, plan) in kb.plans().iter().enumerate() {
+        let other = kb.plans()[1 - i].name;
+        let left = left_behind(&kb, i, other);
+        assert!(left.is_empty(), "{} keeps {left:?}", plan.name);
+    }
+    // Traffic stops: the daemons drop the peer as soon as its Peer goes.
+    let (a, b) = (kb.bed.pod(0, 0, 0), kb.bed.pod(1, 1, 1));
+    let dst = kb.bed.address_seen_from_peer(&b);
+    let stopped = kb.clusters[0].wait_for(
+        "traffic to stop after unpeer",
+        Duration::from_secs(10),
+        || Ok(traffic::ping(&a, dst, 1).is_err().then_some(())),
+    );
+    if let Err(e) = stopped {
+        panic!("{e:#}\n{}", kb.logs());
+    }
+    for (i, plan) in kb.plans().iter().enumerate() {
+        let peers = kb.clusters[i]
+            .jsonpath("nodefabric", "n1", "{.status.programmedPeers}")
+            .unwrap_or_default();
+        assert!(peers.is_empty(), "{} n1 still carries {peers}", plan.name);
+    }
+
+    // Peering again works, with the same views (the pools give them again).
+    let (_, took) = kb.peer().unwrap_or_else(|e| panic!("{e:#}"));
+    println!("peer again took {took:?}");
+    if let Err(e) = exchange_both_ways(&kb) {
+        panic!("{e:#}\n{}", kb.logs());
+    }
+}
+
+#[test]
+fn clusters_with_identical_cidrs_peer_from_the_manifests_and_carry_traffic() {
+    if !require_root("clusters_with_identical_cidrs_peer_from_the_manifests_and_carry_traffic") {
+        return;
+    }
+    peer_unpeer_and_peer_again("kfi", Scenario::identical_cidrs(), 221);
+}
+
+#[test]
+fn clusters_with_different_cidrs_peer_from_the_manifests_and_carry_traffic() {
+    if !require_root("clusters_with_different_cidrs_peer_from_the_manifests_and_carry_traffic") {
+        return;
+    }
+    let mut scenario = Scenario::different_cidrs();
+    // Each keeps the other's real CIDR as its view: it collides with
+    // nothing local (identical CIDRs exercise the pools).
+    scenario.a.view_of_peer = scenario.b.pod_cidr;
+    peer_unpeer_and_peer_again("kfd", scenario, 223);
+}
