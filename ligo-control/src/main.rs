@@ -66,7 +66,9 @@ fn block_on<F: std::future::Future<Output = Result<()>>>(future: F) -> Result<()
 }
 
 fn run_controller(access: Access, namespace: String) -> Result<()> {
+    // Colour only on a terminal: container logs are files an operator greps.
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

@@ -101,7 +101,7 @@ impl KubeTestbed {
     /// The `ligo-fabric` DaemonSet's container on `host`, as process `<ns>`;
     /// waits until it reports ready.
     pub fn start_daemon(&mut self, plan: &ClusterPlan, host: &str) -> Result<()> {
-        let cp = self.cluster(plan);
+        let cp = &self.clusters[self.index_of(plan)];
         let ns = self.bed.ns(plan, host);
         let workload = cp.workload("daemonset", "ligo-fabric", "fabric")?;
         workload.start(
@@ -119,7 +119,7 @@ impl KubeTestbed {
 
     /// The `ligo-tunnel` DaemonSet's container on the gateway.
     pub fn start_tunnel(&mut self, plan: &ClusterPlan) -> Result<()> {
-        let cp = self.cluster(plan);
+        let cp = &self.clusters[self.index_of(plan)];
         let ns = self.bed.ns(plan, "gw");
         let workload = cp.workload("daemonset", "ligo-tunnel", "tunnel")?;
         workload.start(
@@ -134,9 +134,8 @@ impl KubeTestbed {
         )
     }
 
-    fn cluster(&self, plan: &ClusterPlan) -> &ControlPlane {
-        let i = usize::from(plan.name != self.bed.scenario.a.name);
-        &self.clusters[i]
+    fn index_of(&self, plan: &ClusterPlan) -> usize {
+        usize::from(plan.name != self.bed.scenario.a.name)
     }
 
     /// `ligo-control ARGS`: (succeeded, stdout + stderr).

@@ -34,6 +34,8 @@ pub const FIGURES_EVERY: Duration = Duration::from_secs(10);
 /// How often a gateway asks its tunnel process (a link coming up is
 /// reported within this).
 const TUNNEL_POLL: Duration = Duration::from_millis(200);
+/// The longest wait between failed writes.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// What the daemon did with the last revision it was given.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -176,7 +178,11 @@ pub async fn report(
     let mut last: Option<NodeFabricStatus> = None;
     let mut last_write = Instant::now();
     let mut poll = tokio::time::interval(TUNNEL_POLL);
+    let mut backoff = Duration::ZERO;
     loop {
+        if !backoff.is_zero() {
+            tokio::time::sleep(backoff).await;
+        }
         tokio::select! {
             changed = programmed.changed() => if changed.is_err() { return },
             _ = poll.tick() => {}
@@ -206,17 +212,23 @@ pub async fn report(
         }
         match write(&api, &nodes, &node_name, &status).await {
             Ok(()) => {
-                if last.is_none() {
+                if last.is_none() || !backoff.is_zero() {
                     info!(node = %node_name, "reporting what is programmed in NodeFabric/{node_name}");
                 }
                 last = Some(status);
                 last_write = Instant::now();
+                backoff = Duration::ZERO;
             }
-            Err(e) => warn!(
-                node = %node_name,
-                error = format!("{e:#}"),
-                "cannot write the NodeFabric status (the data path is unaffected); retrying"
-            ),
+            Err(e) => {
+                if backoff.is_zero() {
+                    warn!(
+                        node = %node_name,
+                        error = format!("{e:#}"),
+                        "cannot write the NodeFabric status (the data path is unaffected); retrying with backoff"
+                    );
+                }
+                backoff = (backoff * 2).clamp(Duration::from_millis(500), MAX_BACKOFF);
+            }
         }
     }
 }
@@ -245,6 +257,8 @@ async fn write(
             "apiVersion": NodeFabric::api_version(&()),
             "kind": NodeFabric::kind(&()),
             "metadata": {"name": name, "ownerReferences": [owner]},
+            // Required by the schema; its fields stay the operator's.
+            "spec": {},
         });
         api.patch(
             name,
