@@ -486,6 +486,12 @@ fn clear_leftovers(netns: &str, dir: &Path) {
         }
     }
     let _ = netns::ip(&["netns", "del", netns]);
+    // The root namespace's end of the link-local veth: gone with the
+    // namespace normally, but a namespace something still pins outlives
+    // `netns del`, and the next start would find the name taken.
+    if let Some(name) = netns.strip_suffix("-cp") {
+        let _ = netns::ip(&["link", "del", &format!("{name}-k")]);
+    }
     let _ = fs::remove_dir_all(dir);
 }
 

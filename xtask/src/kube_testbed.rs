@@ -101,6 +101,14 @@ impl KubeTestbed {
     /// The `ligo-fabric` DaemonSet's container on `host`, as process `<ns>`;
     /// waits until it reports ready.
     pub fn start_daemon(&mut self, plan: &ClusterPlan, host: &str) -> Result<()> {
+        self.spawn_daemon(plan, host)?;
+        self.bed
+            .lab
+            .wait_for_log(&self.bed.ns(plan, host), "fabric ready")
+    }
+
+    /// Like [`Self::start_daemon`], without waiting.
+    pub fn spawn_daemon(&mut self, plan: &ClusterPlan, host: &str) -> Result<()> {
         let cp = &self.clusters[self.index_of(plan)];
         let ns = self.bed.ns(plan, host);
         let workload = cp.workload("daemonset", "ligo-fabric", "fabric")?;
@@ -113,8 +121,7 @@ impl KubeTestbed {
                 apiserver: plan.underlay_ip(APISERVER_HOST),
             },
             &ns,
-        )?;
-        self.bed.lab.wait_for_log(&ns, "fabric ready")
+        )
     }
 
     /// The `ligo-tunnel` DaemonSet's container on the gateway.
@@ -132,6 +139,40 @@ impl KubeTestbed {
             },
             &Lab::tunnel_process(&ns),
         )
+    }
+
+    /// Cuts (or restores) the path between a cluster's nodes and its API
+    /// server; the root namespace keeps reaching it over link-local, as an
+    /// operator would from outside.
+    pub fn partition(&self, cluster: usize, cut: bool) -> Result<()> {
+        let state = if cut { "down" } else { "up" };
+        crate::netns::ip(&[
+            "-n",
+            &self.clusters[cluster].netns,
+            "link",
+            "set",
+            "ul0",
+            state,
+        ])
+        .map(drop)
+    }
+
+    /// `ligo-fabric inspect maps -o json` of the daemon on `host`.
+    pub fn inspect(&self, plan: &ClusterPlan, host: &str) -> Result<serde_json::Value> {
+        let ns = self.bed.ns(plan, host);
+        let pins = self.bed.lab.pin_dir(&ns).join("ligo");
+        let out = crate::netns::run(
+            &crate::daemon_binary().to_string_lossy(),
+            &[
+                "inspect",
+                "maps",
+                "--pin-dir",
+                &pins.to_string_lossy(),
+                "-o",
+                "json",
+            ],
+        )?;
+        serde_json::from_str(&out).context("inspect printed invalid JSON")
     }
 
     fn index_of(&self, plan: &ClusterPlan) -> usize {
@@ -152,18 +193,16 @@ impl KubeTestbed {
     /// `ligo-control peer --wait` from A's side; returns its output and how
     /// long it took.
     pub fn peer(&self) -> Result<(String, Duration)> {
+        self.peer_with(&["--wait", "--timeout", "60s"])
+    }
+
+    /// `ligo-control peer EXTRA…` from A's side.
+    pub fn peer_with(&self, extra: &[&str]) -> Result<(String, Duration)> {
         let (a, b) = self.kubeconfigs();
         let started = Instant::now();
-        let (ok, out) = Self::ligo_control(&[
-            "peer",
-            "--kubeconfig",
-            &a,
-            "--remote-kubeconfig",
-            &b,
-            "--wait",
-            "--timeout",
-            "60s",
-        ])?;
+        let mut args = vec!["peer", "--kubeconfig", &a, "--remote-kubeconfig", &b];
+        args.extend_from_slice(extra);
+        let (ok, out) = Self::ligo_control(&args)?;
         let took = started.elapsed();
         if !ok {
             bail!("ligo-control peer failed:\n{out}\n{}", self.logs());

@@ -35,7 +35,7 @@ pub const FIGURES_EVERY: Duration = Duration::from_secs(10);
 /// reported within this).
 const TUNNEL_POLL: Duration = Duration::from_millis(200);
 /// The longest wait between failed writes.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
 
 /// What the daemon did with the last revision it was given.
 #[derive(Debug, Clone, PartialEq, Default)]
