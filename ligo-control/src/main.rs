@@ -74,7 +74,12 @@ fn run_controller(access: Access, namespace: String) -> Result<()> {
         )
         .init();
     block_on(async {
-        let cluster = cli::connect(access.kubeconfig.as_ref(), access.context.as_deref()).await?;
+        let cluster = cli::connect_with(
+            access.kubeconfig.as_ref(),
+            access.context.as_deref(),
+            cli::WATCH_READ_TIMEOUT,
+        )
+        .await?;
         ligo_control::controller::run(
             cluster.client,
             ligo_control::controller::Options { namespace },

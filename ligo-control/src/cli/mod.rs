@@ -39,6 +39,21 @@ pub struct Cluster {
 /// Connects with `kubeconfig`/`context` (either may be absent) and checks
 /// the API server answers.
 pub async fn connect(kubeconfig: Option<&PathBuf>, context: Option<&str>) -> Result<Cluster> {
+    connect_with(kubeconfig, context, CLI_READ_TIMEOUT).await
+}
+
+/// A CLI call that hangs for more than this is reported, not waited on.
+const CLI_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Watches idle for minutes (the server closes them after ~5): a reader's
+/// timeout must be longer, or every quiet watch fails and re-lists.
+pub const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(330);
+
+/// [`connect`] with reads that may take up to `read_timeout`.
+pub async fn connect_with(
+    kubeconfig: Option<&PathBuf>,
+    context: Option<&str>,
+    read_timeout: Duration,
+) -> Result<Cluster> {
     let options = kube::config::KubeConfigOptions {
         context: context.map(str::to_owned),
         ..Default::default()
@@ -65,7 +80,7 @@ pub async fn connect(kubeconfig: Option<&PathBuf>, context: Option<&str>) -> Res
             .context("no kubeconfig and not in a cluster: pass --kubeconfig")?,
     };
     config.connect_timeout = Some(Duration::from_secs(5));
-    config.read_timeout = Some(Duration::from_secs(10));
+    config.read_timeout = Some(read_timeout);
     let url = config.cluster_url.to_string();
     let client = Client::try_from(config).context("building the Kubernetes client")?;
     client

@@ -27,6 +27,7 @@ use crate::{
 pub const KUBECONFIG_FIELD: &str = "kubeconfig";
 /// Polls while all is well; faster while it is not.
 const POLL_OK: Duration = Duration::from_secs(10);
+/// Until the remote answers with its view of us.
 const POLL_FAILING: Duration = Duration::from_secs(2);
 
 /// Everything a task's result depends on: a change restarts the task.
@@ -112,7 +113,9 @@ async fn poll(target: Target, state: Arc<Mutex<Remote>>, wake: Arc<Notify>) {
             Ok(client) => read(client, &target).await,
             Err(why) => Remote::CredentialsUnusable(why.clone()),
         };
-        let good = matches!(answer, Remote::Read(_));
+        // Settled once the remote answers and has allocated its view of us
+        // (right after peering it has not yet: look again soon).
+        let good = matches!(&answer, Remote::Read(facts) if facts.view_of_us.is_some());
         let changed = {
             let mut last = state.lock().unwrap_or_else(|p| p.into_inner());
             let changed = *last != answer;
