@@ -5,6 +5,7 @@
 mod control;
 mod endtoend;
 mod in_traffic;
+mod kubernetes;
 mod paths;
 mod programs;
 mod report;
@@ -36,6 +37,10 @@ struct Args {
     /// Skip the program costs and control-plane figures.
     #[arg(long)]
     paths_only: bool,
+    /// Measure the Kubernetes half only (peering, unpeering, requests,
+    /// memory with many peers), in a report of its own.
+    #[arg(long)]
+    kubernetes: bool,
 }
 
 struct Settings {
@@ -158,6 +163,9 @@ fn main() -> Result<()> {
         }
     };
 
+    if args.kubernetes {
+        return kubernetes_report(&args);
+    }
     let mut paths: Vec<(PathKind, PathFigures)> = PathKind::ALL
         .iter()
         .filter(|k| args.paths.is_empty() || args.paths.iter().any(|p| p == k.name()))
@@ -198,14 +206,7 @@ fn main() -> Result<()> {
         )
     };
 
-    let date = String::from_utf8_lossy(
-        &std::process::Command::new("date")
-            .arg("+%Y-%m-%d")
-            .output()?
-            .stdout,
-    )
-    .trim()
-    .to_owned();
+    let date = today()?;
     let machine = machine();
     let report = Report {
         title: format!("Ligo bench, {date}{}", if args.quick { " (quick smoke run)" } else { "" }),
@@ -237,5 +238,45 @@ fn main() -> Result<()> {
     fs::write(&md_path, &md)?;
     println!("{md}");
     eprintln!("bench: report written to {}", md_path.display());
+    Ok(())
+}
+
+fn today() -> Result<String> {
+    Ok(String::from_utf8_lossy(
+        &std::process::Command::new("date")
+            .arg("+%Y-%m-%d")
+            .output()?
+            .stdout,
+    )
+    .trim()
+    .to_owned())
+}
+
+/// `--kubernetes`: its own report, `<date>-kubernetes-x86_64-<n>core.md`.
+fn kubernetes_report(args: &Args) -> Result<()> {
+    let (repetitions, peers) = if args.quick { (1, 10) } else { (5, 100) };
+    let figures = kubernetes::measure(repetitions, peers)?;
+    let date = today()?;
+    let quick = if args.quick { " --quick" } else { "" };
+    let md = kubernetes::markdown(
+        &figures,
+        &format!(
+            "Ligo bench, Kubernetes, {date}{}",
+            if args.quick { " (quick smoke run)" } else { "" }
+        ),
+        &machine(),
+        &format!("cargo xtask bench --kubernetes{quick}"),
+    );
+    fs::create_dir_all(&args.out)?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let path = args.out.join(format!(
+        "{date}-kubernetes-x86_64-{cores}core{}.md",
+        if args.quick { "-quick" } else { "" }
+    ));
+    fs::write(&path, &md)?;
+    println!("{md}");
+    eprintln!("bench: report written to {}", path.display());
     Ok(())
 }

@@ -44,6 +44,10 @@ enum Cmd {
         /// A short smoke run (CI runs it so the harness never rots).
         #[arg(long)]
         quick: bool,
+        /// The Kubernetes figures (peering, unpeering, requests, memory
+        /// with many peers) instead of the data path's.
+        #[arg(long)]
+        kubernetes: bool,
     },
     /// Leave a testbed running for manual debugging (`ligo-dev-*` namespaces), or remove it.
     Testbed {
@@ -259,10 +263,11 @@ fn main() -> Result<()> {
             )?;
             // The bench harness must not rot: a short smoke run, before the
             // tests so that their summary closes the output.
-            bench(true)?;
+            bench(true, false)?;
+            bench(true, true)?;
             test_with_summary()
         }
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::Bench { quick, kubernetes } => bench(quick, kubernetes),
         Cmd::Testbed {
             action: TestbedAction::Down,
             ..
@@ -294,12 +299,14 @@ fn main() -> Result<()> {
 
 /// Builds release binaries and runs the harness; a full run writes its
 /// report to bench/results, a quick one to target/bench.
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, kubernetes: bool) -> Result<()> {
     cargo(&[
         "build",
         "--release",
         "--package",
         "ligo-fabric",
+        "--package",
+        "ligo-control",
         "--package",
         "ligo-bench",
     ])?;
@@ -320,8 +327,14 @@ fn bench(quick: bool) -> Result<()> {
     if quick {
         args.push("--quick".to_owned());
     }
+    if kubernetes {
+        args.push("--kubernetes".to_owned());
+    }
+    // The testbeds run the release binaries too.
     let status = Command::new(root.join("target/release/ligo-bench"))
         .args(&args)
+        .env("LIGO_FABRIC_BIN", root.join("target/release/ligo-fabric"))
+        .env("LIGO_CONTROL_BIN", root.join("target/release/ligo-control"))
         .status()
         .context("running ligo-bench")?;
     if !status.success() {

@@ -28,6 +28,9 @@ use crate::{
     lab::Lab,
 };
 
+/// A volume's files: (name, content).
+type Files = Vec<(String, Vec<u8>)>;
+
 /// The namespace everything of Ligo runs in.
 pub const NAMESPACE: &str = "ligo-system";
 
@@ -70,7 +73,7 @@ impl ControlPlane {
 
     /// The ServiceAccount token Secret's files (token, ca.crt, namespace),
     /// once the token controller has made it.
-    fn service_account_files(&self, account: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    fn service_account_files(&self, account: &str) -> Result<Files> {
         let secret = self.wait_for(
             &format!("a token Secret for ServiceAccount {account}"),
             std::time::Duration::from_secs(30),
@@ -84,7 +87,7 @@ impl ControlPlane {
     }
 
     /// A Secret's data as files; `None` when it does not exist.
-    pub fn secret_files(&self, name: &str) -> Result<Option<Vec<(String, Vec<u8>)>>> {
+    pub fn secret_files(&self, name: &str) -> Result<Option<Files>> {
         let json = self.kubectl(&[
             "get",
             "secret",
