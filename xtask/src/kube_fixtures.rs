@@ -15,6 +15,13 @@ impl ControlPlane {
     pub fn install_crds(&self) -> Result<()> {
         let crds = workspace_root().join("manifests/crds");
         self.kubectl(&["apply", "-k", &crds.to_string_lossy()])?;
+        self.wait_crds_established()?;
+        self.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: ligo-system}\n")?;
+        Ok(())
+    }
+
+    /// Waits until the API server serves Ligo's CRDs.
+    pub fn wait_crds_established(&self) -> Result<()> {
         self.kubectl(&[
             "wait",
             "--for",
@@ -23,10 +30,31 @@ impl ControlPlane {
             "crd/peers.ligo.io",
             "crd/nodefabrics.ligo.io",
             "--timeout",
-            "30s",
-        ])?;
-        self.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: ligo-system}\n")?;
-        Ok(())
+            &format!("{}s", CONDITION_WAIT.as_secs()),
+        ])
+        .map(drop)
+    }
+
+    /// Every object a peering with `remote` leaves here (`kind/name`).
+    pub fn peering_objects(&self, remote: &str) -> Vec<String> {
+        let mut left = Vec::new();
+        for (kind, name, namespaced) in [
+            ("peer", remote.to_owned(), false),
+            ("secret", format!("ligo-credentials-{remote}"), true),
+            ("serviceaccount", format!("ligo-peer-{remote}"), true),
+            ("secret", format!("ligo-peer-{remote}-token"), true),
+            ("clusterrole", format!("ligo-peer-{remote}"), false),
+            ("clusterrolebinding", format!("ligo-peer-{remote}"), false),
+        ] {
+            let mut args = vec!["get", kind, &name, "--ignore-not-found", "-o", "name"];
+            if namespaced {
+                args.extend(["-n", "ligo-system"]);
+            }
+            if !self.kubectl(&args).unwrap_or_default().trim().is_empty() {
+                left.push(format!("{kind}/{name}"));
+            }
+        }
+        left
     }
 
     /// A Node object (no kubelet) with pod CIDR `slice` and InternalIP

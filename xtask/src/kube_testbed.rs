@@ -16,7 +16,6 @@ use anyhow::{bail, Context, Result};
 use crate::{
     control_binary,
     kube::{ControlPlane, ControlPlaneOptions},
-    kube_fixtures::CONDITION_WAIT,
     lab::Lab,
     testbed::{ClusterPlan, Scenario, Testbed},
     workloads::Placement,
@@ -258,16 +257,7 @@ fn link_local(cp: &ControlPlane) -> Result<Ipv4Addr> {
 fn install(cp: &ControlPlane, plan: &ClusterPlan) -> Result<()> {
     let manifests = workspace_root().join("manifests");
     cp.kubectl(&["apply", "-k", &manifests.to_string_lossy()])?;
-    cp.kubectl(&[
-        "wait",
-        "--for",
-        "condition=Established",
-        "crd/clusterfabrics.ligo.io",
-        "crd/peers.ligo.io",
-        "crd/nodefabrics.ligo.io",
-        "--timeout",
-        &format!("{}s", CONDITION_WAIT.as_secs()),
-    ])?;
+    cp.wait_crds_established()?;
     // The gateway holds no pods here; its slice is the one after the nodes'.
     let gateway_slice = next_slice(plan);
     cp.add_node("gw", &gateway_slice, &plan.underlay_ip(1).to_string(), true)?;

@@ -59,28 +59,6 @@ fn exchange_both_ways(kb: &KubeTestbed) -> Result<()> {
     Ok(())
 }
 
-/// Peering objects of a peering with `remote` left in `cluster`.
-fn left_behind(kb: &KubeTestbed, cluster: usize, remote: &str) -> Vec<String> {
-    let cp = &kb.clusters[cluster];
-    let mut left = Vec::new();
-    for (kind, name, namespaced) in [
-        ("peer", remote.to_owned(), false),
-        ("secret", format!("ligo-credentials-{remote}"), true),
-        ("serviceaccount", format!("ligo-peer-{remote}"), true),
-        ("clusterrole", format!("ligo-peer-{remote}"), false),
-        ("clusterrolebinding", format!("ligo-peer-{remote}"), false),
-    ] {
-        let mut args = vec!["get", kind, &name, "--ignore-not-found", "-o", "name"];
-        if namespaced {
-            args.extend(["-n", "ligo-system"]);
-        }
-        if !cp.kubectl(&args).unwrap_or_default().trim().is_empty() {
-            left.push(format!("{kind}/{name}"));
-        }
-    }
-    left
-}
-
 fn peer_unpeer_and_peer_again(prefix: &str, scenario: Scenario, index: u8) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut kb = KubeTestbed::up(prefix, scenario, index).unwrap_or_else(|e| panic!("{e:#}"));
@@ -128,7 +106,7 @@ fn peer_unpeer_and_peer_again(prefix: &str, scenario: Scenario, index: u8) {
     println!("unpeer took {took:?}:\n{out}");
     for (i, plan) in kb.plans().iter().enumerate() {
         let other = kb.plans()[1 - i].name;
-        let left = left_behind(&kb, i, other);
+        let left = kb.clusters[i].peering_objects(other);
         assert!(left.is_empty(), "{} keeps {left:?}", plan.name);
     }
     // Traffic stops: the daemons drop the peer as soon as its Peer goes.

@@ -74,33 +74,6 @@ fn jsonpath(cp: &ControlPlane, kind: &str, name: &str, path: &str) -> String {
     cp.jsonpath(kind, name, path).unwrap_or_default()
 }
 
-/// Whether `kind/name` exists (in ligo-system when `namespaced`).
-fn exists(cp: &ControlPlane, kind: &str, name: &str, namespaced: bool) -> bool {
-    let mut args = vec!["get", kind, name, "--ignore-not-found", "-o", "name"];
-    if namespaced {
-        args.extend(["-n", "ligo-system"]);
-    }
-    !cp.kubectl(&args).unwrap_or_default().trim().is_empty()
-}
-
-/// Every object a peering with `remote` leaves in `cp`.
-fn peering_objects(cp: &ControlPlane, remote: &str) -> Vec<String> {
-    let mut left = Vec::new();
-    for (kind, name, namespaced) in [
-        ("peer", remote.to_owned(), false),
-        ("secret", format!("ligo-credentials-{remote}"), true),
-        ("serviceaccount", format!("ligo-peer-{remote}"), true),
-        ("secret", format!("ligo-peer-{remote}-token"), true),
-        ("clusterrole", format!("ligo-peer-{remote}"), false),
-        ("clusterrolebinding", format!("ligo-peer-{remote}"), false),
-    ] {
-        if exists(cp, kind, &name, namespaced) {
-            left.push(format!("{kind}/{name}"));
-        }
-    }
-    left
-}
-
 fn verified(cp: &ControlPlane, peer: &str) {
     for condition in [
         "ViewAllocated",
@@ -200,7 +173,7 @@ fn clusters_peer_unpeer_and_peer_again_with_identical_and_different_cidrs() {
     ]);
     assert!(!ok);
     assert!(err.contains("both clusters are named \"b\""), "{err}");
-    assert_eq!(peering_objects(&b, "b"), Vec::<String>::new());
+    assert_eq!(b.peering_objects("b"), Vec::<String>::new());
 
     // Unpeer A and B: nothing of it is left on either side; A–C stays.
     let (ok, out, err) = ligo_control(&[
@@ -211,9 +184,9 @@ fn clusters_peer_unpeer_and_peer_again_with_identical_and_different_cidrs() {
         &b.kubeconfig.to_string_lossy(),
     ]);
     assert!(ok, "{out}{err}");
-    assert_eq!(peering_objects(&a, "b"), Vec::<String>::new());
-    assert_eq!(peering_objects(&b, "a"), Vec::<String>::new());
-    assert_eq!(peering_objects(&a, "c").len(), 6, "A–C untouched");
+    assert_eq!(a.peering_objects("b"), Vec::<String>::new());
+    assert_eq!(b.peering_objects("a"), Vec::<String>::new());
+    assert_eq!(a.peering_objects("c").len(), 6, "A–C untouched");
 
     // And again: the freed view is given again.
     peer(&a, &b);
@@ -239,7 +212,7 @@ fn clusters_peer_unpeer_and_peer_again_with_identical_and_different_cidrs() {
         err.contains("169.254.213.2:1") && err.contains("nothing was removed"),
         "{err}"
     );
-    assert_eq!(peering_objects(&a, "c").len(), 6);
+    assert_eq!(a.peering_objects("c").len(), 6);
     let (ok, out, err) = ligo_control(&[
         "unpeer",
         "--kubeconfig",
@@ -251,9 +224,9 @@ fn clusters_peer_unpeer_and_peer_again_with_identical_and_different_cidrs() {
         "--force",
     ]);
     assert!(ok, "{out}{err}");
-    assert_eq!(peering_objects(&a, "c"), Vec::<String>::new());
+    assert_eq!(a.peering_objects("c"), Vec::<String>::new());
     assert_eq!(
-        peering_objects(&c, "a").len(),
+        c.peering_objects("a").len(),
         6,
         "C was not reachable: its side stays"
     );
