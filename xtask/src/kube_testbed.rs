@@ -24,6 +24,10 @@ use crate::{
 
 /// The underlay host number the API server holds on each cluster's bridge.
 const APISERVER_HOST: u8 = 240;
+/// A second view pool block, for a cluster with two peers whose real CIDRs
+/// both collide (the three-cluster tests); the first block is the plan's
+/// `view_of_peer`.
+pub const SPARE_POOL: &str = "10.247.0.0/16";
 /// The testbed's hosts: (name, underlay host number).
 pub const HOSTS: [(&str, u8); 3] = [("gw", 1), ("n1", 11), ("n2", 12)];
 
@@ -42,7 +46,7 @@ impl KubeTestbed {
     pub fn up(prefix: &str, scenario: Scenario, index: u8) -> Result<Self> {
         let bed = Testbed::up(prefix, scenario)?;
         let mut clusters = Vec::new();
-        for (i, plan) in [&bed.scenario.a, &bed.scenario.b].into_iter().enumerate() {
+        for (i, plan) in bed.scenario.plans().into_iter().enumerate() {
             let apiserver = plan.underlay_ip(APISERVER_HOST);
             let options = ControlPlaneOptions {
                 controllers: true,
@@ -58,8 +62,9 @@ impl KubeTestbed {
         Ok(Self { clusters, bed })
     }
 
-    pub fn plans(&self) -> [ClusterPlan; 2] {
-        [self.bed.scenario.a.clone(), self.bed.scenario.b.clone()]
+    /// Every cluster's plan, in the order of [`Self::clusters`].
+    pub fn plans(&self) -> Vec<ClusterPlan> {
+        self.bed.scenario.plans().into_iter().cloned().collect()
     }
 
     /// Starts the controller, then every fabric daemon and the tunnel, each
@@ -175,7 +180,10 @@ impl KubeTestbed {
     }
 
     fn index_of(&self, plan: &ClusterPlan) -> usize {
-        usize::from(plan.name != self.bed.scenario.a.name)
+        self.plans()
+            .iter()
+            .position(|p| p.name == plan.name)
+            .unwrap_or_default()
     }
 
     /// `ligo-control ARGS`: (succeeded, stdout + stderr).
@@ -197,7 +205,17 @@ impl KubeTestbed {
 
     /// `ligo-control peer EXTRA…` from A's side.
     pub fn peer_with(&self, extra: &[&str]) -> Result<(String, Duration)> {
-        let (a, b) = self.kubeconfigs();
+        self.peer_between(0, 1, extra)
+    }
+
+    /// `ligo-control peer EXTRA…` between clusters `local` and `remote`.
+    pub fn peer_between(
+        &self,
+        local: usize,
+        remote: usize,
+        extra: &[&str],
+    ) -> Result<(String, Duration)> {
+        let (a, b) = self.kubeconfigs(local, remote);
         let started = Instant::now();
         let mut args = vec!["peer", "--kubeconfig", &a, "--remote-kubeconfig", &b];
         args.extend_from_slice(extra);
@@ -211,7 +229,12 @@ impl KubeTestbed {
 
     /// `ligo-control unpeer` from A's side.
     pub fn unpeer(&self) -> Result<(String, Duration)> {
-        let (a, b) = self.kubeconfigs();
+        self.unpeer_between(0, 1)
+    }
+
+    /// `ligo-control unpeer` between clusters `local` and `remote`.
+    pub fn unpeer_between(&self, local: usize, remote: usize) -> Result<(String, Duration)> {
+        let (a, b) = self.kubeconfigs(local, remote);
         let started = Instant::now();
         let (ok, out) =
             Self::ligo_control(&["unpeer", "--kubeconfig", &a, "--remote-kubeconfig", &b])?;
@@ -222,10 +245,16 @@ impl KubeTestbed {
         Ok((out, took))
     }
 
-    fn kubeconfigs(&self) -> (String, String) {
+    fn kubeconfigs(&self, local: usize, remote: usize) -> (String, String) {
         (
-            self.clusters[0].kubeconfig.to_string_lossy().into_owned(),
-            self.clusters[1].kubeconfig.to_string_lossy().into_owned(),
+            self.clusters[local]
+                .kubeconfig
+                .to_string_lossy()
+                .into_owned(),
+            self.clusters[remote]
+                .kubeconfig
+                .to_string_lossy()
+                .into_owned(),
         )
     }
 
@@ -275,7 +304,7 @@ fn install(cp: &ControlPlane, plan: &ClusterPlan) -> Result<()> {
         )?;
     }
     cp.apply(&format!(
-        "apiVersion: ligo.io/v1alpha1\nkind: ClusterFabric\nmetadata: {{name: local}}\nspec: {{clusterName: {}, clusterId: {}, podCIDR: \"{}\", serviceCIDR: 10.96.0.0/24, viewPools: [\"{}\"], apiServerURL: \"{}\"}}\n",
+        "apiVersion: ligo.io/v1alpha1\nkind: ClusterFabric\nmetadata: {{name: local}}\nspec: {{clusterName: {}, clusterId: {}, podCIDR: \"{}\", serviceCIDR: 10.96.0.0/24, viewPools: [\"{}\", \"{SPARE_POOL}\"], apiServerURL: \"{}\"}}\n",
         plan.name, plan.id, plan.pod_cidr, plan.view_of_peer, cp.url
     ))?;
     Ok(())

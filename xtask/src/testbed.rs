@@ -82,6 +82,10 @@ impl ClusterPlan {
 pub struct Scenario {
     pub a: ClusterPlan,
     pub b: ClusterPlan,
+    /// More clusters (the Kubernetes tests' third one): their gateways join
+    /// a's and b's on one public bridge. Daemon configuration files are
+    /// written for a and b only.
+    pub more: Vec<ClusterPlan>,
 }
 
 impl Scenario {
@@ -107,7 +111,31 @@ impl Scenario {
                 underlay: [198, 51, 100],
                 public_ip: Ipv4Addr::new(203, 0, 113, 2),
             },
+            more: Vec::new(),
         }
+    }
+
+    /// Every cluster: a, b, then the others.
+    pub fn plans(&self) -> Vec<&ClusterPlan> {
+        let mut plans = vec![&self.a, &self.b];
+        plans.extend(self.more.iter());
+        plans
+    }
+
+    /// Three clusters on 10.244.0.0/16: a, b as in [`Self::identical_cidrs`]
+    /// and c (id 3), which sees a as 10.246.0.0/16 (as b does: the two never
+    /// meet). a sees b as 10.245.0.0/16 and c as the next free block of its
+    /// pools (the Kubernetes testbed's spare pool, 10.247.0.0/16).
+    pub fn three_identical_cidrs() -> Self {
+        let mut s = Self::identical_cidrs();
+        s.more.push(ClusterPlan {
+            name: "c",
+            id: 3,
+            underlay: [198, 18, 3],
+            public_ip: Ipv4Addr::new(203, 0, 113, 3),
+            ..s.b.clone()
+        });
+        s
     }
 
     /// A 10.244.0.0/16, B 10.100.16.0/20. A sees B through the remapped,
@@ -194,9 +222,9 @@ impl Testbed {
         [&self.scenario.a, &self.scenario.b]
     }
 
-    /// Pods: cluster (0/1), node (0/1), index (0/1).
+    /// Pods: cluster (0 = a, 1 = b, then the others), node (0/1), index (0/1).
     pub fn pod(&self, cluster: usize, node: usize, index: usize) -> Pod {
-        let plan = self.clusters()[cluster];
+        let plan = self.scenario.plans()[cluster];
         Pod {
             netns: self.ns(plan, &format!("{}p{}", NODES[node], index + 1)),
             ip: plan.node_slices[node].host(10 + index as u32),
@@ -224,14 +252,33 @@ impl Testbed {
     }
 
     fn build(&self) -> Result<()> {
-        let [a, b] = self.clusters();
-        for plan in [a, b] {
+        let plans = self.scenario.plans();
+        for plan in &plans {
             self.build_cluster(plan)?;
         }
-        let (gw_a, gw_b) = (self.ns(a, "gw"), self.ns(b, "gw"));
-        netns::veth(&gw_a, "eth1", &gw_b, "eth1")?;
-        ipc(&format!("-n {gw_a} addr add {}/24 dev eth1", a.public_ip))?;
-        ipc(&format!("-n {gw_b} addr add {}/24 dev eth1", b.public_ip))?;
+        if plans.len() == 2 {
+            let (a, b) = (plans[0], plans[1]);
+            let (gw_a, gw_b) = (self.ns(a, "gw"), self.ns(b, "gw"));
+            netns::veth(&gw_a, "eth1", &gw_b, "eth1")?;
+        } else {
+            // More than two gateways: one public bridge for all.
+            let internet = self.lab.ns("inet");
+            netns::add(&internet)?;
+            ipc(&format!("-n {internet} link add br0 type bridge"))?;
+            ipc(&format!("-n {internet} link set br0 up"))?;
+            for plan in &plans {
+                let port = format!("gw-{}", plan.name);
+                netns::veth(&internet, &port, &self.ns(plan, "gw"), "eth1")?;
+                ipc(&format!("-n {internet} link set {port} master br0"))?;
+            }
+        }
+        for plan in &plans {
+            ipc(&format!(
+                "-n {} addr add {}/24 dev eth1",
+                self.ns(plan, "gw"),
+                plan.public_ip
+            ))?;
+        }
         Ok(())
     }
 

@@ -7,13 +7,13 @@
 //! either side), and peering again. Identical and different pod CIDRs,
 //! over WireGuard.
 
-use std::{sync::Mutex, time::Duration};
+use std::{net::Ipv4Addr, sync::Mutex, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use xtask::{
-    kube_testbed::KubeTestbed,
+    kube_testbed::{KubeTestbed, SPARE_POOL},
     require_root,
-    testbed::{Pod, Scenario},
+    testbed::{Cidr, Pod, Scenario},
     traffic,
 };
 
@@ -35,6 +35,11 @@ fn allocated_view(kb: &KubeTestbed, of: usize) -> Result<String> {
 fn exchange(kb: &KubeTestbed, from: &Pod, to: &Pod, port: u16) -> Result<()> {
     let dst = kb.bed.address_seen_from_peer(to);
     let src_seen = kb.bed.address_seen_from_peer(from);
+    exchange_at(from, to, dst, src_seen, port)
+}
+
+/// [`exchange`] with `to` at `dst`, `from` expected to arrive as `src_seen`.
+fn exchange_at(from: &Pod, to: &Pod, dst: Ipv4Addr, src_seen: Ipv4Addr, port: u16) -> Result<()> {
     traffic::ping(from, dst, 2)?;
     let tcp = traffic::tcp_transfer(from, to, dst, port, TRANSFER_BYTES)?;
     ensure!(
@@ -153,4 +158,59 @@ fn clusters_with_different_cidrs_peer_from_the_manifests_and_carry_traffic() {
     // nothing local (identical CIDRs exercise the pools).
     scenario.a.view_of_peer = scenario.b.pod_cidr;
     peer_unpeer_and_peer_again("kfd", scenario, 223);
+}
+
+#[test]
+fn three_clusters_on_one_cidr_a_talks_to_b_and_c_at_once() {
+    if !require_root("three_clusters_on_one_cidr_a_talks_to_b_and_c_at_once") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut kb = KubeTestbed::up("kf3", Scenario::three_identical_cidrs(), 227)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    if let Err(e) = kb.start_ligo() {
+        panic!("{e:#}\n{}", kb.logs());
+    }
+    for remote in [1, 2] {
+        if let Err(e) = kb.peer_between(0, remote, &["--wait", "--timeout", "60s"]) {
+            panic!("{e:#}\n{}", kb.logs());
+        }
+    }
+    // A's two views differ (b's from the first pool block, c's from the
+    // spare one); b and c each see A through their own pool.
+    let view = |cluster: usize, peer: &str| {
+        kb.clusters[cluster]
+            .jsonpath("peer", peer, "{.spec.view}")
+            .unwrap_or_default()
+    };
+    let (a_sees_b, a_sees_c) = (view(0, "b"), view(0, "c"));
+    assert_eq!(a_sees_b, "10.245.0.0/16");
+    assert_eq!(a_sees_c, SPARE_POOL);
+    assert_eq!(view(1, "a"), "10.246.0.0/16");
+    assert_eq!(view(2, "a"), "10.246.0.0/16");
+
+    let pods = Cidr::parse("10.244.0.0/16");
+    let a_as_seen = Cidr::parse("10.246.0.0/16");
+    let (a1, a2) = (kb.bed.pod(0, 0, 0), kb.bed.pod(0, 1, 1));
+    let (b, c) = (kb.bed.pod(1, 1, 1), kb.bed.pod(2, 0, 0));
+    let to_b = pods.translate(b.ip, Cidr::parse(&a_sees_b));
+    let to_c = pods.translate(c.ip, Cidr::parse(&a_sees_c));
+    let outcome = std::thread::scope(|s| {
+        let ab = s.spawn(|| {
+            exchange_at(&a1, &b, to_b, pods.translate(a1.ip, a_as_seen), 7410)?;
+            exchange_at(&b, &a1, pods.translate(a1.ip, a_as_seen), to_b, 7411)
+        });
+        let ac = s.spawn(|| {
+            exchange_at(&a2, &c, to_c, pods.translate(a2.ip, a_as_seen), 7420)?;
+            exchange_at(&c, &a2, pods.translate(a2.ip, a_as_seen), to_c, 7421)
+        });
+        [("A <-> B", ab.join()), ("A <-> C", ac.join())]
+    });
+    for (pair, result) in outcome {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("{pair}: {e:#}\n{}", kb.logs()),
+            Err(_) => panic!("{pair}: the exchange panicked"),
+        }
+    }
 }
