@@ -64,7 +64,81 @@ fn exchange_both_ways(kb: &KubeTestbed) -> Result<()> {
     Ok(())
 }
 
+/// The manifests' ServiceAccounts, tried with the tokens their containers
+/// were given: each may do its job and nothing else.
+fn least_privilege(kb: &KubeTestbed) -> Result<()> {
+    let cp = &kb.clusters[0];
+    let token = |process: &str| {
+        std::fs::read_to_string(
+            kb.bed
+                .lab
+                .file(&format!("{process}-serviceaccount"))
+                .join("token"),
+        )
+        .with_context(|| format!("the token {process} was given"))
+    };
+    let daemon = token(&kb.bed.ns(&kb.bed.scenario.a, "n1"))?;
+    let controller = token("a-control")?;
+    let as_ = |token: &str, args: &[&str]| {
+        let mut full = vec!["--token", token];
+        full.extend_from_slice(args);
+        cp.kubectl(&full)
+    };
+    for (who, token, allowed, refused) in [
+        (
+            "ligo-fabric",
+            &daemon,
+            vec![vec!["get", "nodefabric", "n1"], vec!["get", "peers"]],
+            vec![
+                vec!["get", "secrets", "-n", "ligo-system"],
+                vec!["delete", "peer", "b"],
+                vec![
+                    "patch",
+                    "clusterfabric",
+                    "local",
+                    "--type=merge",
+                    "-p",
+                    "{\"spec\":{\"wireguardPort\":1}}",
+                ],
+                vec!["get", "pods", "-A"],
+                vec!["delete", "node", "n2"],
+            ],
+        ),
+        (
+            "ligo-control",
+            &controller,
+            vec![
+                vec!["get", "secret", "ligo-gateway-key", "-n", "ligo-system"],
+                vec!["get", "nodes"],
+            ],
+            vec![
+                vec!["get", "secrets", "-n", "kube-system"],
+                vec!["delete", "node", "n1"],
+                vec!["get", "pods", "-A"],
+                vec!["delete", "nodefabric", "n1"],
+                vec!["create", "namespace", "x"],
+            ],
+        ),
+    ] {
+        for args in allowed {
+            as_(token, &args).with_context(|| format!("{who} may {args:?}"))?;
+        }
+        for args in refused {
+            match as_(token, &args) {
+                Ok(out) => anyhow::bail!("{who} could {args:?}: {out}"),
+                Err(e) => ensure!(
+                    format!("{e:#}").contains("Forbidden")
+                        || format!("{e:#}").contains("forbidden"),
+                    "{who} {args:?} failed, but not as forbidden: {e:#}"
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn peer_unpeer_and_peer_again(prefix: &str, scenario: Scenario, index: u8) {
+    let identical = scenario.a.pod_cidr == scenario.b.pod_cidr;
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut kb = KubeTestbed::up(prefix, scenario, index).unwrap_or_else(|e| panic!("{e:#}"));
     if let Err(e) = kb.start_ligo() {
@@ -82,6 +156,12 @@ fn peer_unpeer_and_peer_again(prefix: &str, scenario: Scenario, index: u8) {
     }
     if let Err(e) = exchange_both_ways(&kb) {
         panic!("{e:#}\n{}", kb.logs());
+    }
+
+    if identical {
+        if let Err(e) = least_privilege(&kb) {
+            panic!("{e:#}");
+        }
     }
 
     // Every daemon reports the peer programmed; the gateway its link.
