@@ -12,6 +12,10 @@ pub const CLUSTER_FABRIC_NAME: &str = "local";
 /// The label that makes a node a gateway unless the settings name another.
 pub const DEFAULT_GATEWAY_LABEL: &str = "ligo.io/gateway";
 pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
+/// A gateway Node's address for peers when it has no ExternalIP (bare
+/// metal, no cloud provider: the kubelet reports InternalIP only and would
+/// overwrite an address patched into the status). Wins over ExternalIP.
+pub const PUBLIC_IP_ANNOTATION: &str = "ligo.io/public-ip";
 
 /// A condition as `metav1.Condition` has it (the list is a map keyed by
 /// `type`, so server-side apply merges per condition).

@@ -214,6 +214,12 @@ pub fn node_facts(node: &k8s_openapi::api::core::v1::Node) -> NodeFacts {
         labels: node.labels().clone(),
         pod_cidrs,
         internal_ip: address("InternalIP"),
-        external_ip: address("ExternalIP"),
+        // A malformed annotation is ignored here; the gateway's daemon
+        // refuses it by name (its NodeFabric says so).
+        external_ip: node
+            .annotations()
+            .get(ligo_api::PUBLIC_IP_ANNOTATION)
+            .and_then(|a| a.parse().ok())
+            .or_else(|| address("ExternalIP")),
     }
 }

@@ -1,7 +1,7 @@
 //! From Kubernetes objects to the daemon's inputs: pure, so every rule is
 //! unit-tested. Our Node gives the role (the gateway label), the underlay
-//! address (InternalIP) and, on gateways, the public one (ExternalIP, else
-//! InternalIP); the interfaces are the host's that hold those addresses.
+//! address (InternalIP) and, on gateways, the public one (the
+//! `ligo.io/public-ip` annotation, else ExternalIP, else InternalIP); the interfaces are the host's that hold those addresses.
 //! `ClusterFabric/local`'s status gives the id and pod CIDR, every Node the
 //! pod CIDR slices, and each `Peer` with a view one peer.
 
@@ -14,7 +14,10 @@ use std::{
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
-use ligo_api::{ClusterFabric, NodeFabric, Peer, CLUSTER_FABRIC_NAME, DEFAULT_GATEWAY_LABEL};
+use ligo_api::{
+    ClusterFabric, NodeFabric, Peer, CLUSTER_FABRIC_NAME, DEFAULT_GATEWAY_LABEL,
+    PUBLIC_IP_ANNOTATION,
+};
 
 use crate::config::{
     admit_peers, FabricSpec, GatewayLocal, IngressHook, LocalConfig, LocalRole, NodeLocal,
@@ -123,7 +126,15 @@ pub fn translate(
     let underlay_interface = holder(underlay_ip, "InternalIP")?;
     let is_gateway = node.labels().contains_key(&label);
     let role = if is_gateway {
-        let public_ip = address(node, "ExternalIP").unwrap_or(underlay_ip);
+        let public_ip = match node.annotations().get(PUBLIC_IP_ANNOTATION) {
+            Some(text) => text.parse().map_err(|_| {
+                format!(
+                    "Node {} annotation {PUBLIC_IP_ANNOTATION}: {text:?} is not an IPv4 address",
+                    flags.node_name
+                )
+            })?,
+            None => address(node, "ExternalIP").unwrap_or(underlay_ip),
+        };
         LocalRole::Gateway(GatewayLocal {
             public_interface: holder(public_ip, "ExternalIP")?,
             public_ip,

@@ -251,3 +251,48 @@ fn only_the_gateway_gets_wireguard_keys_and_keepalives() {
     assert_eq!(wireguard.persistent_keepalive, Some(10));
     assert_eq!(wireguard.public_key[..3], [0, 1, 2]);
 }
+
+#[test]
+fn the_public_ip_annotation_wins_and_a_bad_one_is_named() {
+    let fabrics = [fabric(true)];
+    let mut nodes = nodes();
+    nodes[0]
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(PUBLIC_IP_ANNOTATION.into(), "198.51.100.7".into());
+    let host_addresses = host(&[
+        ("eth0", "192.168.1.1"),
+        ("eth1", "203.0.113.1"),
+        ("wan", "198.51.100.7"),
+    ]);
+    let observe = |nodes: &[Node]| {
+        translate(
+            &flags("gw"),
+            &Observed {
+                fabrics: &fabrics,
+                nodes,
+                node_fabrics: &[],
+                peers: &[],
+            },
+            &host_addresses,
+        )
+    };
+    match observe(&nodes).expect("a translation").local.role {
+        LocalRole::Gateway(g) => {
+            assert_eq!(g.public_ip, Ipv4Addr::new(198, 51, 100, 7));
+            assert_eq!(g.public_interface, "wan");
+        }
+        other => panic!("{other:?}"),
+    }
+    nodes[0]
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(PUBLIC_IP_ANNOTATION.into(), "gw.example".into());
+    let e = observe(&nodes).expect_err("a bad annotation");
+    assert!(
+        e.contains("ligo.io/public-ip") && e.contains("gw.example"),
+        "{e}"
+    );
+}
