@@ -12,7 +12,8 @@ BPF_LINKER_VERSION=0.13.0
 BORINGTUN_CLI_VERSION=0.7.1
 DEBIAN_PACKAGES=(llvm-22-dev libpolly-22-dev iproute2 iperf3 tshark iputils-ping
   bpftool nftables ethtool procps prometheus wireguard-tools iputils-tracepath
-  etcd-server)
+  etcd-server containerd runc containernetworking-plugins iptables conntrack
+  busybox-static jq gcc libc6-dev)
 
 log() { echo "bootstrap: $*" >&2; }
 
@@ -63,6 +64,11 @@ KUBE_BIN_DIR=${LIGO_KUBE_BIN:-$HOME/.cache/ligo-kube}
 if [ ! -x "$KUBE_BIN_DIR/kube-apiserver" ] || [ ! -x "$KUBE_BIN_DIR/kubelet" ]; then
   log "building Kubernetes v1.20.2 from Debian's source into $KUBE_BIN_DIR (about 7 minutes, once)"
   bash "$(dirname "$0")/kube/build-kube.sh" "$KUBE_BIN_DIR" >/dev/null
+fi
+# The install test's images (busybox, pause), made offline once.
+if [ ! -s "$KUBE_BIN_DIR/images/busybox.tar" ] || [ ! -s "$KUBE_BIN_DIR/images/pause.tar" ]; then
+  log "making the test images (busybox, pause) into $KUBE_BIN_DIR/images"
+  bash "$(dirname "$0")/kube/make-test-images.sh" "$KUBE_BIN_DIR/images" "$KUBE_BIN_DIR" >/dev/null
 fi
 if ! command -v kubectl >/dev/null; then
   log "installing kubectl (Debian's kubernetes-client)"

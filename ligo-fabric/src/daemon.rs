@@ -199,12 +199,18 @@ impl Fabric {
     }
 
     /// Node role: keeps POD_INTERFACES equal to this node's veths (but the
-    /// uplink), so arriving packets can skip the stack on their way in.
+    /// uplink), so arriving packets can skip the stack on their way in;
+    /// empty with `pod_delivery = stack`.
     async fn sync_pod_interfaces(&mut self) -> Result<()> {
-        if self.local.is_gateway() {
+        let LocalRole::Node(node) = &self.local.role else {
             return Ok(());
-        }
-        let veths = self.routes.veth_indexes(self.interfaces.underlay).await?;
+        };
+        let veths = match node.pod_delivery {
+            config::PodDelivery::Direct => {
+                self.routes.veth_indexes(self.interfaces.underlay).await?
+            }
+            config::PodDelivery::Stack => Default::default(),
+        };
         let changes = self.maps.sync_pod_interfaces(&veths)?;
         if changes > 0 {
             debug!(

@@ -53,6 +53,11 @@ struct KubernetesArgs {
     /// The gateway key Secret's private-key file, where it is mounted.
     #[arg(long, value_name = "FILE")]
     private_key_file: Option<PathBuf>,
+    /// How arriving packets reach pods: direct skips the node's stack
+    /// (and its netfilter: a conntrack-based FORWARD policy such as
+    /// kube-proxy's then drops the pods' answers), stack routes them.
+    #[arg(long, value_enum, default_value_t = config::PodDelivery::Direct)]
+    pod_delivery: config::PodDelivery,
     /// The tunnel process's status socket (gateways).
     #[arg(long, value_name = "SOCKET", default_value = config::DEFAULT_WIREGUARD_STATUS_SOCKET)]
     status_socket: PathBuf,
@@ -312,6 +317,7 @@ async fn run_kubernetes(args: KubernetesArgs) -> Result<()> {
             pin_dir: args.pin_dir,
             metrics_address: args.metrics_address,
             ingress: config::IngressHook::Auto,
+            pod_delivery: args.pod_delivery,
             private_key_file: args.private_key_file,
             status_socket: args.status_socket,
         },

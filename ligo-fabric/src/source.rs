@@ -105,6 +105,9 @@ pub fn restart_needed_for(running: &LocalConfig, new: &LocalConfig) -> Option<&'
             if a.ingress != b.ingress {
                 return Some("node.ingress");
             }
+            if a.pod_delivery != b.pod_delivery {
+                return Some("node.pod_delivery");
+            }
             None
         }
         (LocalRole::Gateway(a), LocalRole::Gateway(b)) => {

@@ -72,8 +72,13 @@ pub struct ControlPlaneOptions {
     /// and kube-scheduler.
     pub controllers: bool,
     /// More addresses the API server's certificate names (where nodes
-    /// reach it: see [`ControlPlane::attach`]).
+    /// reach it: see [`ControlPlane::attach`]); the first is also the
+    /// address it advertises (the `kubernetes` Service's endpoint).
     pub extra_addresses: Vec<Ipv4Addr>,
+    /// Real kubelets will join (not hand-made Nodes): the ServiceAccount
+    /// admission plugin mounts pods' tokens, and taints and the node
+    /// lifecycle controller follow the kubelets' reports.
+    pub real_nodes: bool,
 }
 
 impl ControlPlaneOptions {
@@ -84,6 +89,7 @@ impl ControlPlaneOptions {
             cluster_cidr: "10.244.0.0/16".into(),
             controllers: false,
             extra_addresses: Vec::new(),
+            real_nodes: false,
         }
     }
 }
@@ -183,7 +189,20 @@ impl ControlPlane {
                 "--unsafe-no-fsync",
             ],
         )?;
-        let advertise = cp_addr.to_string();
+        // A link-local address may not be an Endpoints address.
+        let advertise = options
+            .extra_addresses
+            .first()
+            .copied()
+            .unwrap_or(cp_addr)
+            .to_string();
+        let (disabled_admission, controllers) = if options.real_nodes {
+            ("", "*")
+        } else {
+            // Hand-made Nodes stay schedulable (no kubelet clears the
+            // not-ready taint) and pods need no ServiceAccount.
+            ("ServiceAccount,TaintNodesByCondition", "*,-nodelifecycle")
+        };
         let port = APISERVER_PORT.to_string();
         plane.spawn(
             "kube-apiserver",
@@ -216,10 +235,8 @@ impl ControlPlane {
                 "--service-cluster-ip-range",
                 &options.service_cidr,
                 "--allow-privileged=true",
-                // Hand-made Nodes stay schedulable (no kubelet clears the
-                // not-ready taint) and pods need no ServiceAccount.
                 "--disable-admission-plugins",
-                "ServiceAccount,TaintNodesByCondition",
+                disabled_admission,
                 "--endpoint-reconciler-type",
                 "lease",
                 "--kubelet-preferred-address-types",
@@ -244,7 +261,7 @@ impl ControlPlane {
                     "--bind-address",
                     "127.0.0.1",
                     "--controllers",
-                    "*,-nodelifecycle",
+                    controllers,
                     "--service-account-private-key-file",
                     &p("sa.key"),
                     "--root-ca-file",
@@ -378,15 +395,31 @@ impl ControlPlane {
     /// `https://address:6443` (name `address` in `extra_addresses`).
     /// Returns a kubeconfig for that URL (admin).
     pub fn attach(&self, underlay_ns: &str, address: Ipv4Addr) -> Result<PathBuf> {
-        netns::veth(underlay_ns, "kube", &self.netns, "ul0")?;
-        ipc(&format!("-n {underlay_ns} link set kube master br0"))?;
-        ipc(&format!("-n {} addr add {address}/24 dev ul0", self.netns))?;
+        self.attach_to(underlay_ns, "kube", "ul0", address)?;
         let path = self.dir.join("kubeconfig.underlay");
         fs::write(
             &path,
             admin_kubeconfig(&format!("https://{address}:{APISERVER_PORT}"), &self.ca_pem),
         )?;
         Ok(path)
+    }
+
+    /// Puts the control plane on bridge `br0` of namespace `bridge_ns`
+    /// (port `port` there, `ifname` here) holding `address`/24.
+    pub fn attach_to(
+        &self,
+        bridge_ns: &str,
+        port: &str,
+        ifname: &str,
+        address: Ipv4Addr,
+    ) -> Result<()> {
+        netns::veth(bridge_ns, port, &self.netns, ifname)?;
+        ipc(&format!("-n {bridge_ns} link set {port} master br0"))?;
+        ipc(&format!(
+            "-n {} addr add {address}/24 dev {ifname}",
+            self.netns
+        ))
+        .map(drop)
     }
 
     /// `kubectl apply` of a YAML document (or several).

@@ -303,6 +303,13 @@ fn install(cp: &ControlPlane, plan: &ClusterPlan) -> Result<()> {
             false,
         )?;
     }
+    apply_cluster_fabric(cp, plan)
+}
+
+/// `ClusterFabric/local` for `plan`: name, id, pod CIDR, view pools (the
+/// plan's view of its peer, then the spare block), and the API server URL
+/// peers use.
+pub fn apply_cluster_fabric(cp: &ControlPlane, plan: &ClusterPlan) -> Result<()> {
     cp.apply(&format!(
         "apiVersion: ligo.io/v1alpha1\nkind: ClusterFabric\nmetadata: {{name: local}}\nspec: {{clusterName: {}, clusterId: {}, podCIDR: \"{}\", serviceCIDR: 10.96.0.0/24, viewPools: [\"{}\", \"{SPARE_POOL}\"], apiServerURL: \"{}\"}}\n",
         plan.name, plan.id, plan.pod_cidr, plan.view_of_peer, cp.url

@@ -4,6 +4,7 @@
 pub mod demo;
 pub mod kube;
 pub mod kube_fixtures;
+pub mod kube_nodes;
 pub mod kube_testbed;
 pub mod lab;
 pub mod netns;

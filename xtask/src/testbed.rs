@@ -86,6 +86,9 @@ pub struct Scenario {
     /// a's and b's on one public bridge. Daemon configuration files are
     /// written for a and b only.
     pub more: Vec<ClusterPlan>,
+    /// The gateways' public side on a bridge (namespace `inet`) rather than
+    /// one veth between two gateways: others (API servers) can join it.
+    pub public_bridge: bool,
 }
 
 impl Scenario {
@@ -112,6 +115,7 @@ impl Scenario {
                 public_ip: Ipv4Addr::new(203, 0, 113, 2),
             },
             more: Vec::new(),
+            public_bridge: false,
         }
     }
 
@@ -256,7 +260,7 @@ impl Testbed {
         for plan in &plans {
             self.build_cluster(plan)?;
         }
-        if plans.len() == 2 {
+        if plans.len() == 2 && !self.scenario.public_bridge {
             let (a, b) = (plans[0], plans[1]);
             let (gw_a, gw_b) = (self.ns(a, "gw"), self.ns(b, "gw"));
             netns::veth(&gw_a, "eth1", &gw_b, "eth1")?;

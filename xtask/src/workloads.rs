@@ -269,6 +269,11 @@ impl Workload {
         argv.extend(strings(&self.container["args"]));
 
         let mut script = String::from("set -e\n");
+        // A container's /dev holds only what its spec mounts: without a
+        // /dev/net/tun volume, there is none.
+        if !self.mounts_path("/dev/net/tun") {
+            script.push_str("mount -t tmpfs -o size=4k tmpfs /dev/net\n");
+        }
         for (source, target) in &mounts {
             script.push_str(&format!(
                 "mkdir -p {t}\nmount --bind {s} {t}\n",
@@ -287,6 +292,14 @@ impl Workload {
             "exec unshare --mount --propagation private sh -c {}",
             quote(&script)
         ))
+    }
+
+    fn mounts_path(&self, path: &str) -> bool {
+        self.container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["mountPath"] == path)
     }
 
     /// `setpriv` as the securityContext says: the capabilities it adds (all

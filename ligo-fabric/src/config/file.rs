@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::{
     err,
-    local::{self, GatewayLocal, IngressHook, LocalConfig, LocalRole, NodeLocal},
+    local::{self, GatewayLocal, IngressHook, LocalConfig, LocalRole, NodeLocal, PodDelivery},
     spec::{self, admit_peers, FabricSpec, PeerContext, PeerInput},
     ConfigError, Configuration, DEFAULT_FABRIC_PORT, DEFAULT_PIN_DIR, DEFAULT_WIREGUARD_PORT,
 };
@@ -47,6 +47,9 @@ struct NodeSection {
     /// "auto" (the default: tc on veth uplinks, xdp elsewhere).
     #[serde(default)]
     ingress: IngressHook,
+    /// How arriving packets reach pods: "direct" (the default) or "stack".
+    #[serde(default)]
+    pod_delivery: PodDelivery,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +178,7 @@ fn node_role(node: NodeSection) -> Result<RoleParts, ConfigError> {
             uplink: local::non_empty("node.uplink", node.uplink)?,
             underlay_ip: node.underlay_ip,
             ingress: node.ingress,
+            pod_delivery: node.pod_delivery,
         }),
         gateway_ip: Some(node.gateway_ip),
         node_slices: BTreeMap::new(),

@@ -46,6 +46,21 @@ pub struct NodeLocal {
     pub uplink: String,
     pub underlay_ip: Ipv4Addr,
     pub ingress: IngressHook,
+    pub pod_delivery: PodDelivery,
+}
+
+/// How arriving packets reach a pod on this node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PodDelivery {
+    /// Straight into the pod's namespace (`bpf_redirect_peer`), skipping
+    /// the node's stack: fastest, but the node's netfilter never sees the
+    /// packet, so a conntrack-based FORWARD policy (kube-proxy's iptables
+    /// mode drops ctstate INVALID) refuses the pod's answers.
+    #[default]
+    Direct,
+    /// Through the node's stack, as any routed packet.
+    Stack,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,7 +27,7 @@ use anyhow::{Context, Result};
 pub use self::{
     file::parse,
     local::{
-        GatewayLocal, IngressHook, LocalConfig, LocalRole, NamedInterface, NodeLocal,
+        GatewayLocal, IngressHook, LocalConfig, LocalRole, NamedInterface, NodeLocal, PodDelivery,
         DEFAULT_METRICS_ADDRESS, DEFAULT_PIN_DIR, DEFAULT_WIREGUARD_STATUS_SOCKET,
     },
     spec::{

@@ -21,7 +21,8 @@ use ligo_api::{
 
 use crate::config::{
     admit_peers, FabricSpec, GatewayLocal, IngressHook, LocalConfig, LocalRole, NodeLocal,
-    PeerContext, PeerInput, PeerProblem, Transport, DEFAULT_FABRIC_PORT, DEFAULT_WIREGUARD_PORT,
+    PeerContext, PeerInput, PeerProblem, PodDelivery, Transport, DEFAULT_FABRIC_PORT,
+    DEFAULT_WIREGUARD_PORT,
 };
 
 /// Keepalives toward every WireGuard peer of a cluster: the session is
@@ -38,6 +39,7 @@ pub struct DaemonFlags {
     pub pin_dir: PathBuf,
     pub metrics_address: SocketAddr,
     pub ingress: IngressHook,
+    pub pod_delivery: PodDelivery,
     /// The gateway key Secret's `private-key`, where it is mounted.
     pub private_key_file: Option<PathBuf>,
     pub status_socket: PathBuf,
@@ -148,6 +150,7 @@ pub fn translate(
             uplink: underlay_interface,
             underlay_ip,
             ingress: flags.ingress,
+            pod_delivery: flags.pod_delivery,
         })
     };
     let local = LocalConfig {

@@ -57,6 +57,7 @@ fn flags(node: &str) -> DaemonFlags {
         pin_dir: "/sys/fs/bpf/ligo".into(),
         metrics_address: "0.0.0.0:9477".parse().expect("address"),
         ingress: IngressHook::Auto,
+        pod_delivery: PodDelivery::Stack,
         private_key_file: Some("/etc/ligo/key/private-key".into()),
         status_socket: "/run/ligo-fabric/wireguard.sock".into(),
     }

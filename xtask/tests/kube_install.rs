@@ -1,0 +1,320 @@
+//! The install test: per cluster a real control plane and two real nodes
+//! (kubelet + containerd + kube-proxy in the testbed's gateway and node
+//! namespaces), `kubectl apply -k manifests/`, Ligo's controller, fabric
+//! daemons and tunnel running as real pods from the image
+//! `xtask/kube/make-image.sh` builds offline; then `ligo-control peer
+//! --wait`, a busybox pod in A pings a busybox pod in B by its view address
+//! and back, `unpeer`, traffic stops and nothing of the peering is left.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context, Result};
+use xtask::{
+    kube::{ControlPlane, ControlPlaneOptions},
+    kube_nodes::{ligo_image, Joining, RealNode},
+    kube_testbed::{apply_cluster_fabric, KubeTestbed},
+    require_root,
+    testbed::{Cidr, ClusterPlan, Scenario, Testbed},
+    workspace_root,
+};
+
+const APISERVER_HOST: u8 = 240;
+/// How long pods may take to become ready (image import, sandbox, probes).
+const POD_WAIT: Duration = Duration::from_secs(120);
+
+struct Cluster {
+    cp: ControlPlane,
+    nodes: Vec<RealNode>,
+}
+
+/// Installs cluster `plan` and pushes it onto `clusters` as soon as its
+/// control plane runs (so a failure's message can show its logs).
+fn install(
+    clusters: &mut Vec<Cluster>,
+    bed: &Testbed,
+    plan: &ClusterPlan,
+    index: u8,
+    image: &std::path::Path,
+) -> Result<()> {
+    let apiserver = plan.underlay_ip(APISERVER_HOST);
+    // Where the other cluster's controller (a pod) reaches this API server:
+    // the public network the gateways are on.
+    let public = Ipv4Addr::from(u32::from(plan.public_ip) + u32::from(APISERVER_HOST));
+    let cp = ControlPlane::start(
+        &format!("ki-{}", plan.name),
+        &ControlPlaneOptions {
+            controllers: true,
+            real_nodes: true,
+            cluster_cidr: plan.pod_cidr.to_string(),
+            extra_addresses: vec![apiserver, public],
+            ..ControlPlaneOptions::new(index)
+        },
+    )?;
+    let kubeconfig = cp.attach(&bed.ns(plan, "ul"), apiserver)?;
+    cp.attach_to(
+        &bed.lab.ns("inet"),
+        &format!("kube-{}", plan.name),
+        "pub0",
+        public,
+    )?;
+    egress(bed, plan)?;
+    let admin = cp.kubeconfig.clone();
+    let cp_netns = cp.netns.clone();
+    clusters.push(Cluster {
+        cp,
+        nodes: Vec::new(),
+    });
+    let cluster = clusters.last_mut().context("the cluster just pushed")?;
+    for (name, octet) in [("gw", 1), ("n1", 11)] {
+        let node = RealNode::start(
+            name,
+            &bed.ns(plan, name),
+            bed.lab.file(&format!("{}-{name}-node", plan.name)),
+            &Joining {
+                kubeconfig: &kubeconfig,
+                admin_kubeconfig: &admin,
+                node_ip: plan.underlay_ip(octet),
+                apiserver_ip: apiserver,
+                apiserver_netns: &cp_netns,
+                cluster_cidr: plan.pod_cidr.to_string(),
+                images: &[image.to_path_buf()],
+            },
+        )
+        .with_context(|| format!("node {name} of {}", plan.name))?;
+        cluster.nodes.push(node);
+    }
+    let cp = &cluster.cp;
+    pod_routes(cp, bed, plan)?;
+    cp.kubectl(&["label", "node", "gw", "ligo.io/gateway="])?;
+    cp.kubectl(&[
+        "annotate",
+        "node",
+        "gw",
+        &format!("ligo.io/public-ip={}", plan.public_ip),
+    ])?;
+    let manifests = workspace_root().join("manifests");
+    cp.kubectl(&["apply", "-k", &manifests.to_string_lossy()])?;
+    cp.wait_crds_established()?;
+    apply_cluster_fabric(cp, plan)?;
+    // Peers' controllers reach us on the public network.
+    cp.kubectl(&[
+        "patch",
+        "clusterfabric",
+        "local",
+        "--type=merge",
+        "-p",
+        &format!("{{\"spec\":{{\"apiServerURL\":\"https://{public}:6443\"}}}}"),
+    ])?;
+    let timeout = format!("--timeout={}s", POD_WAIT.as_secs());
+    cp.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        "ligo-system",
+        "deployment/ligo-control",
+        &timeout,
+    ])?;
+    cp.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        "ligo-system",
+        "daemonset/ligo-fabric",
+        &timeout,
+    ])?;
+    cp.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        "ligo-system",
+        "daemonset/ligo-tunnel",
+        &timeout,
+    ])?;
+    cp.wait_condition("clusterfabric", "local", "Ready", "True")?;
+    cp.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: default}\nspec:\n  nodeName: n1\n  terminationGracePeriodSeconds: 0\n  containers:\n  - {name: sh, image: localhost/busybox:kt, imagePullPolicy: Never, command: [sleep, '3600']}\n",
+    )?;
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/client",
+        "-n",
+        "default",
+        &timeout,
+    ])?;
+    Ok(())
+}
+
+/// The cluster's way out, as a real cluster has one: pods' traffic to the
+/// public network leaves through the gateway, masqueraded (the controller
+/// pod reaches the other cluster's API server so). Fabric traffic is not
+/// touched: the gateway's programs redirect it before netfilter, and the
+/// tunnel sends from the gateway's own address.
+fn egress(bed: &Testbed, plan: &ClusterPlan) -> Result<()> {
+    let gw = bed.ns(plan, "gw");
+    xtask::netns::sysctl(&gw, "net.ipv4.ip_forward", "1")?;
+    xtask::netns::exec(
+        &gw,
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            &plan.pod_cidr.to_string(),
+            "-o",
+            "eth1",
+            "-j",
+            "MASQUERADE",
+        ],
+    )?;
+    let public = Cidr(plan.public_ip, 24);
+    xtask::netns::ip(&[
+        "-n",
+        &bed.ns(plan, "n1"),
+        "route",
+        "add",
+        &format!("{}/24", Ipv4Addr::from(u32::from(public.0) & 0xffff_ff00)),
+        "via",
+        &plan.underlay_ip(1).to_string(),
+    ])?;
+    Ok(())
+}
+
+/// Routes between the nodes' pod CIDRs, as the cluster's CNI would make
+/// them (ptp makes none).
+fn pod_routes(cp: &ControlPlane, bed: &Testbed, plan: &ClusterPlan) -> Result<()> {
+    let nodes = [("gw", plan.underlay_ip(1)), ("n1", plan.underlay_ip(11))];
+    for (name, ip) in nodes {
+        let cidr = cp.jsonpath("node", name, "{.spec.podCIDR}")?;
+        for (other, _) in nodes.iter().filter(|(o, _)| *o != name) {
+            xtask::netns::ip(&[
+                "-n",
+                &bed.ns(plan, other),
+                "route",
+                "replace",
+                &cidr,
+                "via",
+                &ip.to_string(),
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+fn logs(clusters: &[Cluster]) -> String {
+    let mut all = String::new();
+    for c in clusters {
+        all.push_str(&c.cp.logs());
+        for n in &c.nodes {
+            all.push_str(&n.logs());
+        }
+        for what in ["pods", "events"] {
+            all.push_str(
+                &c.cp
+                    .kubectl(&["get", what, "-A", "-o", "wide"])
+                    .unwrap_or_default(),
+            );
+        }
+        for ds in [
+            "daemonset/ligo-fabric",
+            "daemonset/ligo-tunnel",
+            "deployment/ligo-control",
+        ] {
+            all.push_str(
+                &c.cp
+                    .kubectl(&["logs", "-n", "ligo-system", ds, "--tail=20"])
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    all
+}
+
+fn pod_ip(cp: &ControlPlane) -> Result<Ipv4Addr> {
+    cp.jsonpath("pod", "client", "{.status.podIP}")?
+        .parse()
+        .context("the client pod's IP")
+}
+
+fn ping(cp: &ControlPlane, to: Ipv4Addr) -> Result<String> {
+    cp.kubectl(&[
+        "exec",
+        "-n",
+        "default",
+        "client",
+        "--",
+        "ping",
+        "-c",
+        "3",
+        "-W",
+        "2",
+        &to.to_string(),
+    ])
+}
+
+#[test]
+fn ligo_installs_from_the_manifests_on_real_nodes_and_peers() {
+    if !require_root("ligo_installs_from_the_manifests_on_real_nodes_and_peers") {
+        return;
+    }
+    let mut scenario = Scenario::identical_cidrs();
+    scenario.public_bridge = true;
+    let bed = Testbed::up("ki", scenario).expect("testbed");
+    let image = ligo_image(&bed.lab.file("images")).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut clusters = Vec::new();
+    for (i, plan) in [&bed.scenario.a, &bed.scenario.b].into_iter().enumerate() {
+        if let Err(e) = install(&mut clusters, &bed, plan, 215 + i as u8, &image) {
+            panic!("{e:#}\n{}", logs(&clusters));
+        }
+    }
+    let (a, b) = (&clusters[0].cp, &clusters[1].cp);
+    let peer = KubeTestbed::ligo_control(&[
+        "peer",
+        "--kubeconfig",
+        &a.kubeconfig.to_string_lossy(),
+        "--remote-kubeconfig",
+        &b.kubeconfig.to_string_lossy(),
+        "--wait",
+        "--timeout",
+        "90s",
+    ]);
+    match peer {
+        Ok((true, out)) => println!("{out}"),
+        Ok((false, out)) => panic!("peer failed:\n{out}\n{}", logs(&clusters)),
+        Err(e) => panic!("{e:#}"),
+    }
+    let pods = Cidr::parse("10.244.0.0/16");
+    let view = |cp: &ControlPlane, peer: &str| {
+        Cidr::parse(
+            &cp.jsonpath("peer", peer, "{.spec.view}")
+                .unwrap_or_default(),
+        )
+    };
+    let (ip_a, ip_b) = (pod_ip(a).expect("pod a"), pod_ip(b).expect("pod b"));
+    let b_from_a = pods.translate(ip_b, view(a, "b"));
+    let a_from_b = pods.translate(ip_a, view(b, "a"));
+    for (cp, to, what) in [(a, b_from_a, "A -> B"), (b, a_from_b, "B -> A")] {
+        match ping(cp, to) {
+            Ok(out) => println!(
+                "{what}: {}",
+                out.lines().find(|l| l.contains("packets")).unwrap_or("")
+            ),
+            Err(e) => panic!("{what} ({to}): {e:#}\n{}", logs(&clusters)),
+        }
+    }
+
+    let unpeer = KubeTestbed::ligo_control(&[
+        "unpeer",
+        "--kubeconfig",
+        &a.kubeconfig.to_string_lossy(),
+        "--remote-kubeconfig",
+        &b.kubeconfig.to_string_lossy(),
+    ]);
+    assert!(matches!(unpeer, Ok((true, _))), "{unpeer:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(ping(a, b_from_a).is_err(), "A still reaches B after unpeer");
+    assert_eq!(a.peering_objects("b"), Vec::<String>::new());
+    assert_eq!(b.peering_objects("a"), Vec::<String>::new());
+}
