@@ -87,6 +87,21 @@ impl RealNode {
         command
     }
 
+    /// The process id of container `id` (`containerd://…` or bare).
+    pub fn container_pid(&self, id: &str) -> Result<u32> {
+        let id = id.trim_start_matches("containerd://");
+        let sock = self.dir.join("containerd.sock");
+        let tasks = crate::netns::run(
+            "ctr",
+            &["-a", &sock.to_string_lossy(), "-n", "k8s.io", "tasks", "ls"],
+        )?;
+        tasks
+            .lines()
+            .find(|l| l.starts_with(id))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .with_context(|| format!("no task {id} on node {}", self.name))
+    }
+
     /// The last lines of the node's logs.
     pub fn logs(&self) -> String {
         let mut all = String::new();

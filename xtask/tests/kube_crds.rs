@@ -21,7 +21,7 @@ fn crds_install_on_a_real_apiserver_which_enforces_their_schemas() {
     let cp = ControlPlane::start("lk-crd", &ControlPlaneOptions::new(201))
         .unwrap_or_else(|e| panic!("{e:#}"));
     let crds = crds_dir();
-    cp.kubectl(&["apply", "-f", &crds.to_string_lossy()])
+    cp.kubectl(&["apply", "-k", &crds.to_string_lossy()])
         .unwrap_or_else(|e| panic!("{e:#}\n{}", cp.logs()));
     for crd in [
         "clusterfabrics.ligo.io",
