@@ -58,11 +58,9 @@ struct Fabric {
 }
 
 impl Fabric {
-    /// Tells the reporter what is programmed now, and what was refused.
-    fn report(&mut self, refused: Option<String>) {
-        if refused.is_none() {
-            self.revisions_applied += 1;
-        }
+    /// Tells the reporter what is programmed now, and what was refused
+    /// (`None`: nothing, so an earlier refusal no longer stands).
+    fn report(&self, refused: Option<String>) {
         if let Some(report) = &self.report {
             report.send_replace(Programmed {
                 revisions: self.revisions_applied,
@@ -319,6 +317,8 @@ impl Fabric {
         }
         if local == self.local && spec == self.spec {
             info!(reason, "configuration unchanged");
+            // Objects fixed back to what runs clear an earlier refusal.
+            self.report(None);
             return;
         }
         if let Err(e) = self.tunnel_spec(&local, &spec).await {
@@ -346,6 +346,7 @@ impl Fabric {
             self.report(Some(format!("applying failed, previous state kept: {e:#}")));
             return;
         }
+        self.revisions_applied += 1;
         self.report(None);
     }
 }
@@ -474,6 +475,7 @@ async fn start(
         return Err(e);
     }
     metrics.set_ready(true);
+    fabric.revisions_applied = 1;
     fabric.report(None);
     info!(source, "fabric ready");
     serve(fabric, revisions).await

@@ -284,33 +284,33 @@ impl Lab {
     /// Starts `program args` in namespace `ns` as process `name` (its log
     /// and pid file are named after it); the lab stops it on teardown.
     pub fn spawn(&mut self, ns: &str, name: &str, program: &OsStr, args: &[&OsStr]) -> Result<()> {
-        let log = fs::File::create(self.log_path(name))?;
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", ns])
             .arg(program)
             .args(args)
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {} in {ns}", program.to_string_lossy()))?;
-        fs::write(self.pid_path(name), child.id().to_string())?;
-        self.processes.push((name.to_owned(), child));
-        Ok(())
+            .env("NO_COLOR", "1");
+        self.spawn_command(name, command)
+            .with_context(|| format!("starting {} in {ns}", program.to_string_lossy()))
     }
 
     /// Like [`Lab::spawn`], in the root network namespace.
     pub fn spawn_here(&mut self, name: &str, program: &OsStr, args: &[&OsStr]) -> Result<()> {
+        let mut command = Command::new(program);
+        command.args(args);
+        self.spawn_command(name, command)
+            .with_context(|| format!("starting {}", program.to_string_lossy()))
+    }
+
+    /// Starts `command` as process `name`, logging to its log file.
+    fn spawn_command(&mut self, name: &str, mut command: Command) -> Result<()> {
         let log = fs::File::create(self.log_path(name))?;
-        let child = Command::new(program)
-            .args(args)
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", program.to_string_lossy()))?;
+            .spawn()?;
         fs::write(self.pid_path(name), child.id().to_string())?;
         self.processes.push((name.to_owned(), child));
         Ok(())
