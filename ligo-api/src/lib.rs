@@ -3,6 +3,8 @@
 //! types (`ligo-control crds`); a test keeps the two equal. No CEL: the
 //! schemas must install on 1.20 API servers.
 
+use std::collections::BTreeMap;
+
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -16,6 +18,12 @@ pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
 /// metal, no cloud provider: the kubelet reports InternalIP only and would
 /// overwrite an address patched into the status). Wins over ExternalIP.
 pub const PUBLIC_IP_ANNOTATION: &str = "ligo.io/public-ip";
+/// Virtual nodes carry this label (value: the peer's name); the fabric
+/// daemons and node reports skip them (no daemon runs there).
+pub const VIRTUAL_NODE_LABEL: &str = "ligo.io/virtual-node";
+/// Objects Ligo makes in a provider for a consumer carry this label (value:
+/// the consumer's cluster name); Ligo touches nothing without it.
+pub const ORIGIN_LABEL: &str = "ligo.io/origin";
 
 /// A condition as `metav1.Condition` has it (the list is a map keyed by
 /// `type`, so server-side apply merges per condition).
@@ -157,6 +165,77 @@ pub struct PeerSpec {
     /// empty, as `Service.spec.clusterIP` is, and immutable afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub view: Option<String>,
+    /// Running pods across: ours there (a virtual node), its here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offloading: Option<OffloadingSpec>,
+}
+
+/// Which way pods may run across a peering (`ligo-control peer --offload`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OffloadingSpec {
+    /// We run pods there: a virtual node `ligo-<peer>` stands for it here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub consume: bool,
+    /// The peer may run its pods here, in the namespaces it asks for.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub provide: bool,
+    /// Our namespaces whose pods may run there (`ligo-control offload
+    /// namespace`); each is mirrored there under the same name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Caps on what the virtual node offers (`cpu`, `memory`, `pods`, as
+    /// quantities); without one, what the peer offers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
+}
+
+/// Offloading as this side sees it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OffloadingStatus {
+    /// As provider: what the peer's pods may still use here (the
+    /// allocatable of our schedulable nodes minus the requests of every pod
+    /// that is not the peer's), as quantities. The peer reads it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub offered: BTreeMap<String, String>,
+    /// As provider: each namespace the peer asked for, and what became of it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub granted_namespaces: Vec<NamespaceGrant>,
+    /// As consumer: the virtual node standing for the peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_node: Option<VirtualNodeStatus>,
+}
+
+/// One namespace a consumer asked its provider for.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceGrant {
+    pub name: String,
+    /// `Granted`, or why not (`NamespaceTaken`: a namespace of that name
+    /// exists here and is not the peer's).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualNodeStatus {
+    pub name: String,
+    /// What it offers, as quantities.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub capacity: BTreeMap<String, String>,
+    /// Pods bound to it and running (or about to) in the peer.
+    pub pods_offloaded: u32,
+    /// Pods bound to it that are refused (host namespaces, DaemonSets, a
+    /// namespace not offloaded).
+    pub pods_refused: u32,
+    /// ConfigMaps and Secrets reflected for its pods.
+    pub objects_reflected: u32,
+    /// Writes that failed since the controller started (retried).
+    pub reflection_errors: u64,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -178,6 +257,8 @@ pub struct PeerStatus {
     pub remote_view: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<LinkStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offloading: Option<OffloadingStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -9,6 +9,7 @@ pub mod controller;
 pub use ligo_api as crd;
 pub mod ipam;
 pub mod keys;
+pub mod offload;
 pub mod peer;
 pub mod peering;
 pub mod validate;

@@ -19,7 +19,7 @@ use kube::api::ObjectMeta;
 use crate::{
     cluster::CLUSTER_FABRIC_NAME,
     controller::FIELD_MANAGER,
-    crd::{ApiServer, Peer, PeerSpec},
+    crd::{ApiServer, OffloadingSpec, Peer, PeerSpec},
 };
 
 /// Every object peering makes carries these labels.
@@ -168,7 +168,12 @@ pub fn credentials(namespace: &str, remote: &str, kubeconfig: &str) -> Secret {
 
 /// The `Peer` one cluster keeps for `remote` (its view left empty: the
 /// host's controller allocates it).
-pub fn peer(remote: &Side, ca_pem: &[u8], transport: Option<&str>) -> Peer {
+pub fn peer(
+    remote: &Side,
+    ca_pem: &[u8],
+    transport: Option<&str>,
+    offloading: Option<OffloadingSpec>,
+) -> Peer {
     let mut peer = Peer::new(
         &remote.name,
         PeerSpec {
@@ -184,6 +189,7 @@ pub fn peer(remote: &Side, ca_pem: &[u8], transport: Option<&str>) -> Peer {
             }),
             transport: transport.map(str::to_owned),
             view: None,
+            offloading,
         },
     );
     peer.metadata.labels = meta(&remote.name, None, &remote.name).labels;
@@ -241,7 +247,7 @@ mod tests {
             wireguard_public_key: Some("k".into()),
             api_server_url: "https://203.0.113.2:6443".into(),
         };
-        let p = peer(&remote, b"PEM", None);
+        let p = peer(&remote, b"PEM", None, None);
         assert_eq!(p.metadata.name.as_deref(), Some("b"));
         assert_eq!(p.spec.view, None);
         let api = p.spec.api_server.expect("apiServer");

@@ -26,7 +26,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use super::{connect, ok, ready_settings, Access, Cluster};
 use crate::{
     conditions,
-    crd::{ClusterFabric, ClusterFabricStatus, Peer},
+    crd::{ClusterFabric, ClusterFabricStatus, OffloadingSpec, Peer},
     peering::{self, credentials_secret_name, IdentityNames, Side},
 };
 
@@ -55,6 +55,10 @@ pub struct PeerArgs {
     /// `wireguard` (default) or `plain`.
     #[arg(long)]
     pub transport: Option<String>,
+    /// Run pods across: `out` (ours on the other cluster, through a virtual
+    /// node here), `in` (its here) or `both`.
+    #[arg(long, value_enum)]
+    pub offload: Option<OffloadDirection>,
     /// Return once traffic can flow both ways (both Peers Ready).
     #[arg(long)]
     pub wait: bool,
@@ -64,6 +68,33 @@ pub struct PeerArgs {
     /// Ligo's namespace in both clusters.
     #[arg(long, default_value = "ligo-system")]
     pub namespace: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffloadDirection {
+    Out,
+    In,
+    Both,
+}
+
+impl OffloadDirection {
+    /// The offloading settings of the Peer that `host` keeps for the other
+    /// cluster (`host_is_local`: the cluster `peer` was run against).
+    fn settings(direction: Option<Self>, host_is_local: bool) -> Option<OffloadingSpec> {
+        let direction = direction?;
+        let out = matches!(direction, Self::Out | Self::Both);
+        let inbound = matches!(direction, Self::In | Self::Both);
+        let (consume, provide) = if host_is_local {
+            (out, inbound)
+        } else {
+            (inbound, out)
+        };
+        Some(OffloadingSpec {
+            consume,
+            provide,
+            ..OffloadingSpec::default()
+        })
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -321,7 +352,10 @@ async fn create(
     let (token_b, ca_b) = issued_token(b, ns, &side_a.name).await?;
     ok(format_args!("each cluster issued a token for the other"));
     // Each cluster's credentials for, and Peer of, the other.
-    for (host, remote, token, ca) in [(a, side_b, &token_b, &ca_b), (b, side_a, &token_a, &ca_a)] {
+    for (host, remote, token, ca, host_is_local) in [
+        (a, side_b, &token_b, &ca_b, true),
+        (b, side_a, &token_a, &ca_a, false),
+    ] {
         let config = peering::kubeconfig(&remote.name, &remote.api_server_url, ca, token);
         let secret = peering::credentials(ns, &remote.name, &config);
         apply(
@@ -332,7 +366,12 @@ async fn create(
             host,
         )
         .await?;
-        let peer = peering::peer(remote, ca, args.transport.as_deref());
+        let peer = peering::peer(
+            remote,
+            ca,
+            args.transport.as_deref(),
+            OffloadDirection::settings(args.offload, host_is_local),
+        );
         apply(
             &Api::all(host.client.clone()),
             erased::<Peer>(host, None),

@@ -1,0 +1,470 @@
+//! Pods bound to a virtual node and their copies in the provider, as pure
+//! functions of JSON objects (so fields this client's types do not know
+//! pass through untouched): what the copy is, what comes back as the
+//! pod's status, and what to do to bring both sides together.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use ipnetwork::Ipv4Network;
+use serde_json::{json, Map, Value};
+
+use super::virtual_node::TAINT_KEY;
+use crate::crd::ORIGIN_LABEL;
+
+/// The consumer pod a copy is of (its UID): a copy of an older pod of the
+/// same name is not this pod's.
+pub const ORIGIN_UID_ANNOTATION: &str = "ligo.io/origin-uid";
+/// How long the provider may leave a copy unschedulable before the pod is
+/// bounced (failed, so its controller can place it elsewhere).
+pub const BOUNCE_AFTER_SECONDS: i64 = 60;
+
+/// The state of an offloaded namespace for one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespaceState {
+    /// Granted, and its copies are being watched (listed at least once).
+    Ready,
+    /// Asked for; the provider has not answered yet.
+    Waiting,
+    /// Refused by the provider (reason, message).
+    Refused(String, String),
+}
+
+/// What a reconcile needs to know besides the pods.
+pub struct Context<'a> {
+    /// Our cluster name (the copies' origin label).
+    pub origin: &'a str,
+    /// The offloaded namespaces; any other namespace is not offloaded.
+    pub namespaces: &'a BTreeMap<String, NamespaceState>,
+    /// The provider's real pod CIDR, and our view of it.
+    pub remote_cidr: Ipv4Network,
+    pub view: Ipv4Network,
+    /// Seconds since the epoch.
+    pub now: i64,
+}
+
+/// Why a pod is not run remotely.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Create the copy (namespace, name, object).
+    CreateRemote(String, String, Value),
+    /// Delete the copy, with the pod's grace period when it has one; the
+    /// UID is a precondition, so a newer copy is never deleted.
+    DeleteRemote {
+        namespace: String,
+        name: String,
+        uid: String,
+        grace_seconds: Option<i64>,
+    },
+    /// Merge-patch the copy back to what we made (an edit out of band).
+    RestoreRemote(String, String, Value),
+    /// Merge-patch the pod's status.
+    PatchStatus(String, String, Value),
+    /// The pod's final delete, as the kubelet does once it is gone
+    /// remotely (grace 0, UID precondition).
+    FinishDelete(String, String, String),
+    /// Record the refusal in the pod's status and as an Event.
+    Refuse(String, String, Refusal),
+    /// The provider could not schedule the copy in time: the pod fails with
+    /// this reason (and an Event), and the copy goes.
+    Bounce(String, String, Refusal),
+}
+
+fn text<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
+    v.pointer(pointer).and_then(Value::as_str)
+}
+
+fn key(pod: &Value) -> (String, String) {
+    (
+        text(pod, "/metadata/namespace")
+            .unwrap_or_default()
+            .to_owned(),
+        text(pod, "/metadata/name").unwrap_or_default().to_owned(),
+    )
+}
+
+fn phase(pod: &Value) -> Option<&str> {
+    text(pod, "/status/phase")
+}
+
+fn terminal(pod: &Value) -> bool {
+    matches!(phase(pod), Some("Succeeded" | "Failed"))
+}
+
+fn deleting(pod: &Value) -> bool {
+    pod.pointer("/metadata/deletionTimestamp")
+        .is_some_and(|t| !t.is_null())
+}
+
+/// Why `pod` may not run in the provider, if it may not.
+pub fn refusal(pod: &Value, namespaces: &BTreeMap<String, NamespaceState>) -> Option<Refusal> {
+    let refused = |reason: &str, message: String| {
+        Some(Refusal {
+            reason: reason.to_owned(),
+            message,
+        })
+    };
+    for (field, what) in [
+        ("hostNetwork", "the node's network"),
+        ("hostPID", "the node's process namespace"),
+        ("hostIPC", "the node's IPC namespace"),
+    ] {
+        if pod.pointer(&format!("/spec/{field}")) == Some(&Value::Bool(true)) {
+            return refused(
+                "HostNamespaceNotOffloaded",
+                format!("spec.{field} is true: a pod sharing {what} cannot run on a virtual node (it stands for another cluster); schedule it on a real node"),
+            );
+        }
+    }
+    let owners = pod
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array);
+    if let Some(ds) = owners
+        .into_iter()
+        .flatten()
+        .find(|o| text(o, "/kind") == Some("DaemonSet"))
+    {
+        return refused(
+            "DaemonSetPodNotOffloaded",
+            format!(
+                "owned by DaemonSet {}: a DaemonSet's pod serves the node it is on, and a virtual node is not a machine; exclude nodes labelled type=virtual-kubelet in its affinity",
+                text(ds, "/name").unwrap_or("?")
+            ),
+        );
+    }
+    let (namespace, _) = key(pod);
+    match namespaces.get(&namespace) {
+        None => refused(
+            "NamespaceNotOffloaded",
+            format!("namespace {namespace} is not offloaded to this peer: run `ligo-control offload namespace {namespace}`"),
+        ),
+        Some(NamespaceState::Refused(reason, message)) => refused(reason, message.clone()),
+        Some(_) => None,
+    }
+}
+
+/// The provider's copy of `pod`: its spec with the scheduling fields that
+/// name our nodes, our priority class and service account, and the
+/// virtual node's toleration removed; everything else passed through.
+pub fn copy(pod: &Value, origin: &str) -> Value {
+    let meta = pod.get("metadata").cloned().unwrap_or_default();
+    let mut labels = meta
+        .get("labels")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    labels.insert(ORIGIN_LABEL.into(), json!(origin));
+    let mut annotations = meta
+        .get("annotations")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    annotations.insert(
+        ORIGIN_UID_ANNOTATION.into(),
+        meta.get("uid").cloned().unwrap_or(Value::Null),
+    );
+    let mut spec = pod
+        .get("spec")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let account = spec
+        .get("serviceAccountName")
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_owned();
+    for field in [
+        "nodeName",
+        "nodeSelector",
+        "affinity",
+        "priority",
+        "priorityClassName",
+        "serviceAccount",
+        "serviceAccountName",
+        "ephemeralContainers",
+        "preemptionPolicy",
+    ] {
+        spec.remove(field);
+    }
+    if let Some(Value::Array(tolerations)) = spec.get_mut("tolerations") {
+        tolerations.retain(|t| text(t, "/key") != Some(TAINT_KEY));
+    }
+    // Our service account's token is ours: never sent across.
+    let mut dropped = Vec::new();
+    if let Some(Value::Array(volumes)) = spec.get_mut("volumes") {
+        volumes.retain(|v| {
+            let token_secret = text(v, "/secret/secretName")
+                .is_some_and(|s| s.starts_with(&format!("{account}-token-")));
+            let projected_token = v
+                .pointer("/projected/sources")
+                .and_then(Value::as_array)
+                .is_some_and(|s| s.iter().any(|s| s.get("serviceAccountToken").is_some()));
+            if token_secret || projected_token {
+                dropped.push(text(v, "/name").unwrap_or_default().to_owned());
+                false
+            } else {
+                true
+            }
+        });
+    }
+    for list in ["containers", "initContainers"] {
+        for container in spec
+            .get_mut(list)
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(Value::Array(mounts)) = container.get_mut("volumeMounts") {
+                mounts.retain(|m| !dropped.iter().any(|d| Some(d.as_str()) == text(m, "/name")));
+            }
+        }
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": spec,
+    })
+}
+
+/// `ip` as we see it: translated from the provider's CIDR into our view,
+/// or nothing when it is not in that CIDR (never a provider address).
+pub fn translate(ip: &str, remote: Ipv4Network, view: Ipv4Network) -> Option<String> {
+    let ip: Ipv4Addr = ip.parse().ok()?;
+    if !remote.contains(ip) || remote.prefix() != view.prefix() {
+        return None;
+    }
+    let offset = u32::from(ip) - u32::from(remote.network());
+    Some(Ipv4Addr::from(u32::from(view.network()) + offset).to_string())
+}
+
+/// The pod's status as the copy's, with its addresses in our view and
+/// the provider's node address left out.
+pub fn status_from_copy(copy: &Value, remote: Ipv4Network, view: Ipv4Network) -> Value {
+    let mut status = copy
+        .get("status")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    for field in ["hostIP", "hostIPs", "nominatedNodeName"] {
+        status.remove(field);
+    }
+    match status
+        .get("podIP")
+        .and_then(Value::as_str)
+        .and_then(|ip| translate(ip, remote, view))
+    {
+        Some(ip) => {
+            status.insert("podIPs".into(), json!([{ "ip": ip }]));
+            status.insert("podIP".into(), json!(ip));
+        }
+        None => {
+            status.remove("podIP");
+            status.remove("podIPs");
+        }
+    }
+    Value::Object(status)
+}
+
+/// The fields of `wanted` that `current` does not hold as is.
+fn differing(current: Option<&Value>, wanted: &Value) -> Map<String, Value> {
+    let mut out = Map::new();
+    if let Some(wanted) = wanted.as_object() {
+        for (k, v) in wanted {
+            if current.and_then(|c| c.get(k)) != Some(v) {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    out
+}
+
+/// A merge patch restoring what was edited in the copy out of band (its
+/// containers' images and our labels), if anything was.
+fn restoration(pod: &Value, copy_now: &Value, origin: &str) -> Option<Value> {
+    let wanted = self::copy(pod, origin);
+    let labels = differing(
+        copy_now.pointer("/metadata/labels"),
+        &wanted["metadata"]["labels"],
+    );
+    let images = |v: &Value, list: &str| -> Vec<(String, String)> {
+        v.pointer(&format!("/spec/{list}"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                (
+                    text(c, "/name").unwrap_or_default().to_owned(),
+                    text(c, "/image").unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let mut patch = Map::new();
+    if !labels.is_empty() {
+        patch.insert("metadata".into(), json!({ "labels": labels }));
+    }
+    let mut spec = Map::new();
+    for list in ["containers", "initContainers"] {
+        let want = images(&wanted, list);
+        if want != images(copy_now, list) {
+            let entries: Vec<Value> = want
+                .iter()
+                .map(|(n, i)| json!({"name": n, "image": i}))
+                .collect();
+            spec.insert(list.into(), Value::Array(entries));
+        }
+    }
+    if !spec.is_empty() {
+        patch.insert("spec".into(), Value::Object(spec));
+    }
+    (!patch.is_empty()).then_some(Value::Object(patch))
+}
+
+/// The copy's scheduling failure, once it has lasted long enough.
+fn unschedulable_for_too_long(copy: &Value, now: i64) -> Option<String> {
+    let condition = copy
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|c| text(c, "/type") == Some("PodScheduled"))?;
+    if text(condition, "/status") != Some("False")
+        || text(condition, "/reason") != Some("Unschedulable")
+    {
+        return None;
+    }
+    let since: k8s_openapi::jiff::Timestamp =
+        text(condition, "/lastTransitionTime")?.parse().ok()?;
+    (now - since.as_second() >= BOUNCE_AFTER_SECONDS).then(|| {
+        text(condition, "/message")
+            .unwrap_or("no node fits")
+            .to_owned()
+    })
+}
+
+/// Everything to do so that each pod bound to the virtual node runs once
+/// in the provider with its status back home, and nothing runs there that
+/// no pod here stands for.
+pub fn plan(pods: &[Value], copies: &[Value], ctx: &Context) -> Vec<Action> {
+    let copies_by_key: BTreeMap<(String, String), &Value> =
+        copies.iter().map(|c| (key(c), c)).collect();
+    let mut actions = Vec::new();
+    let mut wanted = std::collections::BTreeSet::new();
+    for pod in pods {
+        let (namespace, name) = key(pod);
+        let uid = text(pod, "/metadata/uid").unwrap_or_default();
+        let copy = copies_by_key
+            .get(&(namespace.clone(), name.clone()))
+            .copied();
+        let delete_copy = |c: &Value, grace: Option<i64>| Action::DeleteRemote {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            uid: text(c, "/metadata/uid").unwrap_or_default().to_owned(),
+            grace_seconds: grace,
+        };
+        let ours = copy.filter(|c| {
+            text(
+                c,
+                &format!(
+                    "/metadata/annotations/{}",
+                    ORIGIN_UID_ANNOTATION.replace('/', "~1")
+                ),
+            ) == Some(uid)
+        });
+        if ours.is_some() {
+            wanted.insert((namespace.clone(), name.clone()));
+        }
+        if deleting(pod) {
+            match ours {
+                Some(c) if !deleting(c) => actions.push(delete_copy(
+                    c,
+                    pod.pointer("/metadata/deletionGracePeriodSeconds")
+                        .and_then(Value::as_i64),
+                )),
+                Some(_) => {}
+                None => actions.push(Action::FinishDelete(namespace, name, uid.to_owned())),
+            }
+            continue;
+        }
+        if let Some(refusal) = refusal(pod, ctx.namespaces) {
+            if let Some(c) = ours {
+                actions.push(delete_copy(c, None));
+            }
+            if text(pod, "/status/reason") != Some(refusal.reason.as_str()) {
+                actions.push(Action::Refuse(namespace, name, refusal));
+            }
+            continue;
+        }
+        if ctx.namespaces.get(&namespace) != Some(&NamespaceState::Ready) {
+            continue; // asked for, not granted yet: wait
+        }
+        match ours {
+            // A terminal phase is final: never run again.
+            _ if terminal(pod) => {}
+            // A copy of an older pod of this name: created once it is gone.
+            None if copy.is_some() => {}
+            None => actions.push(Action::CreateRemote(namespace, name, copy_of(pod, ctx))),
+            Some(c) if deleting(c) => {} // being deleted there: re-created once gone
+            Some(c) => {
+                if let Some(message) = unschedulable_for_too_long(c, ctx.now) {
+                    actions.push(delete_copy(c, None));
+                    actions.push(Action::Bounce(
+                        namespace,
+                        name,
+                        Refusal {
+                            reason: "OffloadUnschedulable".into(),
+                            message: format!(
+                                "the provider could not schedule this pod for {BOUNCE_AFTER_SECONDS} s: {message}"
+                            ),
+                        },
+                    ));
+                    continue;
+                }
+                if let Some(patch) = restoration(pod, c, ctx.origin) {
+                    actions.push(Action::RestoreRemote(
+                        namespace.clone(),
+                        name.clone(),
+                        patch,
+                    ));
+                }
+                let status = status_from_copy(c, ctx.remote_cidr, ctx.view);
+                let diff = differing(pod.get("status"), &status);
+                if !diff.is_empty() {
+                    actions.push(Action::PatchStatus(namespace, name, Value::Object(diff)));
+                }
+            }
+        }
+    }
+    // Copies no pod here stands for (its pod is gone, or it is a copy of
+    // an older pod of the same name).
+    for c in copies {
+        if !wanted.contains(&key(c)) && !deleting(c) {
+            let (namespace, name) = key(c);
+            actions.push(Action::DeleteRemote {
+                namespace,
+                name,
+                uid: text(c, "/metadata/uid").unwrap_or_default().to_owned(),
+                grace_seconds: None,
+            });
+        }
+    }
+    actions
+}
+
+fn copy_of(pod: &Value, ctx: &Context) -> Value {
+    copy(pod, ctx.origin)
+}
+
+#[cfg(test)]
+#[path = "pods_tests.rs"]
+mod tests;
