@@ -171,7 +171,7 @@ pub struct PeerSpec {
 }
 
 /// Which way pods may run across a peering (`ligo-control peer --offload`).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct OffloadingSpec {
     /// We run pods there: a virtual node `ligo-<peer>` stands for it here.
@@ -191,7 +191,7 @@ pub struct OffloadingSpec {
 }
 
 /// Offloading as this side sees it.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct OffloadingStatus {
     /// As provider: what the peer's pods may still use here (the
@@ -220,10 +220,14 @@ pub struct NamespaceGrant {
     pub message: String,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualNodeStatus {
     pub name: String,
+    /// Each offloaded namespace as the provider answered (`Granted`,
+    /// `Waiting`, or why not, e.g. `NamespaceTaken`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<NamespaceGrant>,
     /// What it offers, as quantities.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub capacity: BTreeMap<String, String>,

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ligo_control::cli::{
     self,
+    offload::OffloadArgs,
     peer::{PeerArgs, UnpeerArgs},
     status::StatusArgs,
     Access,
@@ -37,6 +38,10 @@ enum Command {
     Unpeer(UnpeerArgs),
     /// This cluster's fabric and its peers.
     Status(StatusArgs),
+    /// Let a namespace's pods run on peers (through their virtual nodes).
+    Offload(OffloadArgs),
+    /// Stop offloading a namespace (its copies in the peers are removed).
+    Unoffload(OffloadArgs),
     /// Print the CustomResourceDefinitions (or write one file per CRD).
     Crds {
         /// Write `<name>.yaml` files into this directory instead.
@@ -51,6 +56,8 @@ fn main() {
         Command::Peer(args) => block_on(cli::peer::peer(args)),
         Command::Unpeer(args) => block_on(cli::peer::unpeer(args)),
         Command::Status(args) => block_on(cli::status::status(args)),
+        Command::Offload(args) => block_on(cli::offload::offload(args, true)),
+        Command::Unoffload(args) => block_on(cli::offload::offload(args, false)),
         Command::Crds { write } => crds(write),
     };
     if let Err(e) = outcome {

@@ -50,6 +50,11 @@ pub struct RemoteFacts {
     pub wireguard_public_key: Option<String>,
     /// `spec.view` of the remote's `Peer` for us: how it sees our CIDR.
     pub view_of_us: Option<String>,
+    /// Its `Peer` for us: its offloading settings (as consumer, the
+    /// namespaces it asks us for) and status (as provider, its offer and
+    /// what became of the namespaces we asked for).
+    pub offloading: Option<crate::crd::OffloadingSpec>,
+    pub offloading_status: Option<crate::crd::OffloadingStatus>,
 }
 
 pub struct PeerInputs<'a> {

@@ -8,6 +8,7 @@ pub mod kube_nodes;
 pub mod kube_testbed;
 pub mod lab;
 pub mod netns;
+pub mod played_kubelet;
 pub mod privileged;
 pub mod prometheus;
 pub mod testbed;

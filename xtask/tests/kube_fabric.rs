@@ -110,13 +110,27 @@ fn least_privilege(kb: &KubeTestbed) -> Result<()> {
             vec![
                 vec!["get", "secret", "ligo-gateway-key", "-n", "ligo-system"],
                 vec!["get", "nodes"],
+                vec!["get", "pods", "-A"],
             ],
             vec![
                 vec!["get", "secrets", "-n", "kube-system"],
-                vec!["delete", "node", "n1"],
-                vec!["get", "pods", "-A"],
+                vec!["get", "configmaps", "-A"],
+                vec!["create", "deployment", "x", "--image=busybox"],
                 vec!["delete", "nodefabric", "n1"],
-                vec!["create", "namespace", "x"],
+                vec![
+                    "create",
+                    "rolebinding",
+                    "x",
+                    "--clusterrole=cluster-admin",
+                    "--user=x",
+                ],
+                vec![
+                    "create",
+                    "clusterrolebinding",
+                    "x",
+                    "--clusterrole=ligo-offload-guest",
+                    "--user=x",
+                ],
             ],
         ),
     ] {

@@ -2,6 +2,7 @@
 //! ✓/✗ line per step, and a failure names what failed (the cluster, the
 //! URL, the object and the field).
 
+pub mod offload;
 pub mod peer;
 pub mod status;
 

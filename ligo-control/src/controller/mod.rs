@@ -8,8 +8,11 @@
 //! written before every store has listed once.
 
 mod cluster;
+mod offload;
 mod peer;
 mod remote;
+
+pub use offload::GUEST_ROLE;
 
 pub use remote::KUBECONFIG_FIELD;
 
@@ -17,7 +20,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::{
     api::{Api, DynamicObject, GroupVersionKind},
     discovery::ApiResource,
@@ -52,6 +55,11 @@ pub struct Stores {
     pub nodes: Store<Node>,
     pub secrets: Store<Secret>,
     pub node_fabrics: Store<NodeFabric>,
+    /// Every namespace (a provider creates the ones its peers ask for, and
+    /// never takes one that is not theirs).
+    pub namespaces: Store<Namespace>,
+    /// Every pod, reduced to what the provider's offer needs.
+    pub pods: Store<Pod>,
 }
 
 /// Runs until the process is stopped.
@@ -67,6 +75,8 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
             &wake,
         ),
         node_fabrics: watch(Api::all(client.clone()), watcher::Config::default(), &wake),
+        namespaces: watch(Api::all(client.clone()), watcher::Config::default(), &wake),
+        pods: watch_pods(Api::all(client.clone()), &wake),
     };
     for (what, ready) in [
         ("ClusterFabric", stores.fabrics.wait_until_ready().await),
@@ -74,6 +84,8 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
         ("Node", stores.nodes.wait_until_ready().await),
         ("Secret", stores.secrets.wait_until_ready().await),
         ("NodeFabric", stores.node_fabrics.wait_until_ready().await),
+        ("Namespace", stores.namespaces.wait_until_ready().await),
+        ("Pod", stores.pods.wait_until_ready().await),
     ] {
         ready.map_err(|_| anyhow::anyhow!("the {what} watch stopped before it listed"))?;
     }
@@ -88,6 +100,7 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
 
     let remotes = remote::Remotes::new(wake.clone());
     let mut pending_views = peer::PendingViews::new();
+    let mut offloading = offload::Offloading::default();
     let mut about_cluster_name = read_about_cluster_name(&client).await;
     let mut last_about = tokio::time::Instant::now();
     loop {
@@ -103,12 +116,21 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
             about_cluster_name.as_deref(),
         )
         .await;
-        peer::pass(
+        let outcomes = peer::pass(
             &client,
             &stores,
             &remotes,
             local.as_ref(),
             &mut pending_views,
+        )
+        .await;
+        offload::pass(
+            &client,
+            &stores,
+            &outcomes,
+            local.as_ref(),
+            &options.namespace,
+            &mut offloading,
         )
         .await;
         // Let a burst of events settle into one pass.
@@ -143,6 +165,59 @@ where
                     Err(e) => {
                         warn!(kind = %kind, error = %e, "watch failed; retrying with backoff")
                     }
+                }
+                futures::future::ready(())
+            })
+            .await;
+    });
+    reader
+}
+
+/// Every pod, kept as little as the provider's offer needs (its node,
+/// phase, origin label and containers' requests): a cluster's pods are the
+/// largest list this controller holds.
+fn watch_pods(api: Api<Pod>, wake: &Arc<Notify>) -> Store<Pod> {
+    let (reader, writer) = reflector::store();
+    let wake = wake.clone();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|pod: &mut Pod| {
+            let meta = &mut pod.metadata;
+            meta.managed_fields = None;
+            meta.annotations = None;
+            meta.owner_references = None;
+            if let Some(spec) = pod.spec.as_mut() {
+                spec.volumes = None;
+                spec.affinity = None;
+                spec.tolerations = None;
+                for c in spec
+                    .containers
+                    .iter_mut()
+                    .chain(spec.init_containers.iter_mut().flatten())
+                {
+                    c.env = None;
+                    c.env_from = None;
+                    c.volume_mounts = None;
+                    c.command = None;
+                    c.args = None;
+                    c.liveness_probe = None;
+                    c.readiness_probe = None;
+                    c.startup_probe = None;
+                }
+            }
+            if let Some(status) = pod.status.as_mut() {
+                status.conditions = None;
+                status.container_statuses = None;
+                status.init_container_statuses = None;
+            }
+        });
+    let stream = reflector::reflector(writer, stream);
+    tokio::spawn(async move {
+        stream
+            .for_each(|event| {
+                match event {
+                    Ok(_) => wake.notify_one(),
+                    Err(e) => warn!(error = %e, "the Pod watch failed; retrying with backoff"),
                 }
                 futures::future::ready(())
             })

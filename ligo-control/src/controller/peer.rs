@@ -27,13 +27,26 @@ use crate::{
 /// Views written in an earlier pass that the store may not show yet.
 pub type PendingViews = BTreeMap<String, String>;
 
+/// What one pass learnt about a peer that offloading builds on.
+pub struct PeerOutcome {
+    pub peer: Peer,
+    /// Its view as this pass leaves it.
+    pub view: Option<Ipv4Network>,
+    pub remote: crate::peer::Remote,
+    /// Where and how its API server is reached, when the spec says.
+    pub target: Option<Target>,
+    /// The fabric's tunnel to it is up (else why not).
+    pub tunnel: Result<(), String>,
+}
+
 pub async fn pass(
     client: &Client,
     stores: &Stores,
     remotes: &Remotes,
     local: Option<&Local>,
     pending: &mut PendingViews,
-) {
+) -> Vec<PeerOutcome> {
+    let mut outcomes = Vec::new();
     let mut peers = stores.peers.state();
     peers.sort_by_key(|p| (created(p), p.name_any()));
     let names: BTreeSet<String> = peers.iter().map(|p| p.name_any()).collect();
@@ -44,7 +57,9 @@ pub async fn pass(
             .iter()
             .any(|p| p.name_any() == *name && p.spec.view.is_none())
     });
-    let Some(local) = local else { return };
+    let Some(local) = local else {
+        return outcomes;
+    };
     let api: Api<Peer> = Api::all(client.clone());
 
     // The view each peer holds, as this pass goes.
@@ -78,7 +93,7 @@ pub async fn pass(
             spec.view = pending.get(&name).cloned();
         }
         let target = remote_target(peer, stores, local);
-        let remote = remotes.observe(&name, target);
+        let remote = remotes.observe(&name, target.clone());
         let link = link_of(stores, &name);
         let nodes = node_reports(stores, &name);
         let plan = peer::reconcile(&PeerInputs {
@@ -155,7 +170,26 @@ pub async fn pass(
                 warn!(peer = %name, error = %e, "cannot write the Peer status");
             }
         }
+        let tunnel = plan
+            .verdicts
+            .iter()
+            .find(|v| v.type_ == "TunnelEstablished")
+            .map_or(Err("not checked".to_owned()), |v| {
+                if v.ok {
+                    Ok(())
+                } else {
+                    Err(v.message.clone())
+                }
+            });
+        outcomes.push(PeerOutcome {
+            peer: (**peer).clone(),
+            view: views.get(&name).copied(),
+            remote,
+            target,
+            tunnel,
+        });
     }
+    outcomes
 }
 
 fn created(peer: &Peer) -> String {
@@ -192,11 +226,13 @@ fn remote_target(peer: &Peer, stores: &Stores, local: &Local) -> Option<Target> 
                 )
             }),
     };
+    let offloading = peer.spec.offloading.as_ref();
     Some(Target {
         url: api_server.url.clone(),
         ca_bundle: api_server.ca_bundle.clone(),
         kubeconfig,
         our_name,
+        fast: offloading.is_some_and(|o| o.consume || o.provide),
     })
 }
 
@@ -221,6 +257,8 @@ fn node_reports(stores: &Stores, peer: &str) -> NodeReports {
     let mut reports = NodeReports::default();
     let mut nodes = stores.nodes.state();
     nodes.sort_by_key(|n| n.name_any());
+    // No daemon runs on a virtual node.
+    nodes.retain(|n| !n.labels().contains_key(crate::crd::VIRTUAL_NODE_LABEL));
     for node in nodes {
         let name = node.name_any();
         let status = fabrics

@@ -39,6 +39,9 @@ pub struct Target {
     pub kubeconfig: Result<String, String>,
     /// Our cluster name: the remote's `Peer` for us is named so.
     pub our_name: String,
+    /// Offloading is configured: poll often (namespace grants and offers
+    /// travel this way).
+    pub fast: bool,
 }
 
 struct Task {
@@ -105,7 +108,7 @@ impl Remotes {
 
 async fn poll(target: Target, state: Arc<Mutex<Remote>>, wake: Arc<Notify>) {
     let client = match &target.kubeconfig {
-        Ok(text) => client_for(&target, text).await,
+        Ok(text) => client_for(&target, text, READ_TIMEOUT).await,
         Err(why) => Err(why.clone()),
     };
     loop {
@@ -128,12 +131,24 @@ async fn poll(target: Target, state: Arc<Mutex<Remote>>, wake: Arc<Notify>) {
         if client.is_err() {
             return;
         }
-        tokio::time::sleep(if good { POLL_OK } else { POLL_FAILING }).await;
+        let interval = if good && !target.fast {
+            POLL_OK
+        } else {
+            POLL_FAILING
+        };
+        tokio::time::sleep(interval).await;
     }
 }
 
+/// A read of the remote's objects must answer within this.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A client for the remote, or why the credentials cannot make one.
-async fn client_for(target: &Target, kubeconfig: &str) -> Result<Client, String> {
+pub async fn client_for(
+    target: &Target,
+    kubeconfig: &str,
+    read_timeout: Duration,
+) -> Result<Client, String> {
     let unusable = |why: String| why;
     let parsed = Kubeconfig::from_yaml(kubeconfig).map_err(|e| {
         unusable(format!(
@@ -155,7 +170,7 @@ async fn client_for(target: &Target, kubeconfig: &str) -> Result<Client, String>
         config.root_cert = Some(pem_certificates(bundle).map_err(unusable)?);
     }
     config.connect_timeout = Some(Duration::from_secs(3));
-    config.read_timeout = Some(Duration::from_secs(5));
+    config.read_timeout = Some(read_timeout);
     Client::try_from(config).map_err(|e| unusable(format!("cannot build a client: {e}")))
 }
 
@@ -171,7 +186,16 @@ async fn read(client: &Client, target: &Target) -> Remote {
         Err(e) => return classify(&target.url, e),
     };
     let status = fabric.and_then(|f| f.status).unwrap_or_default();
+    let (offloading, offloading_status) = match &ours {
+        Some(p) => (
+            p.spec.offloading.clone(),
+            p.status.as_ref().and_then(|s| s.offloading.clone()),
+        ),
+        None => (None, None),
+    };
     Remote::Read(RemoteFacts {
+        offloading,
+        offloading_status,
         cluster_name: status.cluster_name,
         cluster_id: status.cluster_id,
         pod_cidr: status.pod_cidr,

@@ -1,0 +1,564 @@
+//! The consumer's side: one task per peer we run pods on. It keeps the
+//! virtual node (its status every change and heartbeat, its Lease every
+//! 10 s), watches the pods bound to it here and their copies in the
+//! namespaces the provider granted, and carries out what
+//! [`crate::offload::pods::plan`] says, many writes at a time.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{FutureExt, StreamExt};
+use ipnetwork::Ipv4Network;
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Node, NodeCondition, NodeStatus, Pod},
+};
+use kube::{
+    api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions},
+    discovery::ApiResource,
+    runtime::{reflector::Store, watcher},
+    Client,
+};
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
+
+use super::super::{remote::Target, FIELD_MANAGER};
+use crate::{
+    crd::{NamespaceGrant, VirtualNodeStatus, ORIGIN_LABEL},
+    offload::{
+        inventory,
+        pods::{self, Action, NamespaceState},
+        virtual_node::{self, Health},
+    },
+};
+
+/// As the kubelet: a Lease renewal every 10 s, a status at least every
+/// minute even when nothing changed.
+const LEASE_RENEW: Duration = Duration::from_secs(10);
+const STATUS_HEARTBEAT: Duration = Duration::from_secs(60);
+/// Writes in flight at once (the API servers' default per-client budget
+/// is far above this; the scheduler and kubelets share the server).
+const CONCURRENT_WRITES: usize = 32;
+/// A write already made is not repeated for this long while the watch
+/// catches up.
+const IN_FLIGHT: Duration = Duration::from_secs(10);
+/// The field manager of the consumer's part of a Peer's status.
+const MANAGER: &str = "ligo-control-consumer";
+
+/// What the task is for; a change restarts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerTarget {
+    pub remote: Target,
+    pub peer: String,
+    pub peer_cluster_id: u32,
+    pub remote_cidr: Ipv4Network,
+    pub view: Ipv4Network,
+    pub our_name: String,
+}
+
+/// What the task follows as it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerInputs {
+    /// Our namespaces offloaded to the peer.
+    pub namespaces: Vec<String>,
+    /// The provider's answer for each.
+    pub grants: Vec<NamespaceGrant>,
+    pub offered: BTreeMap<String, String>,
+    pub limits: BTreeMap<String, String>,
+    pub provider: Result<(), String>,
+    pub network: Result<(), String>,
+}
+
+pub struct ConsumerTask {
+    pub target: ConsumerTarget,
+    pub inputs: watch::Sender<ConsumerInputs>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ConsumerTask {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+impl ConsumerTask {
+    pub fn start(local: Client, target: ConsumerTarget, inputs: ConsumerInputs) -> Self {
+        let (sender, receiver) = watch::channel(inputs);
+        let handle = tokio::spawn(run(local, target.clone(), receiver));
+        Self {
+            target,
+            inputs: sender,
+            handle,
+        }
+    }
+}
+
+/// A watch feeding a store of pods (without their managed fields, which
+/// are most of an object's size and of no use here) that wakes the task.
+fn pod_store(
+    api: Api<DynamicObject>,
+    config: watcher::Config,
+    wake: &Arc<Notify>,
+) -> (Store<DynamicObject>, AbortOnDrop) {
+    use kube::runtime::WatchStreamExt;
+    let writer = kube::runtime::reflector::store::Writer::new(ApiResource::erase::<Pod>(&()));
+    let reader = writer.as_reader();
+    let wake = wake.clone();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None);
+    let stream = kube::runtime::reflector::reflector(writer, stream);
+    let handle = tokio::spawn(async move {
+        stream
+            .for_each(|event| {
+                match event {
+                    Ok(_) => wake.notify_one(),
+                    Err(e) => warn!(error = %e, "a pod watch failed; retrying with backoff"),
+                }
+                futures::future::ready(())
+            })
+            .await;
+    });
+    (reader, AbortOnDrop(handle))
+}
+
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn listed(store: &Store<DynamicObject>) -> bool {
+    store
+        .wait_until_ready()
+        .now_or_never()
+        .is_some_and(|r| r.is_ok())
+}
+
+struct Shell {
+    local: Client,
+    remote: Client,
+    target: ConsumerTarget,
+    node: String,
+    pod_resource: ApiResource,
+    /// The node's metadata and spec are applied (once per task, and again
+    /// if the node went missing).
+    node_applied: bool,
+    last_status: Option<(NodeStatus, Instant)>,
+    last_lease: Option<Instant>,
+    last_summary: Option<VirtualNodeStatus>,
+    in_flight: BTreeMap<(String, String), Instant>,
+    errors: u64,
+}
+
+async fn run(local: Client, target: ConsumerTarget, mut inputs: watch::Receiver<ConsumerInputs>) {
+    let kubeconfig = match &target.remote.kubeconfig {
+        Ok(k) => k.clone(),
+        Err(_) => return, // the Peer's CredentialsValid condition says why
+    };
+    let remote = match super::super::remote::client_for(
+        &target.remote,
+        &kubeconfig,
+        crate::cli::WATCH_READ_TIMEOUT,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(why) => {
+            warn!(peer = %target.peer, error = %why, "cannot reach the provider to run pods there");
+            return;
+        }
+    };
+    let wake = Arc::new(Notify::new());
+    let pod_resource = ApiResource::erase::<Pod>(&());
+    let node = virtual_node::node_name(&target.peer);
+    let (local_pods, _local_watch) = pod_store(
+        Api::all_with(local.clone(), &pod_resource),
+        watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+        &wake,
+    );
+    let mut copies: BTreeMap<String, (Store<DynamicObject>, AbortOnDrop)> = BTreeMap::new();
+    let mut shell = Shell {
+        local,
+        remote,
+        target: target.clone(),
+        node,
+        pod_resource,
+        node_applied: false,
+        last_status: None,
+        last_lease: None,
+        last_summary: None,
+        in_flight: BTreeMap::new(),
+        errors: 0,
+    };
+    info!(peer = %target.peer, node = %shell.node, "running pods on the peer through a virtual node");
+    loop {
+        let now_inputs = inputs.borrow_and_update().clone();
+        let granted: BTreeSet<String> = now_inputs
+            .grants
+            .iter()
+            .filter(|g| g.state == "Granted" && now_inputs.namespaces.contains(&g.name))
+            .map(|g| g.name.clone())
+            .collect();
+        copies.retain(|ns, _| granted.contains(ns));
+        for ns in &granted {
+            if !copies.contains_key(ns) {
+                let store = pod_store(
+                    Api::namespaced_with(shell.remote.clone(), ns, &shell.pod_resource),
+                    watcher::Config::default()
+                        .labels(&format!("{ORIGIN_LABEL}={}", target.our_name)),
+                    &wake,
+                );
+                copies.insert(ns.clone(), store);
+            }
+        }
+        let namespaces: BTreeMap<String, NamespaceState> = now_inputs
+            .namespaces
+            .iter()
+            .map(|ns| {
+                let grant = now_inputs.grants.iter().find(|g| g.name == *ns);
+                let state = match grant {
+                    Some(g) if g.state == "Granted" => match copies.get(ns) {
+                        Some((store, _)) if listed(store) => NamespaceState::Ready,
+                        _ => NamespaceState::Waiting,
+                    },
+                    Some(g) if g.state == "Waiting" || g.state == "Terminating" => {
+                        NamespaceState::Waiting
+                    }
+                    Some(g) => NamespaceState::Refused(g.state.clone(), g.message.clone()),
+                    None => NamespaceState::Waiting,
+                };
+                (ns.clone(), state)
+            })
+            .collect();
+
+        let capacity = shell.upkeep_node(&now_inputs).await;
+        if listed(&local_pods) {
+            let pods: Vec<Value> = local_pods
+                .state()
+                .iter()
+                .filter_map(|p| serde_json::to_value(&**p).ok())
+                .collect();
+            let copies_now: Vec<Value> = copies
+                .values()
+                .flat_map(|(s, _)| s.state())
+                .filter_map(|p| serde_json::to_value(&*p).ok())
+                .collect();
+            let ctx = pods::Context {
+                origin: &target.our_name,
+                namespaces: &namespaces,
+                remote_cidr: target.remote_cidr,
+                view: target.view,
+                now: k8s_openapi::jiff::Timestamp::now().as_second(),
+            };
+            let actions = pods::plan(&pods, &copies_now, &ctx);
+            shell.execute(actions).await;
+            let refused = pods
+                .iter()
+                .filter(|p| pods::refusal(p, &namespaces).is_some())
+                .count();
+            let finished = pods
+                .iter()
+                .filter(|p| {
+                    matches!(
+                        p.pointer("/status/phase").and_then(Value::as_str),
+                        Some("Succeeded" | "Failed")
+                    )
+                })
+                .count();
+            shell
+                .summarize(VirtualNodeStatus {
+                    name: shell.node.clone(),
+                    namespaces: namespaces
+                        .iter()
+                        .map(|(name, state)| {
+                            let (state, message) = match state {
+                                NamespaceState::Ready => ("Granted".to_owned(), String::new()),
+                                NamespaceState::Waiting => (
+                                    "Waiting".to_owned(),
+                                    "the provider has not granted it yet".to_owned(),
+                                ),
+                                NamespaceState::Refused(r, m) => (r.clone(), m.clone()),
+                            };
+                            NamespaceGrant {
+                                name: name.clone(),
+                                state,
+                                message,
+                            }
+                        })
+                        .collect(),
+                    capacity: inventory::to_quantities(&capacity),
+                    pods_offloaded: (pods.len() - refused - finished.min(pods.len() - refused))
+                        as u32,
+                    pods_refused: refused as u32,
+                    objects_reflected: 0,
+                    reflection_errors: shell.errors,
+                })
+                .await;
+        }
+        tokio::select! {
+            () = wake.notified() => tokio::time::sleep(Duration::from_millis(20)).await,
+            changed = inputs.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(LEASE_RENEW) => {}
+        }
+    }
+}
+
+impl Shell {
+    /// The virtual node, its status and its Lease; returns its capacity.
+    async fn upkeep_node(&mut self, inputs: &ConsumerInputs) -> inventory::Resources {
+        let nodes: Api<Node> = Api::all(self.local.clone());
+        if !self.node_applied {
+            let node = virtual_node::node(&self.target.peer, self.target.peer_cluster_id);
+            match nodes
+                .patch(
+                    &self.node,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&node),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.node_applied = true;
+                    self.last_status = None;
+                }
+                Err(e) => {
+                    self.errors += 1;
+                    warn!(node = %self.node, error = %e, "cannot create the virtual node; retrying");
+                }
+            }
+        }
+        let offered = inventory::from_quantities(&inputs.offered);
+        let capacity = match inventory::capped(&offered, &inputs.limits) {
+            Ok(c) => c,
+            Err(why) => {
+                warn!(peer = %self.target.peer, error = %why, "ignoring the virtual node's limits");
+                offered
+            }
+        };
+        let health = Health {
+            provider: inputs.provider.clone(),
+            network: inputs.network.clone(),
+        };
+        let previous: Vec<NodeCondition> = self
+            .last_status
+            .as_ref()
+            .and_then(|(s, _)| s.conditions.clone())
+            .unwrap_or_default();
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let status = virtual_node::status(&capacity, &health, &previous, now);
+        let due = match &self.last_status {
+            Some((last, at)) => {
+                !virtual_node::same_status(last, &status) || at.elapsed() >= STATUS_HEARTBEAT
+            }
+            None => true,
+        };
+        if self.node_applied && due {
+            match nodes
+                .patch_status(
+                    &self.node,
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({ "status": status })),
+                )
+                .await
+            {
+                Ok(_) => self.last_status = Some((status, Instant::now())),
+                Err(kube::Error::Api(e)) if e.code == 404 => self.node_applied = false,
+                Err(e) => {
+                    self.errors += 1;
+                    warn!(node = %self.node, error = %e, "cannot write the virtual node's status; retrying");
+                }
+            }
+        }
+        if self.node_applied && self.last_lease.is_none_or(|t| t.elapsed() >= LEASE_RENEW) {
+            let lease = virtual_node::lease(&self.target.peer, now);
+            let leases: Api<Lease> =
+                Api::namespaced(self.local.clone(), virtual_node::LEASE_NAMESPACE);
+            match leases
+                .patch(
+                    &self.node,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&lease),
+                )
+                .await
+            {
+                Ok(_) => self.last_lease = Some(Instant::now()),
+                Err(e) => {
+                    self.errors += 1;
+                    warn!(node = %self.node, error = %e, "cannot renew the virtual node's Lease; retrying");
+                }
+            }
+        }
+        capacity
+    }
+
+    async fn execute(&mut self, actions: Vec<Action>) {
+        self.in_flight.retain(|_, at| at.elapsed() < IN_FLIGHT);
+        let mut todo = Vec::new();
+        for action in actions {
+            let key = match &action {
+                Action::CreateRemote(ns, name, _) => Some(("create", ns, name)),
+                Action::DeleteRemote {
+                    namespace, name, ..
+                } => Some(("delete", namespace, name)),
+                Action::FinishDelete(ns, name, _) => Some(("finish", ns, name)),
+                _ => None,
+            };
+            if let Some((what, ns, name)) = key {
+                let k = (format!("{what}/{ns}"), name.clone());
+                if self.in_flight.contains_key(&k) {
+                    continue;
+                }
+                self.in_flight.insert(k, Instant::now());
+            }
+            todo.push(action);
+        }
+        let this = &*self;
+        let failures: Vec<String> = futures::stream::iter(todo)
+            .map(|action| async move { this.apply(action).await.err() })
+            .buffer_unordered(CONCURRENT_WRITES)
+            .filter_map(futures::future::ready)
+            .collect()
+            .await;
+        for failure in &failures {
+            warn!(peer = %self.target.peer, error = %failure, "an offloading write failed; retrying");
+        }
+        self.errors += failures.len() as u64;
+    }
+
+    async fn apply(&self, action: Action) -> Result<(), String> {
+        let local = |ns: &str| {
+            Api::<DynamicObject>::namespaced_with(self.local.clone(), ns, &self.pod_resource)
+        };
+        let remote = |ns: &str| {
+            Api::<DynamicObject>::namespaced_with(self.remote.clone(), ns, &self.pod_resource)
+        };
+        match action {
+            Action::CreateRemote(ns, name, object) => {
+                let object: DynamicObject = serde_json::from_value(object).map_err(|e| e.to_string())?;
+                match remote(&ns).create(&PostParams::default(), &object).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                    Err(e) => Err(format!("creating pod {ns}/{name} in the provider: {e}")),
+                }
+            }
+            Action::DeleteRemote { namespace, name, uid, grace_seconds } => {
+                let params = DeleteParams {
+                    grace_period_seconds: grace_seconds.and_then(|g| u32::try_from(g).ok()),
+                    preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
+                    ..DeleteParams::default()
+                };
+                match remote(&namespace).delete(&name, &params).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+                    Err(e) => Err(format!("deleting pod {namespace}/{name} in the provider: {e}")),
+                }
+            }
+            Action::RestoreRemote(ns, name, patch) => remote(&ns)
+                .patch(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+                .await
+                .map(|_| info!(pod = %format!("{ns}/{name}"), "restored the copy edited in the provider"))
+                .map_err(|e| format!("restoring pod {ns}/{name} in the provider: {e}")),
+            Action::PatchStatus(ns, name, status) => local(&ns)
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": status })))
+                .await
+                .map(drop)
+                .map_err(|e| format!("writing the status of pod {ns}/{name}: {e}")),
+            Action::FinishDelete(ns, name, uid) => {
+                let params = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
+                    ..DeleteParams::default()
+                };
+                match local(&ns).delete(&name, &params).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+                    Err(e) => Err(format!("finishing the deletion of pod {ns}/{name}: {e}")),
+                }
+            }
+            Action::Refuse(ns, name, refusal) => {
+                let status = json!({"reason": refusal.reason, "message": refusal.message});
+                warn!(pod = %format!("{ns}/{name}"), reason = %refusal.reason, "{}", refusal.message);
+                self.event(&ns, &name, &refusal.reason, &refusal.message).await;
+                local(&ns)
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": status })))
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("recording the refusal of pod {ns}/{name}: {e}"))
+            }
+            Action::Bounce(ns, name, refusal) => {
+                warn!(pod = %format!("{ns}/{name}"), reason = %refusal.reason, "{}", refusal.message);
+                self.event(&ns, &name, &refusal.reason, &refusal.message).await;
+                let status = json!({"phase": "Failed", "reason": refusal.reason, "message": refusal.message});
+                local(&ns)
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": status })))
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("failing pod {ns}/{name}: {e}"))
+            }
+        }
+    }
+
+    /// A Warning Event on a pod, as `kubectl describe` shows it.
+    async fn event(&self, ns: &str, pod: &str, reason: &str, message: &str) {
+        let now = crate::controller::now_rfc3339();
+        let event = json!({
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": format!("{pod}."), "namespace": ns},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod, "namespace": ns},
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "source": {"component": "ligo-control", "host": self.node},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        });
+        let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(self.local.clone(), ns);
+        let Ok(event) = serde_json::from_value(event) else {
+            return;
+        };
+        if let Err(e) = api.create(&PostParams::default(), &event).await {
+            warn!(pod = %format!("{ns}/{pod}"), error = %e, "cannot record an Event");
+        }
+    }
+
+    /// The virtual node's line in our `Peer` for the provider.
+    async fn summarize(&mut self, summary: VirtualNodeStatus) {
+        if self.last_summary.as_ref() == Some(&summary) {
+            return;
+        }
+        let mut node = serde_json::to_value(&summary).unwrap_or_default();
+        // Sent as [] when empty (a 1.20 server refuses the null that an
+        // emptied map-list becomes otherwise).
+        if let Some(fields) = node.as_object_mut() {
+            fields.entry("namespaces").or_insert_with(|| json!([]));
+        }
+        let patch = json!({
+            "apiVersion": "ligo.io/v1alpha1",
+            "kind": "Peer",
+            "status": {"offloading": {"virtualNode": node}},
+        });
+        let api: Api<crate::crd::Peer> = Api::all(self.local.clone());
+        match api
+            .patch_status(
+                &self.target.peer,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => self.last_summary = Some(summary),
+            Err(e) => {
+                warn!(peer = %self.target.peer, error = %e, "cannot write the virtual node's summary")
+            }
+        }
+    }
+}

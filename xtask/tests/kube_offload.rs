@@ -1,0 +1,579 @@
+//! The big node, end to end against real API servers: `peer --offload out`
+//! makes cluster B a virtual node `ligo-b` in A; the real kube-scheduler of
+//! A puts a Deployment's pods on it; Ligo copies them into B, where B's
+//! real scheduler binds them to B's nodes and a kubelet played by the
+//! harness ([`xtask::played_kubelet`]: network namespaces on B's nodes
+//! with addresses from their slices) runs them; their status comes back to
+//! A with the addresses in A's view of B, and A's pods reach them there
+//! through the fabric. Then capacity, refusals, deletion both ways,
+//! out-of-band edits, a finished Job, an unschedulable copy, and unpeer.
+
+use std::{
+    net::Ipv4Addr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use xtask::{
+    kube::ControlPlane,
+    kube_testbed::KubeTestbed,
+    played_kubelet::{PlayedKubelet, PlayedNode},
+    require_root,
+    testbed::{Cidr, Scenario},
+    traffic,
+};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+const WAIT: Duration = Duration::from_secs(30);
+
+fn json(cp: &ControlPlane, args: &[&str]) -> Result<Value> {
+    let mut full = args.to_vec();
+    full.extend(["-o", "json"]);
+    Ok(serde_json::from_str(&cp.kubectl(&full)?)?)
+}
+
+fn items(cp: &ControlPlane, args: &[&str]) -> Result<Vec<Value>> {
+    Ok(json(cp, args)?["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+fn s<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+/// The harness plays B's kubelet on n1 and n2 (4 CPUs, 8 GiB, 20 pods each).
+fn play_b(kb: &KubeTestbed) -> Result<PlayedKubelet> {
+    let plan = kb.plans()[1].clone();
+    let nodes = ["n1", "n2"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| PlayedNode {
+            name: (*n).to_owned(),
+            netns: kb.bed.ns(&plan, n),
+            slice: plan.node_slices[i],
+        })
+        .collect();
+    PlayedKubelet::start(
+        kb.clusters[1].kubeconfig.clone(),
+        &kb.bed.ns(&plan, ""),
+        nodes,
+        serde_json::json!({"cpu": "4", "memory": "8Gi", "pods": "20"}),
+    )
+}
+
+fn deployment(replicas: u32) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: demo}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      tolerations: [{{key: virtual-node.ligo.io/not-allowed, operator: Exists, effect: NoSchedule}}]
+      containers:
+      - name: c
+        image: busybox:1.36
+        resources: {{requests: {{cpu: 500m, memory: 64Mi}}}}
+"
+    )
+}
+
+/// A's pods of `app`, once `count` of them are Running with an address.
+fn running(cp: &ControlPlane, app: &str, count: usize) -> Result<Vec<Value>> {
+    cp.wait_for(
+        &format!("{count} {app} pods Running with an IP"),
+        WAIT,
+        || {
+            let pods: Vec<Value> = items(
+                cp,
+                &["get", "pods", "-n", "demo", "-l", &format!("app={app}")],
+            )?
+            .into_iter()
+            .filter(|p| s(p, "/status/phase") == "Running" && !s(p, "/status/podIP").is_empty())
+            .filter(|p| p.pointer("/metadata/deletionTimestamp").is_none())
+            .collect();
+            Ok((pods.len() == count).then_some(pods))
+        },
+    )
+}
+
+fn copy_of(b: &ControlPlane, name: &str) -> Result<Option<Value>> {
+    let out = b.kubectl(&[
+        "get",
+        "pod",
+        "-n",
+        "demo",
+        name,
+        "--ignore-not-found",
+        "-o",
+        "json",
+    ])?;
+    Ok(if out.trim().is_empty() {
+        None
+    } else {
+        Some(serde_json::from_str(&out)?)
+    })
+}
+
+fn node_allocatable(a: &ControlPlane, resource: &str) -> String {
+    a.jsonpath(
+        "node",
+        "ligo-b",
+        &format!("{{.status.allocatable.{resource}}}"),
+    )
+    .unwrap_or_default()
+}
+
+/// What B offers A, computed here from B's pods: 8 CPUs and 40 pods on
+/// n1 and n2, minus what B's own pods there request (A's copies are
+/// already counted by A's scheduler). CPU in millicores.
+fn expected_offer(b: &ControlPlane) -> Result<(u64, u64)> {
+    let (mut cpu, mut pods) = (8000u64, 40u64);
+    for pod in items(b, &["get", "pods", "-A"])? {
+        let on_node = matches!(s(&pod, "/spec/nodeName"), "n1" | "n2");
+        let finished = matches!(s(&pod, "/status/phase"), "Succeeded" | "Failed");
+        if !on_node || finished || s(&pod, "/metadata/labels/ligo.io~1origin") == "a" {
+            continue;
+        }
+        pods -= 1;
+        for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
+            let text = c["resources"]["requests"]["cpu"].as_str().unwrap_or("0");
+            cpu -= match text.strip_suffix('m') {
+                Some(m) => m.parse::<u64>()?,
+                None => text.parse::<u64>()? * 1000,
+            };
+        }
+    }
+    Ok((cpu, pods))
+}
+
+/// The virtual node's allocatable CPU (millicores) and pods.
+fn virtual_offer(a: &ControlPlane) -> (u64, u64) {
+    let cpu = node_allocatable(a, "cpu");
+    let cpu = match cpu.strip_suffix('m') {
+        Some(m) => m.parse().unwrap_or(0),
+        None => cpu.parse::<u64>().unwrap_or(0) * 1000,
+    };
+    (cpu, node_allocatable(a, "pods").parse().unwrap_or(0))
+}
+
+fn event_reasons(a: &ControlPlane, pod: &str) -> Result<Vec<String>> {
+    Ok(items(
+        a,
+        &[
+            "get",
+            "events",
+            "-n",
+            "demo",
+            "--field-selector",
+            &format!("involvedObject.name={pod}"),
+        ],
+    )?
+    .iter()
+    .map(|e| s(e, "/reason").to_owned())
+    .collect())
+}
+
+/// A pod of `a` bound to the virtual node, by name prefix.
+fn bound_pod(a: &ControlPlane, prefix: &str) -> Result<Option<Value>> {
+    Ok(items(
+        a,
+        &[
+            "get",
+            "pods",
+            "-n",
+            "demo",
+            "--field-selector",
+            "spec.nodeName=ligo-b",
+        ],
+    )?
+    .into_iter()
+    .find(|p| s(p, "/metadata/name").starts_with(prefix)))
+}
+
+/// The objects offloading writes, for a failure message.
+fn dump(kb: &KubeTestbed) -> String {
+    let (a, b) = (&kb.clusters[0], &kb.clusters[1]);
+    let get =
+        |cp: &ControlPlane, args: &[&str]| cp.kubectl(args).unwrap_or_else(|e| format!("{e:#}"));
+    format!(
+        "--- A node ligo-b ---\n{}\n--- A peer b ---\n{}\n--- B peer a ---\n{}\n--- A pods ---\n{}\n--- B pods ---\n{}",
+        get(a, &["get", "node", "ligo-b", "-o", "yaml"]),
+        get(a, &["get", "peer", "b", "-o", "yaml"]),
+        get(b, &["get", "peer", "a", "-o", "yaml"]),
+        get(a, &["get", "pods", "-A", "-o", "wide"]),
+        get(b, &["get", "pods", "-A", "-o", "wide"]),
+    )
+}
+
+fn offload_and_run(kb: &KubeTestbed, kubelet: &PlayedKubelet) -> Result<Vec<Value>> {
+    let (a, b) = (&kb.clusters[0], &kb.clusters[1]);
+    let (plan_a, plan_b) = (kb.plans()[0].clone(), kb.plans()[1].clone());
+    let (out, took) = kb.peer_with(&["--offload", "out", "--wait", "--timeout", "60s"])?;
+    println!("peer --offload out --wait took {took:?}:\n{out}");
+
+    // The virtual node: B's two nodes' allocatable, Ready, network up.
+    a.wait_for("ligo-b Ready with B's free capacity", WAIT, || {
+        let ready = a.jsonpath(
+            "node",
+            "ligo-b",
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        )?;
+        Ok((ready == "True" && virtual_offer(a) == expected_offer(b)?).then_some(()))
+    })?;
+    a.wait_for("ligo-b's network up", WAIT, || {
+        let down = a.jsonpath(
+            "node",
+            "ligo-b",
+            "{.status.conditions[?(@.type==\"NetworkUnavailable\")].status}",
+        )?;
+        Ok((down == "False").then_some(()))
+    })?;
+    let taints = a.jsonpath("node", "ligo-b", "{.spec.taints[*].key}")?;
+    ensure!(
+        taints.contains("virtual-node.ligo.io/not-allowed"),
+        "taints: {taints}"
+    );
+    let holder = a.kubectl(&[
+        "get",
+        "lease",
+        "-n",
+        "kube-node-lease",
+        "ligo-b",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])?;
+    ensure!(
+        holder == "ligo-b",
+        "the Lease of ligo-b is held by {holder:?}"
+    );
+
+    a.kubectl(&["create", "namespace", "demo"])?;
+    let a_kubeconfig = a.kubeconfig.to_string_lossy().into_owned();
+    let (ok, out) = KubeTestbed::ligo_control(&[
+        "offload",
+        "namespace",
+        "demo",
+        "--wait",
+        "--kubeconfig",
+        &a_kubeconfig,
+    ])?;
+    ensure!(ok, "offload failed: {out}");
+    println!("{out}");
+    let origin = b.jsonpath("namespace", "demo", "{.metadata.labels.ligo\\.io/origin}")?;
+    ensure!(
+        origin == plan_a.name,
+        "B's namespace demo is labelled origin {origin:?}"
+    );
+
+    // An unschedulable copy (12 GiB fit the virtual node, no node of B),
+    // started now: it is bounced after the timeout, checked at the end.
+    a.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: big, namespace: demo, labels: {app: big}}\nspec:\n  tolerations: [{key: virtual-node.ligo.io/not-allowed, operator: Exists, effect: NoSchedule}]\n  containers: [{name: c, image: busybox:1.36, resources: {requests: {memory: 12Gi}}}]\n",
+    )?;
+
+    a.apply(&deployment(2))?;
+    let pods = running(a, "web", 2)?;
+    let view = Cidr::parse(&a.jsonpath("peer", "b", "{.spec.view}")?);
+    for pod in &pods {
+        let name = s(pod, "/metadata/name");
+        ensure!(
+            s(pod, "/spec/nodeName") == "ligo-b",
+            "{name} is on {}",
+            s(pod, "/spec/nodeName")
+        );
+        let copy = copy_of(b, name)?.with_context(|| format!("no copy of {name} in B"))?;
+        let node = s(&copy, "/spec/nodeName");
+        ensure!(
+            node == "n1" || node == "n2",
+            "B's scheduler put {name} on {node:?}"
+        );
+        ensure!(
+            s(&copy, "/metadata/labels/ligo.io~1origin") == "a",
+            "copy labels {}",
+            copy["metadata"]["labels"]
+        );
+        let tolerations = copy["spec"]["tolerations"].to_string();
+        ensure!(
+            !tolerations.contains("virtual-node.ligo.io"),
+            "the copy still tolerates the virtual node: {tolerations}"
+        );
+        // The address: B's real one, translated into A's view by the
+        // testbed's own arithmetic.
+        let real: Ipv4Addr = s(&copy, "/status/podIP").parse()?;
+        let sandbox = kubelet
+            .sandbox(s(&copy, "/metadata/uid"))
+            .context("no sandbox")?;
+        ensure!(
+            real == sandbox.ip,
+            "copy IP {real} vs sandbox {}",
+            sandbox.ip
+        );
+        let seen: Ipv4Addr = s(pod, "/status/podIP").parse()?;
+        ensure!(
+            seen == plan_b.pod_cidr.translate(real, view),
+            "{name}: A sees {seen} for B's {real} (view {view:?})"
+        );
+        ensure!(
+            s(pod, "/status/podIPs/0/ip") == seen.to_string(),
+            "podIPs {}",
+            pod["status"]["podIPs"]
+        );
+        ensure!(
+            pod.pointer("/status/hostIP").is_none(),
+            "hostIP leaked: {}",
+            pod["status"]["hostIP"]
+        );
+        // A pod of A reaches it there, through the fabric.
+        traffic::ping(&kb.bed.pod(0, 0, 0), seen, 3)
+            .with_context(|| format!("ping {name} at {seen}"))?;
+    }
+    Ok(pods)
+}
+
+fn capacity_and_refusals(kb: &KubeTestbed) -> Result<()> {
+    let (a, b) = (&kb.clusters[0], &kb.clusters[1]);
+    // B's own pod takes a CPU: the offer, and the virtual node, follow
+    // (A's own pods there do not count against it).
+    let (before, _) = virtual_offer(a);
+    b.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: hog, namespace: default}\nspec:\n  containers: [{name: c, image: busybox:1.36, resources: {requests: {cpu: \"1\"}}}]\n")?;
+    let t = Instant::now();
+    a.wait_for("ligo-b's cpu to drop by B's new pod", WAIT, || {
+        let now = virtual_offer(a);
+        Ok((now.0 + 1000 == before && now == expected_offer(b)?).then_some(()))
+    })?;
+    println!("capacity followed B's pods in {:?}", t.elapsed());
+
+    // A DaemonSet that tolerates everything, and a hostNetwork pod.
+    a.apply(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent, namespace: demo}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec:\n      tolerations: [{operator: Exists}]\n      containers: [{name: c, image: busybox:1.36}]\n",
+    )?;
+    a.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: hostnet, namespace: demo}\nspec:\n  hostNetwork: true\n  nodeSelector: {kubernetes.io/hostname: ligo-b}\n  tolerations: [{key: virtual-node.ligo.io/not-allowed, operator: Exists, effect: NoSchedule}]\n  containers: [{name: c, image: busybox:1.36}]\n",
+    )?;
+    for (prefix, reason) in [
+        ("agent-", "DaemonSetPodNotOffloaded"),
+        ("hostnet", "HostNamespaceNotOffloaded"),
+    ] {
+        let pod = a.wait_for(&format!("{prefix} refused"), WAIT, || {
+            Ok(bound_pod(a, prefix)?.filter(|p| s(p, "/status/reason") == reason))
+        })?;
+        let name = s(&pod, "/metadata/name").to_owned();
+        ensure!(copy_of(b, &name)?.is_none(), "{name} was copied to B");
+        a.wait_for(&format!("an Event {reason} on {name}"), WAIT, || {
+            Ok(event_reasons(a, &name)?
+                .contains(&reason.to_owned())
+                .then_some(()))
+        })?;
+    }
+    Ok(())
+}
+
+fn deletion_and_edits(kb: &KubeTestbed) -> Result<()> {
+    let (a, b) = (&kb.clusters[0], &kb.clusters[1]);
+    let pods = running(a, "web", 2)?;
+    // Deleted here: the copy goes, then the pod; its ReplicaSet's
+    // replacement runs there too.
+    let victim = s(&pods[0], "/metadata/name").to_owned();
+    a.kubectl(&["delete", "pod", "-n", "demo", &victim, "--wait=false"])?;
+    b.wait_for(&format!("{victim}'s copy gone"), WAIT, || {
+        Ok(copy_of(b, &victim)?.is_none().then_some(()))
+    })?;
+    a.wait_for(&format!("{victim} gone"), WAIT, || {
+        Ok(a.kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            "demo",
+            &victim,
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ])?
+        .trim()
+        .is_empty()
+        .then_some(()))
+    })?;
+    let pods = running(a, "web", 2)?;
+
+    // Deleted there, out of band: made again.
+    let name = s(&pods[0], "/metadata/name").to_owned();
+    let first = copy_of(b, &name)?.context("copy")?;
+    b.kubectl(&["delete", "pod", "-n", "demo", &name, "--wait=false"])?;
+    b.wait_for(&format!("{name}'s copy made again"), WAIT, || {
+        Ok(copy_of(b, &name)?.filter(|c| {
+            s(c, "/metadata/uid") != s(&first, "/metadata/uid")
+                && c.pointer("/metadata/deletionTimestamp").is_none()
+        }))
+    })?;
+    // Edited there: restored.
+    b.kubectl(&[
+        "patch",
+        "pod",
+        "-n",
+        "demo",
+        &name,
+        "-p",
+        "{\"spec\":{\"containers\":[{\"name\":\"c\",\"image\":\"evil:latest\"}]}}",
+    ])?;
+    b.wait_for(&format!("{name}'s image restored"), WAIT, || {
+        Ok(copy_of(b, &name)?.filter(|c| s(c, "/spec/containers/0/image") == "busybox:1.36"))
+    })?;
+    running(a, "web", 2)?;
+
+    // A Job's pod completes there, stays completed here, and is not run
+    // again when its copy goes.
+    a.apply(
+        "apiVersion: batch/v1\nkind: Job\nmetadata: {name: once, namespace: demo}\nspec:\n  template:\n    metadata: {labels: {app: once, ligo-test/completes: \"true\"}}\n    spec:\n      restartPolicy: Never\n      tolerations: [{key: virtual-node.ligo.io/not-allowed, operator: Exists, effect: NoSchedule}]\n      containers: [{name: c, image: busybox:1.36}]\n",
+    )?;
+    let done = a.wait_for("the Job's pod Succeeded", WAIT, || {
+        Ok(bound_pod(a, "once-")?.filter(|p| s(p, "/status/phase") == "Succeeded"))
+    })?;
+    let job_pod = s(&done, "/metadata/name").to_owned();
+    b.kubectl(&["delete", "pod", "-n", "demo", &job_pod, "--wait=false"])?;
+    b.wait_for("the finished copy gone", WAIT, || {
+        Ok(copy_of(b, &job_pod)?.is_none().then_some(()))
+    })?;
+    std::thread::sleep(Duration::from_secs(5));
+    ensure!(
+        copy_of(b, &job_pod)?.is_none(),
+        "a completed pod was run again"
+    );
+    let phase = s(
+        &json(a, &["get", "pod", "-n", "demo", &job_pod])?,
+        "/status/phase",
+    )
+    .to_owned();
+    ensure!(phase == "Succeeded", "the Job's pod is {phase}");
+    Ok(())
+}
+
+fn bounced(kb: &KubeTestbed) -> Result<()> {
+    let (a, b) = (&kb.clusters[0], &kb.clusters[1]);
+    let copy = copy_of(b, "big")?;
+    if let Some(c) = &copy {
+        let reason = c["status"]["conditions"].to_string();
+        ensure!(
+            reason.contains("Insufficient memory"),
+            "big's copy: {reason}"
+        );
+    }
+    let pod = a.wait_for("big bounced", Duration::from_secs(90), || {
+        Ok(Some(json(a, &["get", "pod", "-n", "demo", "big"])?)
+            .filter(|p| s(p, "/status/reason") == "OffloadUnschedulable"))
+    })?;
+    ensure!(
+        s(&pod, "/status/phase") == "Failed",
+        "big is {}",
+        s(&pod, "/status/phase")
+    );
+    ensure!(
+        event_reasons(a, "big")?.contains(&"OffloadUnschedulable".to_owned()),
+        "no Event for the bounce"
+    );
+    b.wait_for("big's copy gone", WAIT, || {
+        Ok(copy_of(b, "big")?.is_none().then_some(()))
+    })?;
+    Ok(())
+}
+
+fn unpeer_leaves_nothing(kb: &KubeTestbed) -> Result<()> {
+    let (a, b) = (&kb.clusters[0], &kb.clusters[1]);
+    let (out, took) = kb.unpeer()?;
+    println!("unpeer took {took:?}:\n{out}");
+    a.wait_for("the virtual node gone with its pods", WAIT, || {
+        let node = a.kubectl(&["get", "node", "ligo-b", "--ignore-not-found", "-o", "name"])?;
+        let pods = items(
+            a,
+            &[
+                "get",
+                "pods",
+                "-A",
+                "--field-selector",
+                "spec.nodeName=ligo-b",
+            ],
+        )?;
+        let lease = a.kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            "kube-node-lease",
+            "ligo-b",
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ])?;
+        Ok((node.trim().is_empty() && pods.is_empty() && lease.trim().is_empty()).then_some(()))
+    })?;
+    b.wait_for("B's namespace demo gone", Duration::from_secs(60), || {
+        Ok(b.kubectl(&[
+            "get",
+            "namespace",
+            "demo",
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ])?
+        .trim()
+        .is_empty()
+        .then_some(()))
+    })?;
+    for (cp, other) in [(a, "b"), (b, "a")] {
+        let left = cp.peering_objects(other);
+        if !left.is_empty() {
+            bail!("{} keeps {left:?}", cp.name);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_big_node_runs_pods_in_the_peer_with_identical_cidrs() {
+    if !require_root("kube_offload") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut kb = KubeTestbed::up("kof", Scenario::identical_cidrs(), 233)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    if let Err(e) = kb.start_ligo() {
+        panic!("{e:#}\n{}", kb.logs());
+    }
+    let kubelet = play_b(&kb).unwrap_or_else(|e| panic!("{e:#}"));
+    let steps = || -> Result<()> {
+        offload_and_run(&kb, &kubelet).context("offload and run")?;
+        capacity_and_refusals(&kb).context("capacity and refusals")?;
+        deletion_and_edits(&kb).context("deletion and edits")?;
+        bounced(&kb).context("bounce")?;
+        unpeer_leaves_nothing(&kb).context("unpeer")?;
+        Ok(())
+    };
+    if let Err(e) = steps() {
+        panic!("{e:#}\n{}\n{}", kb.logs(), dump(&kb));
+    }
+}
+
+#[test]
+fn the_big_node_with_different_cidrs() {
+    if !require_root("kube_offload") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut kb = KubeTestbed::up("kod", Scenario::different_cidrs(), 235)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    if let Err(e) = kb.start_ligo() {
+        panic!("{e:#}\n{}", kb.logs());
+    }
+    let kubelet = play_b(&kb).unwrap_or_else(|e| panic!("{e:#}"));
+    if let Err(e) = offload_and_run(&kb, &kubelet).and_then(|_| unpeer_leaves_nothing(&kb)) {
+        panic!("{e:#}\n{}\n{}", kb.logs(), dump(&kb));
+    }
+}
