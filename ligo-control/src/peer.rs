@@ -37,7 +37,7 @@ pub enum Remote {
     Unreachable(String),
     /// It answered but refused our credentials.
     Refused(String),
-    Read(RemoteFacts),
+    Read(Box<RemoteFacts>),
 }
 
 /// The remote cluster's own `ClusterFabric` status and its `Peer` for us.

@@ -239,8 +239,9 @@ fn the_remote_is_verified_and_its_moved_gateway_and_new_key_are_taken() {
         gateway_endpoints: vec!["203.0.113.9:51820".into()],
         wireguard_public_key: Some(key.into()),
         view_of_us: Some("10.244.0.0/16".into()),
+        ..RemoteFacts::default()
     };
-    let plan = run(&peer, &local, &[], &Remote::Read(facts.clone()));
+    let plan = run(&peer, &local, &[], &Remote::Read(Box::new(facts.clone())));
     assert!(verdict(&plan, "CredentialsValid").ok);
     assert!(verdict(&plan, "RemoteIdentityVerified").ok);
     assert_eq!(
@@ -255,7 +256,7 @@ fn the_remote_is_verified_and_its_moved_gateway_and_new_key_are_taken() {
         cluster_name: Some("c".into()),
         ..facts
     };
-    let plan = run(&peer, &local, &[], &Remote::Read(other));
+    let plan = run(&peer, &local, &[], &Remote::Read(Box::new(other)));
     let v = verdict(&plan, "RemoteIdentityVerified");
     assert_eq!((v.ok, v.reason.as_str()), (false, "IdentityMismatch"));
     assert!(

@@ -193,7 +193,7 @@ async fn read(client: &Client, target: &Target) -> Remote {
         ),
         None => (None, None),
     };
-    Remote::Read(RemoteFacts {
+    Remote::Read(Box::new(RemoteFacts {
         offloading,
         offloading_status,
         cluster_name: status.cluster_name,
@@ -202,7 +202,7 @@ async fn read(client: &Client, target: &Target) -> Remote {
         gateway_endpoints: status.gateway_endpoints,
         wireguard_public_key: status.wireguard_public_key,
         view_of_us: ours.and_then(|p| p.spec.view),
-    })
+    }))
 }
 
 fn classify(url: &str, error: kube::Error) -> Remote {
