@@ -49,8 +49,12 @@ fn s<'a>(v: &'a Value, pointer: &str) -> &'a str {
 
 /// The harness plays B's kubelet on n1 and n2 (4 CPUs, 8 GiB, 20 pods each).
 fn play_b(kb: &KubeTestbed) -> Result<PlayedKubelet> {
-    let plan = kb.plans()[1].clone();
-    let nodes = ["n1", "n2"]
+    play(kb, 1, &["n1", "n2"])
+}
+
+fn play(kb: &KubeTestbed, cluster: usize, hosts: &[&str]) -> Result<PlayedKubelet> {
+    let plan = kb.plans()[cluster].clone();
+    let nodes = hosts
         .iter()
         .enumerate()
         .map(|(i, n)| PlayedNode {
@@ -60,7 +64,7 @@ fn play_b(kb: &KubeTestbed) -> Result<PlayedKubelet> {
         })
         .collect();
     PlayedKubelet::start(
-        kb.clusters[1].kubeconfig.clone(),
+        kb.clusters[cluster].kubeconfig.clone(),
         &kb.bed.ns(&plan, ""),
         nodes,
         serde_json::json!({"cpu": "4", "memory": "8Gi", "pods": "20"}),
@@ -78,11 +82,15 @@ spec:
   template:
     metadata: {{labels: {{app: web}}}}
     spec:
+      nodeSelector: {{type: virtual-kubelet}}
       tolerations: [{{key: virtual-node.ligo.io/not-allowed, operator: Exists, effect: NoSchedule}}]
       containers:
       - name: c
         image: busybox:1.36
         resources: {{requests: {{cpu: 500m, memory: 64Mi}}}}
+        envFrom: [{{configMapRef: {{name: web-config}}}}]
+        volumeMounts: [{{name: s, mountPath: /etc/web}}]
+      volumes: [{{name: s, secret: {{secretName: web-secret}}}}]
 "
     )
 }
@@ -281,6 +289,10 @@ fn offload_and_run(kb: &KubeTestbed, kubelet: &PlayedKubelet) -> Result<Vec<Valu
         "apiVersion: v1\nkind: Pod\nmetadata: {name: big, namespace: demo, labels: {app: big}}\nspec:\n  tolerations: [{key: virtual-node.ligo.io/not-allowed, operator: Exists, effect: NoSchedule}]\n  containers: [{name: c, image: busybox:1.36, resources: {requests: {memory: 12Gi}}}]\n",
     )?;
 
+    // What the pods refer to, and what they do not.
+    a.apply(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web-config, namespace: demo}\ndata: {GREETING: hello}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: web-secret, namespace: demo}\nstringData: {token: s3cret}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: unrelated, namespace: demo}\nstringData: {x: \"z\"}\n",
+    )?;
     a.apply(&deployment(2))?;
     let pods = running(a, "web", 2)?;
     let view = Cidr::parse(&a.jsonpath("peer", "b", "{.spec.view}")?);
@@ -338,6 +350,184 @@ fn offload_and_run(kb: &KubeTestbed, kubelet: &PlayedKubelet) -> Result<Vec<Valu
             .with_context(|| format!("ping {name} at {seen}"))?;
     }
     Ok(pods)
+}
+
+/// A's pod `home` (on A's n1, run by a kubelet the harness plays) behind
+/// Service `home`; B's copies of the web pods behind A's Service `web`.
+fn reflection(kb: &KubeTestbed, b_kubelet: &PlayedKubelet) -> Result<()> {
+    let (a, b) = (&kb.clusters[0], &kb.clusters[1]);
+    let _a_kubelet = play(kb, 0, &["n1"])?;
+    a.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: home, namespace: demo, labels: {app: home}}\nspec:\n  nodeSelector: {ligo-test/home: \"true\"}\n  containers: [{name: c, image: busybox:1.36}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: home, namespace: demo}\nspec:\n  selector: {app: home}\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n",
+    )?;
+    a.kubectl(&["label", "node", "n1", "ligo-test/home=true"])?;
+    let home = a.wait_for("home Running", WAIT, || {
+        Ok(Some(json(a, &["get", "pod", "-n", "demo", "home"])?)
+            .filter(|p| s(p, "/status/phase") == "Running"))
+    })?;
+    let home_ip: Ipv4Addr = s(&home, "/status/podIP").parse()?;
+
+    // The referenced ConfigMap and Secret are there, the others are not.
+    let cm = b.wait_for("web-config reflected", WAIT, || {
+        Ok(b.kubectl(&[
+            "get",
+            "configmap",
+            "-n",
+            "demo",
+            "web-config",
+            "--ignore-not-found",
+            "-o",
+            "json",
+        ])
+        .ok()
+        .filter(|o| !o.trim().is_empty()))
+    })?;
+    let cm: Value = serde_json::from_str(&cm)?;
+    ensure!(
+        cm["data"]["GREETING"] == "hello",
+        "web-config there: {}",
+        cm["data"]
+    );
+    ensure!(
+        s(&cm, "/metadata/labels/ligo.io~1origin") == "a",
+        "web-config labels {}",
+        cm["metadata"]["labels"]
+    );
+    let secret = s(
+        &json(b, &["get", "secret", "-n", "demo", "web-secret"])?,
+        "/data/token",
+    )
+    .to_owned();
+    ensure!(secret == "czNjcmV0", "web-secret's data there: {secret:?}");
+    let secrets: Vec<String> = items(
+        b,
+        &["get", "secrets", "-n", "demo", "-l", "ligo.io/origin=a"],
+    )?
+    .iter()
+    .map(|s| {
+        s["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    })
+    .collect();
+    ensure!(
+        secrets == ["web-secret"],
+        "secrets reflected: {secrets:?} (only web-secret is referenced)"
+    );
+    // Changed here, changed there.
+    a.kubectl(&[
+        "patch",
+        "configmap",
+        "-n",
+        "demo",
+        "web-config",
+        "-p",
+        "{\"data\":{\"GREETING\":\"bonjour\"}}",
+    ])?;
+    b.wait_for("web-config updated", WAIT, || {
+        Ok((s(
+            &json(b, &["get", "configmap", "-n", "demo", "web-config"])?,
+            "/data/GREETING",
+        ) == "bonjour")
+            .then_some(()))
+    })?;
+
+    // A's endpoints controller lists the offloaded pods at their addresses
+    // in A's view.
+    let pods = running(a, "web", 2)?;
+    let mut seen: Vec<String> = pods
+        .iter()
+        .map(|p| s(p, "/status/podIP").to_owned())
+        .collect();
+    seen.sort();
+    a.wait_for(
+        "A's Endpoints web = the offloaded pods' addresses",
+        WAIT,
+        || {
+            let mut ips: Vec<String> = json(a, &["get", "endpoints", "-n", "demo", "web"])?
+                ["subsets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s["addresses"].as_array().cloned().unwrap_or_default())
+                .map(|a| a["ip"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            ips.sort();
+            Ok((ips == seen).then_some(()))
+        },
+    )?;
+
+    // A's Services are in B, their endpoints in B's terms: B's own
+    // addresses for the web copies, B's view of A for home.
+    let plan_a = kb.plans()[0].clone();
+    let a_seen_from_b = Cidr::parse(&b.jsonpath("peer", "a", "{.spec.view}")?);
+    let home_there = plan_a.pod_cidr.translate(home_ip, a_seen_from_b);
+    let mut copies_ips = Vec::new();
+    for p in &pods {
+        let c = copy_of(b, s(p, "/metadata/name"))?.context("copy")?;
+        copies_ips.push(s(&c, "/status/podIP").to_owned());
+    }
+    copies_ips.sort();
+    for (service, expected) in [("web", copies_ips), ("home", vec![home_there.to_string()])] {
+        b.wait_for(
+            &format!("B's Endpoints {service} in B's terms"),
+            WAIT,
+            || {
+                let svc = b.kubectl(&[
+                    "get",
+                    "service",
+                    "-n",
+                    "demo",
+                    service,
+                    "--ignore-not-found",
+                    "-o",
+                    "json",
+                ])?;
+                if svc.trim().is_empty() {
+                    return Ok(None);
+                }
+                let eps = b.kubectl(&[
+                    "get",
+                    "endpoints",
+                    "-n",
+                    "demo",
+                    service,
+                    "--ignore-not-found",
+                    "-o",
+                    "json",
+                ])?;
+                if eps.trim().is_empty() {
+                    return Ok(None);
+                }
+                let eps: Value = serde_json::from_str(&eps)?;
+                let mut ips: Vec<String> = eps["subsets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|s| s["addresses"].as_array().cloned().unwrap_or_default())
+                    .map(|a| a["ip"].as_str().unwrap_or_default().to_owned())
+                    .collect();
+                ips.sort();
+                Ok((ips == expected).then_some(()))
+            },
+        )?;
+    }
+    // An offloaded pod reaches A's home pod at the address B's Endpoints
+    // give (no kube-proxy runs with a played kubelet: the real-node test
+    // goes through the ClusterIP).
+    let copy = copy_of(b, s(&pods[0], "/metadata/name"))?.context("copy")?;
+    let sandbox = b_kubelet
+        .sandbox(s(&copy, "/metadata/uid"))
+        .context("sandbox")?;
+    let from = xtask::testbed::Pod {
+        netns: sandbox.netns.clone(),
+        ip: sandbox.ip,
+        cluster: 1,
+    };
+    traffic::ping(&from, home_there, 3)
+        .with_context(|| format!("an offloaded pod pings home at {home_there}"))?;
+    Ok(())
 }
 
 fn capacity_and_refusals(kb: &KubeTestbed) -> Result<()> {
@@ -433,7 +623,7 @@ fn deletion_and_edits(kb: &KubeTestbed) -> Result<()> {
     // A Job's pod completes there, stays completed here, and is not run
     // again when its copy goes.
     a.apply(
-        "apiVersion: batch/v1\nkind: Job\nmetadata: {name: once, namespace: demo}\nspec:\n  template:\n    metadata: {labels: {app: once, ligo-test/completes: \"true\"}}\n    spec:\n      restartPolicy: Never\n      tolerations: [{key: virtual-node.ligo.io/not-allowed, operator: Exists, effect: NoSchedule}]\n      containers: [{name: c, image: busybox:1.36}]\n",
+        "apiVersion: batch/v1\nkind: Job\nmetadata: {name: once, namespace: demo}\nspec:\n  template:\n    metadata: {labels: {app: once, ligo-test/completes: \"true\"}}\n    spec:\n      restartPolicy: Never\n      nodeSelector: {type: virtual-kubelet}\n      tolerations: [{key: virtual-node.ligo.io/not-allowed, operator: Exists, effect: NoSchedule}]\n      containers: [{name: c, image: busybox:1.36}]\n",
     )?;
     let done = a.wait_for("the Job's pod Succeeded", WAIT, || {
         Ok(bound_pod(a, "once-")?.filter(|p| s(p, "/status/phase") == "Succeeded"))
@@ -550,6 +740,7 @@ fn the_big_node_runs_pods_in_the_peer_with_identical_cidrs() {
     let kubelet = play_b(&kb).unwrap_or_else(|e| panic!("{e:#}"));
     let steps = || -> Result<()> {
         offload_and_run(&kb, &kubelet).context("offload and run")?;
+        reflection(&kb, &kubelet).context("reflection")?;
         capacity_and_refusals(&kb).context("capacity and refusals")?;
         deletion_and_edits(&kb).context("deletion and edits")?;
         bounced(&kb).context("bounce")?;

@@ -6,8 +6,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use k8s_openapi::api::{
+    core::v1::Namespace,
+    rbac::v1::{RoleBinding, RoleRef, Subject},
+};
 use kube::{
-    api::{Api, Patch, PatchParams},
+    api::{Api, ObjectMeta, Patch, PatchParams},
     ResourceExt,
 };
 use serde_json::json;
@@ -32,6 +36,73 @@ pub struct OffloadArgs {
     pub wait: bool,
     #[arg(long, default_value = "1m", value_parser = super::peer::parse_duration)]
     pub timeout: Duration,
+    /// Ligo's namespace (where the controller's ServiceAccount is).
+    #[arg(long, default_value = "ligo-system")]
+    pub ligo_namespace: String,
+}
+
+/// The RoleBinding that lets the controller read what it reflects from an
+/// offloaded namespace (`manifests/base/rbac.yaml`: ligo-offload-reflector).
+const READER_BINDING: &str = "ligo-offload-reflector";
+
+fn reader_binding(namespace: &str, ligo_namespace: &str) -> RoleBinding {
+    RoleBinding {
+        metadata: ObjectMeta {
+            name: Some(READER_BINDING.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(std::collections::BTreeMap::from([(
+                crate::peering::MANAGED_BY_LABEL.to_owned(),
+                crate::controller::FIELD_MANAGER.to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "ClusterRole".into(),
+            name: READER_BINDING.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: "ligo-control".into(),
+            namespace: Some(ligo_namespace.into()),
+            ..Subject::default()
+        }]),
+    }
+}
+
+/// Removes the controller's read access to each of `namespaces` that no
+/// Peer offloads any more.
+pub async fn drop_unused_read_access(
+    cluster: &super::Cluster,
+    namespaces: &[String],
+) -> Result<()> {
+    let peers = Api::<Peer>::all(cluster.client.clone())
+        .list(&Default::default())
+        .await
+        .with_context(|| format!("{}: listing Peers", cluster.url))?;
+    for namespace in namespaces {
+        let used = peers.iter().any(|p| {
+            p.spec
+                .offloading
+                .as_ref()
+                .is_some_and(|o| o.namespaces.contains(namespace))
+        });
+        if used {
+            continue;
+        }
+        let bindings: Api<RoleBinding> = Api::namespaced(cluster.client.clone(), namespace);
+        match bindings.delete(READER_BINDING, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                return Err(anyhow::Error::from(e).context(format!(
+                    "{}: removing the controller's read access to namespace {namespace}",
+                    cluster.url
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 pub async fn offload(args: OffloadArgs, add: bool) -> Result<()> {
@@ -63,6 +134,31 @@ pub async fn offload(args: OffloadArgs, add: bool) -> Result<()> {
             "no Peer{} runs our pods (spec.offloading.consume); peer with `ligo-control peer --offload out`",
             args.peer.as_ref().map(|p| format!(" named {p}")).unwrap_or_default()
         );
+    }
+    if add {
+        let bindings: Api<RoleBinding> = Api::namespaced(cluster.client.clone(), &args.name);
+        Api::<Namespace>::all(cluster.client.clone())
+            .get(&args.name)
+            .await
+            .with_context(|| {
+                format!(
+                    "{}: namespace {} must exist to be offloaded",
+                    cluster.url, args.name
+                )
+            })?;
+        bindings
+            .patch(
+                READER_BINDING,
+                &PatchParams::apply("ligo-control-cli").force(),
+                &Patch::Apply(&reader_binding(&args.name, &args.ligo_namespace)),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "{}: letting the controller read namespace {}",
+                    cluster.url, args.name
+                )
+            })?;
     }
     for peer in &consuming {
         let name = peer.name_any();
@@ -107,6 +203,9 @@ pub async fn offload(args: OffloadArgs, add: bool) -> Result<()> {
                 "no longer offloaded"
             }
         ));
+    }
+    if !add {
+        drop_unused_read_access(&cluster, std::slice::from_ref(&args.name)).await?;
     }
     if !(add && args.wait) {
         return Ok(());

@@ -514,8 +514,26 @@ pub async fn unpeer(args: UnpeerArgs) -> Result<()> {
     if let Some(b) = &b {
         sides.push((b, name_a.as_str()));
     }
+    // The namespaces each side offloaded to the other (their read access
+    // goes once no peer offloads them).
+    let mut offloaded = Vec::new();
+    for (host, remote) in &sides {
+        let peer = Api::<Peer>::all(host.client.clone())
+            .get_opt(remote)
+            .await
+            .ok()
+            .flatten();
+        let namespaces = peer
+            .and_then(|p| p.spec.offloading)
+            .map(|o| o.namespaces)
+            .unwrap_or_default();
+        offloaded.push(namespaces);
+    }
     for (host, remote) in &sides {
         delete(erased::<Peer>(host, None), remote, host).await?;
+    }
+    for ((host, _), namespaces) in sides.iter().zip(&offloaded) {
+        super::offload::drop_unused_read_access(host, namespaces).await?;
     }
     for (host, remote) in &sides {
         delete(

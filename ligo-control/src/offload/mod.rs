@@ -6,4 +6,5 @@
 pub mod inventory;
 pub mod pods;
 pub mod quantity;
+pub mod reflect;
 pub mod virtual_node;

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::{
     coordination::v1::Lease,
@@ -27,11 +27,16 @@ use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 use super::super::{remote::Target, FIELD_MANAGER};
+use super::{
+    reflection::NamespaceReflection,
+    stores::{listed, pod_store, AbortOnDrop},
+};
 use crate::{
     crd::{NamespaceGrant, VirtualNodeStatus, ORIGIN_LABEL},
     offload::{
         inventory,
         pods::{self, Action, NamespaceState},
+        reflect::AddressMap,
         virtual_node::{self, Health},
     },
 };
@@ -58,6 +63,10 @@ pub struct ConsumerTarget {
     pub remote_cidr: Ipv4Network,
     pub view: Ipv4Network,
     pub our_name: String,
+    /// Our pod CIDR, and the provider's view of it (once it has one):
+    /// reflected endpoints are given in its terms.
+    pub our_cidr: Ipv4Network,
+    pub our_cidr_there: Option<Ipv4Network>,
 }
 
 /// What the task follows as it changes.
@@ -95,50 +104,6 @@ impl ConsumerTask {
             handle,
         }
     }
-}
-
-/// A watch feeding a store of pods (without their managed fields, which
-/// are most of an object's size and of no use here) that wakes the task.
-fn pod_store(
-    api: Api<DynamicObject>,
-    config: watcher::Config,
-    wake: &Arc<Notify>,
-) -> (Store<DynamicObject>, AbortOnDrop) {
-    use kube::runtime::WatchStreamExt;
-    let writer = kube::runtime::reflector::store::Writer::new(ApiResource::erase::<Pod>(&()));
-    let reader = writer.as_reader();
-    let wake = wake.clone();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None);
-    let stream = kube::runtime::reflector::reflector(writer, stream);
-    let handle = tokio::spawn(async move {
-        stream
-            .for_each(|event| {
-                match event {
-                    Ok(_) => wake.notify_one(),
-                    Err(e) => warn!(error = %e, "a pod watch failed; retrying with backoff"),
-                }
-                futures::future::ready(())
-            })
-            .await;
-    });
-    (reader, AbortOnDrop(handle))
-}
-
-pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn listed(store: &Store<DynamicObject>) -> bool {
-    store
-        .wait_until_ready()
-        .now_or_never()
-        .is_some_and(|r| r.is_ok())
 }
 
 struct Shell {
@@ -184,6 +149,14 @@ async fn run(local: Client, target: ConsumerTarget, mut inputs: watch::Receiver<
         &wake,
     );
     let mut copies: BTreeMap<String, (Store<DynamicObject>, AbortOnDrop)> = BTreeMap::new();
+    let mut reflections: BTreeMap<String, NamespaceReflection> = BTreeMap::new();
+    // discovery.k8s.io/v1 where the provider serves it; core/v1 Endpoints
+    // otherwise (1.20 and older).
+    let slices = remote
+        .list_api_group_resources("discovery.k8s.io/v1")
+        .await
+        .is_ok_and(|list| list.resources.iter().any(|r| r.name == "endpointslices"));
+    info!(peer = %target.peer, endpoint_slices = slices, "the provider's endpoints API");
     let mut shell = Shell {
         local,
         remote,
@@ -207,6 +180,7 @@ async fn run(local: Client, target: ConsumerTarget, mut inputs: watch::Receiver<
             .map(|g| g.name.clone())
             .collect();
         copies.retain(|ns, _| granted.contains(ns));
+        reflections.retain(|ns, _| granted.contains(ns));
         for ns in &granted {
             if !copies.contains_key(ns) {
                 let store = pod_store(
@@ -216,6 +190,17 @@ async fn run(local: Client, target: ConsumerTarget, mut inputs: watch::Receiver<
                     &wake,
                 );
                 copies.insert(ns.clone(), store);
+                reflections.insert(
+                    ns.clone(),
+                    NamespaceReflection::start(
+                        ns,
+                        &shell.local,
+                        &shell.remote,
+                        &target.our_name,
+                        slices,
+                        &wake,
+                    ),
+                );
             }
         }
         let namespaces: BTreeMap<String, NamespaceState> = now_inputs
@@ -259,6 +244,30 @@ async fn run(local: Client, target: ConsumerTarget, mut inputs: watch::Receiver<
             };
             let actions = pods::plan(&pods, &copies_now, &ctx);
             shell.execute(actions).await;
+            let mut reflected = 0;
+            if let Some(there) = target.our_cidr_there {
+                let addresses = AddressMap {
+                    our_cidr: target.our_cidr,
+                    our_cidr_there: there,
+                    view: target.view,
+                    remote_cidr: target.remote_cidr,
+                };
+                for (ns, reflection) in reflections.iter_mut() {
+                    let running_there: Vec<&Value> = pods
+                        .iter()
+                        .filter(|p| {
+                            p.pointer("/metadata/namespace").and_then(Value::as_str)
+                                == Some(ns.as_str())
+                        })
+                        .filter(|p| pods::refusal(p, &namespaces).is_none())
+                        .collect();
+                    let outcome = reflection
+                        .reconcile(&running_there, &target.our_name, &addresses)
+                        .await;
+                    reflected += outcome.reflected;
+                    shell.errors += outcome.errors;
+                }
+            }
             let refused = pods
                 .iter()
                 .filter(|p| pods::refusal(p, &namespaces).is_some())
@@ -297,7 +306,7 @@ async fn run(local: Client, target: ConsumerTarget, mut inputs: watch::Receiver<
                     pods_offloaded: (pods.len() - refused - finished.min(pods.len() - refused))
                         as u32,
                     pods_refused: refused as u32,
-                    objects_reflected: 0,
+                    objects_reflected: reflected,
                     reflection_errors: shell.errors,
                 })
                 .await;

@@ -6,6 +6,8 @@
 
 mod consumer;
 mod provider;
+mod reflection;
+mod stores;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -105,6 +107,17 @@ pub async fn pass(
             remote_cidr,
             view,
             our_name: resolved.cluster_name.clone(),
+            our_cidr: resolved.pod_cidr,
+            our_cidr_there: outcome
+                .peer
+                .status
+                .as_ref()
+                .and_then(|s| s.remote_view.as_deref())
+                .or(match &outcome.remote {
+                    Remote::Read(facts) => facts.view_of_us.as_deref(),
+                    _ => None,
+                })
+                .and_then(|v| v.parse().ok()),
         };
         match state.consumers.get(&peer) {
             Some(task) if task.target == target => {
