@@ -79,6 +79,10 @@ pub struct ControlPlaneOptions {
     /// admission plugin mounts pods' tokens, and taints and the node
     /// lifecycle controller follow the kubelets' reports.
     pub real_nodes: bool,
+    /// Run the node lifecycle controller even with hand-made Nodes (they
+    /// turn NotReady after the grace period: for tests of a node that does
+    /// report, such as a virtual node).
+    pub node_lifecycle: bool,
 }
 
 impl ControlPlaneOptions {
@@ -90,6 +94,7 @@ impl ControlPlaneOptions {
             controllers: false,
             extra_addresses: Vec::new(),
             real_nodes: false,
+            node_lifecycle: false,
         }
     }
 }
@@ -108,6 +113,8 @@ pub struct ControlPlane {
     pub ca_pem: String,
     dir: PathBuf,
     processes: Vec<(String, Child)>,
+    /// How kube-apiserver was started (to start it again after an outage).
+    apiserver_command: Vec<String>,
 }
 
 impl ControlPlane {
@@ -165,6 +172,7 @@ impl ControlPlane {
             ca_pem: pki.ca_pem.clone(),
             dir,
             processes: Vec::new(),
+            apiserver_command: Vec::new(),
         };
         let d = plane.dir.clone();
         let p = |file: &str| d.join(file).to_string_lossy().into_owned();
@@ -198,53 +206,58 @@ impl ControlPlane {
             .to_string();
         let (disabled_admission, controllers) = if options.real_nodes {
             ("", "*")
+        } else if options.node_lifecycle {
+            ("ServiceAccount,TaintNodesByCondition", "*")
         } else {
             // Hand-made Nodes stay schedulable (no kubelet clears the
             // not-ready taint) and pods need no ServiceAccount.
             ("ServiceAccount,TaintNodesByCondition", "*,-nodelifecycle")
         };
         let port = APISERVER_PORT.to_string();
-        plane.spawn(
-            "kube-apiserver",
-            &apiserver,
-            &[
-                "--etcd-servers",
-                "http://127.0.0.1:2379",
-                "--bind-address",
-                "0.0.0.0",
-                "--advertise-address",
-                &advertise,
-                "--secure-port",
-                &port,
-                "--tls-cert-file",
-                &p("server.crt"),
-                "--tls-private-key-file",
-                &p("server.key"),
-                "--client-ca-file",
-                &p("ca.crt"),
-                "--token-auth-file",
-                &p("tokens.csv"),
-                "--authorization-mode",
-                "RBAC",
-                "--service-account-issuer",
-                "https://kubernetes.default.svc",
-                "--service-account-key-file",
-                &p("sa.pub"),
-                "--service-account-signing-key-file",
-                &p("sa.key"),
-                "--service-cluster-ip-range",
-                &options.service_cidr,
-                "--allow-privileged=true",
-                "--disable-admission-plugins",
-                disabled_admission,
-                "--endpoint-reconciler-type",
-                "lease",
-                "--kubelet-preferred-address-types",
-                "InternalIP",
-                "--cert-dir",
-                &p("certs"),
-            ],
-        )?;
+        let apiserver_args: Vec<String> = [
+            "--etcd-servers",
+            "http://127.0.0.1:2379",
+            "--bind-address",
+            "0.0.0.0",
+            "--advertise-address",
+            &advertise,
+            "--secure-port",
+            &port,
+            "--tls-cert-file",
+            &p("server.crt"),
+            "--tls-private-key-file",
+            &p("server.key"),
+            "--client-ca-file",
+            &p("ca.crt"),
+            "--token-auth-file",
+            &p("tokens.csv"),
+            "--authorization-mode",
+            "RBAC",
+            "--service-account-issuer",
+            "https://kubernetes.default.svc",
+            "--service-account-key-file",
+            &p("sa.pub"),
+            "--service-account-signing-key-file",
+            &p("sa.key"),
+            "--service-cluster-ip-range",
+            &options.service_cidr,
+            "--allow-privileged=true",
+            "--disable-admission-plugins",
+            disabled_admission,
+            "--endpoint-reconciler-type",
+            "lease",
+            "--kubelet-preferred-address-types",
+            "InternalIP",
+            "--cert-dir",
+            &p("certs"),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        plane.apiserver_command = std::iter::once(apiserver.to_string_lossy().into_owned())
+            .chain(apiserver_args)
+            .collect();
+        plane.spawn_apiserver()?;
         plane.wait_ready()?;
         if options.controllers {
             let kcm = kube_binary("kube-controller-manager")?;
@@ -463,6 +476,20 @@ impl ControlPlane {
             }
             thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    fn spawn_apiserver(&mut self) -> Result<()> {
+        let command = self.apiserver_command.clone();
+        let (program, args) = command.split_first().context("no kube-apiserver command")?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn("kube-apiserver", Path::new(program), &args)
+    }
+
+    /// Starts the API server again after [`Self::stop_apiserver`]; returns
+    /// once it is ready.
+    pub fn start_apiserver(&mut self) -> Result<()> {
+        self.spawn_apiserver()?;
+        self.wait_ready()
     }
 
     /// Stops the API server (etcd keeps the state): an outage.

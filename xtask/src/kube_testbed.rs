@@ -44,16 +44,28 @@ impl KubeTestbed {
     /// scenario's view of the other cluster, the API server URL peers use).
     /// `index` picks the control planes' link-local /30s (index, index+1).
     pub fn up(prefix: &str, scenario: Scenario, index: u8) -> Result<Self> {
+        Self::up_with(prefix, scenario, index, |_, _| {})
+    }
+
+    /// [`Self::up`], with each cluster's control plane options adjusted by
+    /// `adjust(cluster index, options)`.
+    pub fn up_with(
+        prefix: &str,
+        scenario: Scenario,
+        index: u8,
+        adjust: impl Fn(usize, &mut ControlPlaneOptions),
+    ) -> Result<Self> {
         let bed = Testbed::up(prefix, scenario)?;
         let mut clusters = Vec::new();
         for (i, plan) in bed.scenario.plans().into_iter().enumerate() {
             let apiserver = plan.underlay_ip(APISERVER_HOST);
-            let options = ControlPlaneOptions {
+            let mut options = ControlPlaneOptions {
                 controllers: true,
                 cluster_cidr: plan.pod_cidr.to_string(),
                 extra_addresses: vec![apiserver],
                 ..ControlPlaneOptions::new(index + i as u8)
             };
+            adjust(i, &mut options);
             let cp = ControlPlane::start(&format!("{prefix}-{}", plan.name), &options)?;
             cp.attach(&bed.ns(plan, "ul"), apiserver)?;
             install(&cp, plan).with_context(|| format!("installing Ligo in {}", plan.name))?;

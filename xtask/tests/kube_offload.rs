@@ -752,19 +752,173 @@ fn the_big_node_runs_pods_in_the_peer_with_identical_cidrs() {
     }
 }
 
+fn pod_ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+fn uids(pods: &[Value]) -> Vec<String> {
+    let mut u: Vec<String> = pods
+        .iter()
+        .map(|p| s(p, "/metadata/uid").to_owned())
+        .collect();
+    u.sort();
+    u
+}
+
+fn ready_endpoints(a: &ControlPlane, service: &str) -> Result<usize> {
+    Ok(
+        json(a, &["get", "endpoints", "-n", "demo", service])?["subsets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s["addresses"].as_array().map_or(0, Vec::len))
+            .sum(),
+    )
+}
+
+/// B's API server stops for 60 s: the copies keep running and traffic
+/// keeps flowing; the virtual node turns NotReady within seconds, A's node
+/// lifecycle controller marks its pods NotReady (the Service's endpoints
+/// drain); once B is back, all is Ready again and no pod was made anew on
+/// either side.
+fn provider_outage(kb: &mut KubeTestbed, kubelet: &PlayedKubelet) -> Result<()> {
+    let a = &kb.clusters[0];
+    a.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n")?;
+    let before = running(a, "web", 2)?;
+    a.wait_for("both web pods in the Endpoints", WAIT, || {
+        Ok((ready_endpoints(a, "web")? == 2).then_some(()))
+    })?;
+    let copies_before: Vec<String> = {
+        let b = &kb.clusters[1];
+        let mut u = Vec::new();
+        for p in &before {
+            u.push(
+                s(
+                    &copy_of(b, s(p, "/metadata/name"))?.context("copy")?,
+                    "/metadata/uid",
+                )
+                .to_owned(),
+            );
+        }
+        u.sort();
+        u
+    };
+    let target: Ipv4Addr = s(&before[0], "/status/podIP").parse()?;
+
+    kb.clusters[1].stop_apiserver()?;
+    let down = Instant::now();
+    let a = &kb.clusters[0];
+    a.wait_for("ligo-b NotReady", WAIT, || {
+        let reason = a.jsonpath(
+            "node",
+            "ligo-b",
+            "{.status.conditions[?(@.type==\"Ready\")].reason}",
+        )?;
+        Ok((reason == "ProviderUnreachable").then_some(()))
+    })?;
+    println!(
+        "ligo-b NotReady {:?} after B's API server stopped",
+        down.elapsed()
+    );
+    a.wait_for(
+        "the web pods NotReady and out of the Endpoints",
+        Duration::from_secs(70),
+        || {
+            let pods = items(a, &["get", "pods", "-n", "demo", "-l", "app=web"])?;
+            Ok(
+                (pods.iter().all(|p| !pod_ready(p)) && ready_endpoints(a, "web")? == 0)
+                    .then_some(()),
+            )
+        },
+    )?;
+    println!(
+        "endpoints drained {:?} after B's API server stopped",
+        down.elapsed()
+    );
+    // The copies run on: their namespaces are there and traffic flows.
+    ensure!(
+        kubelet.sandboxes.lock().map(|b| b.len()).unwrap_or(0) >= 2,
+        "sandboxes gone during the outage"
+    );
+    traffic::ping(&kb.bed.pod(0, 0, 0), target, 3)
+        .context("traffic to an offloaded pod during the outage")?;
+    let rest = Duration::from_secs(60).saturating_sub(down.elapsed());
+    std::thread::sleep(rest);
+    kb.clusters[1].start_apiserver()?;
+    let up = Instant::now();
+    let a = &kb.clusters[0];
+    a.wait_for("ligo-b Ready again", Duration::from_secs(60), || {
+        let ready = a.jsonpath(
+            "node",
+            "ligo-b",
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        )?;
+        Ok((ready == "True").then_some(()))
+    })?;
+    a.wait_for(
+        "the web pods Ready and back in the Endpoints",
+        Duration::from_secs(60),
+        || {
+            let pods = items(a, &["get", "pods", "-n", "demo", "-l", "app=web"])?;
+            Ok(
+                (pods.len() == 2 && pods.iter().all(pod_ready) && ready_endpoints(a, "web")? == 2)
+                    .then_some(pods),
+            )
+        },
+    )
+    .and_then(|pods| {
+        ensure!(
+            uids(&pods) == uids(&before),
+            "A's pods were made anew: {:?} vs {:?}",
+            uids(&pods),
+            uids(&before)
+        );
+        Ok(())
+    })?;
+    println!(
+        "all Ready again {:?} after B's API server returned",
+        up.elapsed()
+    );
+    let b = &kb.clusters[1];
+    let mut copies_after = Vec::new();
+    for p in &before {
+        copies_after.push(
+            s(
+                &copy_of(b, s(p, "/metadata/name"))?.context("copy after")?,
+                "/metadata/uid",
+            )
+            .to_owned(),
+        );
+    }
+    copies_after.sort();
+    ensure!(copies_after == copies_before, "B's copies were made anew");
+    Ok(())
+}
+
 #[test]
 fn the_big_node_with_different_cidrs() {
     if !require_root("kube_offload") {
         return;
     }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut kb = KubeTestbed::up("kod", Scenario::different_cidrs(), 235)
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    // A's node lifecycle controller runs: it acts on the virtual node.
+    let mut kb = KubeTestbed::up_with("kod", Scenario::different_cidrs(), 235, |i, o| {
+        o.node_lifecycle = i == 0;
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
     if let Err(e) = kb.start_ligo() {
         panic!("{e:#}\n{}", kb.logs());
     }
     let kubelet = play_b(&kb).unwrap_or_else(|e| panic!("{e:#}"));
-    if let Err(e) = offload_and_run(&kb, &kubelet).and_then(|_| unpeer_leaves_nothing(&kb)) {
+    let outcome = offload_and_run(&kb, &kubelet)
+        .context("offload and run")
+        .and_then(|_| provider_outage(&mut kb, &kubelet).context("provider outage"))
+        .and_then(|_| unpeer_leaves_nothing(&kb).context("unpeer"));
+    if let Err(e) = outcome {
         panic!("{e:#}\n{}\n{}", kb.logs(), dump(&kb));
     }
 }

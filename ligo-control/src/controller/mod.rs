@@ -7,6 +7,7 @@
 //! so two peers allocated in the same pass never get one view. Nothing is
 //! written before every store has listed once.
 
+pub(crate) mod backoff;
 mod cluster;
 mod offload;
 mod peer;
@@ -156,7 +157,8 @@ where
     let (reader, writer) = reflector::store();
     let kind = K::kind(&()).into_owned();
     let wake = wake.clone();
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let stream = reflector::reflector(writer, watcher(api, config))
+        .backoff(backoff::WatchBackoff::default());
     tokio::spawn(async move {
         stream
             .for_each(|event| {
@@ -180,7 +182,7 @@ fn watch_pods(api: Api<Pod>, wake: &Arc<Notify>) -> Store<Pod> {
     let (reader, writer) = reflector::store();
     let wake = wake.clone();
     let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(backoff::WatchBackoff::default())
         .modify(|pod: &mut Pod| {
             let meta = &mut pod.metadata;
             meta.managed_fields = None;

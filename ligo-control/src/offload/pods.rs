@@ -461,6 +461,43 @@ pub fn plan(pods: &[Value], copies: &[Value], ctx: &Context) -> Vec<Action> {
     actions
 }
 
+/// How long a provider may stay unreadable before its pods are reported
+/// NotReady here: the node lifecycle controller's default grace period
+/// (`--node-monitor-grace-period`), after which it would act on a silent
+/// kubelet's pods the same way.
+pub const PROVIDER_GRACE_SECONDS: u64 = 40;
+
+/// The status patch that reports `pod` NotReady because the provider
+/// cannot be read, if it is Ready now (its containers may well still run:
+/// nothing else changes, and the next read of the provider restores it).
+pub fn not_ready_patch(pod: &Value, why: &str, now: &str) -> Option<Value> {
+    if terminal(pod) || deleting(pod) {
+        return None;
+    }
+    let conditions = pod
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)?;
+    let ready = |c: &Value| matches!(text(c, "/type"), Some("Ready" | "ContainersReady"));
+    if !conditions
+        .iter()
+        .any(|c| ready(c) && text(c, "/status") == Some("True"))
+    {
+        return None;
+    }
+    let updated: Vec<Value> = conditions
+        .iter()
+        .map(|c| {
+            if ready(c) {
+                json!({"type": c["type"], "status": "False", "reason": "ProviderUnreachable",
+                    "message": why, "lastTransitionTime": now, "lastProbeTime": null})
+            } else {
+                c.clone()
+            }
+        })
+        .collect();
+    Some(json!({ "conditions": updated }))
+}
+
 fn copy_of(pod: &Value, ctx: &Context) -> Value {
     copy(pod, ctx.origin)
 }

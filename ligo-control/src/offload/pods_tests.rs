@@ -281,3 +281,36 @@ fn a_copy_the_provider_cannot_schedule_is_bounced_after_the_timeout() {
         "{late:?}"
     );
 }
+
+#[test]
+fn an_unreadable_provider_turns_ready_pods_not_ready_and_nothing_else() {
+    let mut running = pod();
+    running["status"] = json!({"phase": "Running", "podIP": "10.245.1.20", "conditions": [
+        {"type": "PodScheduled", "status": "True"},
+        {"type": "Ready", "status": "True"},
+        {"type": "ContainersReady", "status": "True"}]});
+    let patch =
+        not_ready_patch(&running, "b did not answer", "2027-01-01T00:00:00Z").expect("a patch");
+    let conditions = patch["conditions"].as_array().expect("list");
+    assert_eq!(
+        conditions[0],
+        json!({"type": "PodScheduled", "status": "True"})
+    );
+    for c in &conditions[1..] {
+        assert_eq!(
+            (c["status"].as_str(), c["reason"].as_str()),
+            (Some("False"), Some("ProviderUnreachable"))
+        );
+    }
+    assert!(
+        patch.get("phase").is_none() && patch.get("podIP").is_none(),
+        "only readiness changes"
+    );
+    // Already NotReady, finished, or never Ready: nothing to write.
+    running["status"]["conditions"] = patch["conditions"].clone();
+    assert_eq!(not_ready_patch(&running, "x", "t"), None);
+    let mut done = pod();
+    done["status"] =
+        json!({"phase": "Succeeded", "conditions": [{"type": "Ready", "status": "True"}]});
+    assert_eq!(not_ready_patch(&done, "x", "t"), None);
+}

@@ -171,6 +171,7 @@ async fn run(local: Client, target: ConsumerTarget, mut inputs: watch::Receiver<
         errors: 0,
     };
     info!(peer = %target.peer, node = %shell.node, "running pods on the peer through a virtual node");
+    let mut unreadable_since: Option<Instant> = None;
     loop {
         let now_inputs = inputs.borrow_and_update().clone();
         let granted: BTreeSet<String> = now_inputs
@@ -224,7 +225,22 @@ async fn run(local: Client, target: ConsumerTarget, mut inputs: watch::Receiver<
             .collect();
 
         let capacity = shell.upkeep_node(&now_inputs).await;
-        if listed(&local_pods) {
+        // While the provider cannot be read, what its copies last said is
+        // not the truth: nothing is copied either way. Past the grace
+        // period its pods are reported NotReady here (so Services stop
+        // sending to them); they are not touched otherwise.
+        match &now_inputs.provider {
+            Ok(()) => unreadable_since = None,
+            Err(why) => {
+                let since = *unreadable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_secs(pods::PROVIDER_GRACE_SECONDS)
+                    && listed(&local_pods)
+                {
+                    shell.report_not_ready(&local_pods, why).await;
+                }
+            }
+        }
+        if listed(&local_pods) && now_inputs.provider.is_ok() {
             let pods: Vec<Value> = local_pods
                 .state()
                 .iter()
@@ -510,6 +526,40 @@ impl Shell {
                     .await
                     .map(drop)
                     .map_err(|e| format!("failing pod {ns}/{name}: {e}"))
+            }
+        }
+    }
+
+    /// Reports every Ready pod bound to the virtual node NotReady (the
+    /// provider has not been readable for the grace period).
+    async fn report_not_ready(&mut self, pods: &Store<DynamicObject>, why: &str) {
+        let now = crate::controller::now_rfc3339();
+        for pod in pods.state() {
+            let Ok(value) = serde_json::to_value(&*pod) else {
+                continue;
+            };
+            let Some(patch) = pods::not_ready_patch(&value, why, &now) else {
+                continue;
+            };
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let api =
+                Api::<DynamicObject>::namespaced_with(self.local.clone(), &ns, &self.pod_resource);
+            match api
+                .patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({ "status": patch })),
+                )
+                .await
+            {
+                Ok(_) => {
+                    info!(pod = %format!("{ns}/{name}"), "reported NotReady: the provider has not answered for the grace period")
+                }
+                Err(e) => {
+                    self.errors += 1;
+                    warn!(pod = %format!("{ns}/{name}"), error = %e, "cannot report the pod NotReady; retrying");
+                }
             }
         }
     }

@@ -71,7 +71,7 @@ pub fn pod_store(
     let writer = Writer::new(ApiResource::erase::<Pod>(&()));
     let reader = writer.as_reader();
     let stream = watcher(api, config)
-        .default_backoff()
+        .backoff(crate::controller::backoff::WatchBackoff::default())
         .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None);
     (reader, drive(writer, stream, "pods", wake))
 }
@@ -90,7 +90,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, config)
-        .default_backoff()
+        .backoff(crate::controller::backoff::WatchBackoff::default())
         .modify(move |o: &mut K| {
             o.meta_mut().managed_fields = None;
             strip(o);
