@@ -30,6 +30,9 @@ enum Command {
         /// Where the gateway key and peers' credentials Secrets live.
         #[arg(long, env = "POD_NAMESPACE", default_value = "ligo-system")]
         namespace: String,
+        /// Where /metrics and /healthz are served.
+        #[arg(long, default_value = "0.0.0.0:9478")]
+        metrics_address: std::net::SocketAddr,
     },
     /// Peer this cluster with another: identities, credentials and Peer
     /// objects in both, after checking both.
@@ -52,7 +55,11 @@ enum Command {
 
 fn main() {
     let outcome = match Cli::parse().command {
-        Command::Run { access, namespace } => run_controller(access, namespace),
+        Command::Run {
+            access,
+            namespace,
+            metrics_address,
+        } => run_controller(access, namespace, metrics_address),
         Command::Peer(args) => block_on(cli::peer::peer(args)),
         Command::Unpeer(args) => block_on(cli::peer::unpeer(args)),
         Command::Status(args) => block_on(cli::status::status(args)),
@@ -72,7 +79,11 @@ fn block_on<F: std::future::Future<Output = Result<()>>>(future: F) -> Result<()
         .block_on(future)
 }
 
-fn run_controller(access: Access, namespace: String) -> Result<()> {
+fn run_controller(
+    access: Access,
+    namespace: String,
+    metrics_address: std::net::SocketAddr,
+) -> Result<()> {
     // Colour only on a terminal: container logs are files an operator greps.
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
@@ -89,7 +100,10 @@ fn run_controller(access: Access, namespace: String) -> Result<()> {
         .await?;
         ligo_control::controller::run(
             cluster.client,
-            ligo_control::controller::Options { namespace },
+            ligo_control::controller::Options {
+                namespace,
+                metrics_address,
+            },
         )
         .await
     })

@@ -527,6 +527,47 @@ fn reflection(kb: &KubeTestbed, b_kubelet: &PlayedKubelet) -> Result<()> {
     };
     traffic::ping(&from, home_there, 3)
         .with_context(|| format!("an offloaded pod pings home at {home_there}"))?;
+    status_and_metrics(kb)
+}
+
+/// `ligo-control status` and the controller's /metrics tell the same story
+/// as the objects.
+fn status_and_metrics(kb: &KubeTestbed) -> Result<()> {
+    let a = &kb.clusters[0];
+    let kubeconfig = a.kubeconfig.to_string_lossy().into_owned();
+    // Reflected: web-config, web-secret, Services web and home, their Endpoints.
+    a.wait_for("the status's counts", WAIT, || {
+        let (_, out) =
+            KubeTestbed::ligo_control(&["status", "--kubeconfig", &kubeconfig, "-o", "json"])?;
+        let report: Value = serde_json::from_str(&out)?;
+        let node = &report["peers"][0]["offloading"]["virtualNode"];
+        let offloaded = node["podsOffloaded"].as_u64().unwrap_or(0);
+        Ok((node["objectsReflected"] == 6 && offloaded >= 2).then_some(()))
+    })?;
+    let (ok, text) = KubeTestbed::ligo_control(&["status", "--kubeconfig", &kubeconfig])?;
+    ensure!(ok, "status failed: {text}");
+    println!("{text}");
+    for needle in [
+        "virtual node ligo-b:",
+        "namespace demo: Granted",
+        "6 objects reflected",
+    ] {
+        ensure!(text.contains(needle), "status lacks {needle:?}:\n{text}");
+    }
+    // The first controller started (A's) serves /metrics on the root
+    // namespace's loopback.
+    let body = ureq::get("http://127.0.0.1:9478/metrics")
+        .call()?
+        .into_body()
+        .read_to_string()?;
+    for needle in [
+        "ligo_virtual_node_ready{peer=\"b\"} 1",
+        "ligo_offload_reflected_objects{peer=\"b\"} 6",
+        "ligo_offload_pods{peer=\"b\",state=\"offloaded\"}",
+        "ligo_virtual_node_capacity{peer=\"b\",resource=\"pods\"}",
+    ] {
+        ensure!(body.contains(needle), "/metrics lacks {needle:?}:\n{body}");
+    }
     Ok(())
 }
 

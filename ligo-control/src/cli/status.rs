@@ -6,7 +6,7 @@ use kube::{api::Api, ResourceExt};
 use serde::Serialize;
 
 use super::{connect, Access};
-use crate::crd::{ClusterFabric, Condition, LinkStatus, Peer};
+use crate::crd::{ClusterFabric, Condition, LinkStatus, OffloadingStatus, Peer};
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
@@ -42,7 +42,19 @@ pub struct PeerReport {
     pub remote_view: Option<String>,
     pub gateway_endpoints: Vec<String>,
     pub link: Option<LinkStatus>,
+    /// Running pods across: our virtual node for it, and what we offer it.
+    pub offloading: Option<OffloadingReport>,
     pub conditions: Vec<Condition>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OffloadingReport {
+    pub consume: bool,
+    pub provide: bool,
+    pub namespaces: Vec<String>,
+    #[serde(flatten)]
+    pub status: OffloadingStatus,
 }
 
 pub async fn status(args: StatusArgs) -> Result<()> {
@@ -80,6 +92,12 @@ pub async fn status(args: StatusArgs) -> Result<()> {
                     remote_view: status.remote_view,
                     gateway_endpoints: p.spec.gateway_endpoints.clone(),
                     link: status.link,
+                    offloading: p.spec.offloading.as_ref().map(|o| OffloadingReport {
+                        consume: o.consume,
+                        provide: o.provide,
+                        namespaces: o.namespaces.clone(),
+                        status: status.offloading.clone().unwrap_or_default(),
+                    }),
                     conditions: status.conditions,
                 }
             })
@@ -127,7 +145,61 @@ pub fn text(report: &Report) -> String {
             )),
             None => out.push_str("  link: not reported\n"),
         }
+        if let Some(o) = &p.offloading {
+            out.push_str(&offloading_lines(o));
+        }
         out.push_str(&format!("  {}", conditions_line(&p.conditions)));
+    }
+    out
+}
+
+fn quantities(map: &std::collections::BTreeMap<String, String>) -> String {
+    if map.is_empty() {
+        return "-".into();
+    }
+    map.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn offloading_lines(o: &OffloadingReport) -> String {
+    let mut out = String::new();
+    if o.consume {
+        match &o.status.virtual_node {
+            Some(v) => {
+                out.push_str(&format!(
+                    "  virtual node {}: {}; {} pods offloaded, {} refused; {} objects reflected, {} write errors\n",
+                    v.name,
+                    quantities(&v.capacity),
+                    v.pods_offloaded,
+                    v.pods_refused,
+                    v.objects_reflected,
+                    v.reflection_errors
+                ));
+                for n in &v.namespaces {
+                    let why = if n.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", n.message)
+                    };
+                    out.push_str(&format!("    namespace {}: {}{why}\n", n.name, n.state));
+                }
+            }
+            None => out.push_str("  virtual node: not reported yet\n"),
+        }
+        if o.namespaces.is_empty() {
+            out.push_str("    no namespace offloaded (ligo-control offload namespace NS)\n");
+        }
+    }
+    if o.provide {
+        out.push_str(&format!(
+            "  we offer it: {}\n",
+            quantities(&o.status.offered)
+        ));
+        for g in &o.status.granted_namespaces {
+            out.push_str(&format!("    its namespace {} here: {}\n", g.name, g.state));
+        }
     }
     out
 }

@@ -9,6 +9,7 @@
 
 pub(crate) mod backoff;
 mod cluster;
+pub mod metrics;
 mod offload;
 mod peer;
 mod remote;
@@ -46,6 +47,8 @@ const RESYNC: Duration = Duration::from_secs(30);
 pub struct Options {
     /// Where Secrets (the gateway key, peers' credentials) live.
     pub namespace: String,
+    /// Where `/metrics` and `/healthz` are served.
+    pub metrics_address: std::net::SocketAddr,
 }
 
 /// The stores one pass reads.
@@ -99,9 +102,11 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
         .unwrap_or_default();
     info!(namespace = %options.namespace, "every watch has listed; reconciling");
 
+    let metrics = Arc::new(metrics::OffloadMetrics::default());
+    metrics::serve(options.metrics_address, metrics.clone()).await;
     let remotes = remote::Remotes::new(wake.clone());
     let mut pending_views = peer::PendingViews::new();
-    let mut offloading = offload::Offloading::default();
+    let mut offloading = offload::Offloading::new(metrics);
     let mut about_cluster_name = read_about_cluster_name(&client).await;
     let mut last_about = tokio::time::Instant::now();
     loop {

@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
-use super::super::{remote::Target, FIELD_MANAGER};
+use super::super::{metrics::OffloadMetrics, remote::Target, FIELD_MANAGER};
 use super::{
     reflection::NamespaceReflection,
     stores::{listed, pod_store, AbortOnDrop},
@@ -95,9 +95,14 @@ impl Drop for ConsumerTask {
 }
 
 impl ConsumerTask {
-    pub fn start(local: Client, target: ConsumerTarget, inputs: ConsumerInputs) -> Self {
+    pub fn start(
+        local: Client,
+        target: ConsumerTarget,
+        inputs: ConsumerInputs,
+        metrics: Arc<OffloadMetrics>,
+    ) -> Self {
         let (sender, receiver) = watch::channel(inputs);
-        let handle = tokio::spawn(run(local, target.clone(), receiver));
+        let handle = tokio::spawn(run(local, target.clone(), receiver, metrics));
         Self {
             target,
             inputs: sender,
@@ -118,11 +123,17 @@ struct Shell {
     last_status: Option<(NodeStatus, Instant)>,
     last_lease: Option<Instant>,
     last_summary: Option<VirtualNodeStatus>,
+    metrics: Arc<OffloadMetrics>,
     in_flight: BTreeMap<(String, String), Instant>,
     errors: u64,
 }
 
-async fn run(local: Client, target: ConsumerTarget, mut inputs: watch::Receiver<ConsumerInputs>) {
+async fn run(
+    local: Client,
+    target: ConsumerTarget,
+    mut inputs: watch::Receiver<ConsumerInputs>,
+    metrics: Arc<OffloadMetrics>,
+) {
     let kubeconfig = match &target.remote.kubeconfig {
         Ok(k) => k.clone(),
         Err(_) => return, // the Peer's CredentialsValid condition says why
@@ -167,6 +178,7 @@ async fn run(local: Client, target: ConsumerTarget, mut inputs: watch::Receiver<
         last_status: None,
         last_lease: None,
         last_summary: None,
+        metrics,
         in_flight: BTreeMap::new(),
         errors: 0,
     };
@@ -298,33 +310,36 @@ async fn run(local: Client, target: ConsumerTarget, mut inputs: watch::Receiver<
                 })
                 .count();
             shell
-                .summarize(VirtualNodeStatus {
-                    name: shell.node.clone(),
-                    namespaces: namespaces
-                        .iter()
-                        .map(|(name, state)| {
-                            let (state, message) = match state {
-                                NamespaceState::Ready => ("Granted".to_owned(), String::new()),
-                                NamespaceState::Waiting => (
-                                    "Waiting".to_owned(),
-                                    "the provider has not granted it yet".to_owned(),
-                                ),
-                                NamespaceState::Refused(r, m) => (r.clone(), m.clone()),
-                            };
-                            NamespaceGrant {
-                                name: name.clone(),
-                                state,
-                                message,
-                            }
-                        })
-                        .collect(),
-                    capacity: inventory::to_quantities(&capacity),
-                    pods_offloaded: (pods.len() - refused - finished.min(pods.len() - refused))
-                        as u32,
-                    pods_refused: refused as u32,
-                    objects_reflected: reflected,
-                    reflection_errors: shell.errors,
-                })
+                .summarize(
+                    VirtualNodeStatus {
+                        name: shell.node.clone(),
+                        namespaces: namespaces
+                            .iter()
+                            .map(|(name, state)| {
+                                let (state, message) = match state {
+                                    NamespaceState::Ready => ("Granted".to_owned(), String::new()),
+                                    NamespaceState::Waiting => (
+                                        "Waiting".to_owned(),
+                                        "the provider has not granted it yet".to_owned(),
+                                    ),
+                                    NamespaceState::Refused(r, m) => (r.clone(), m.clone()),
+                                };
+                                NamespaceGrant {
+                                    name: name.clone(),
+                                    state,
+                                    message,
+                                }
+                            })
+                            .collect(),
+                        capacity: inventory::to_quantities(&capacity),
+                        pods_offloaded: (pods.len() - refused - finished.min(pods.len() - refused))
+                            as u32,
+                        pods_refused: refused as u32,
+                        objects_reflected: reflected,
+                        reflection_errors: shell.errors,
+                    },
+                    now_inputs.provider.is_ok(),
+                )
                 .await;
         }
         tokio::select! {
@@ -590,7 +605,13 @@ impl Shell {
     }
 
     /// The virtual node's line in our `Peer` for the provider.
-    async fn summarize(&mut self, summary: VirtualNodeStatus) {
+    async fn summarize(&mut self, summary: VirtualNodeStatus, ready: bool) {
+        let errors_before = self
+            .last_summary
+            .as_ref()
+            .map_or(0, |s| s.reflection_errors);
+        self.metrics
+            .record(&self.target.peer, &summary, ready, errors_before);
         if self.last_summary.as_ref() == Some(&summary) {
             return;
         }

@@ -31,8 +31,8 @@ use crate::{
 };
 
 /// Offloading's state across passes.
-#[derive(Default)]
 pub struct Offloading {
+    metrics: std::sync::Arc<super::metrics::OffloadMetrics>,
     consumers: BTreeMap<String, ConsumerTask>,
     provider: provider::ProviderState,
     /// Each provider's last answer (grants, offer): kept while it cannot be
@@ -41,6 +41,18 @@ pub struct Offloading {
     /// Virtual nodes removed by this process whose pods may not all be gone
     /// yet (the scheduler may bind one just before the node goes).
     removed_nodes: BTreeSet<String>,
+}
+
+impl Offloading {
+    pub fn new(metrics: std::sync::Arc<super::metrics::OffloadMetrics>) -> Self {
+        Self {
+            metrics,
+            consumers: BTreeMap::new(),
+            provider: provider::ProviderState::default(),
+            last_answer: BTreeMap::new(),
+            removed_nodes: BTreeSet::new(),
+        }
+    }
 }
 
 pub async fn pass(
@@ -130,10 +142,13 @@ pub async fn pass(
             _ => {
                 state.consumers.insert(
                     peer.clone(),
-                    ConsumerTask::start(client.clone(), target, inputs),
+                    ConsumerTask::start(client.clone(), target, inputs, state.metrics.clone()),
                 );
             }
         }
+    }
+    for peer in state.consumers.keys().filter(|p| !consuming.contains(*p)) {
+        state.metrics.forget(peer);
     }
     state.consumers.retain(|peer, _| consuming.contains(peer));
     state.last_answer.retain(|peer, _| consuming.contains(peer));
