@@ -445,15 +445,7 @@ fn reflection(kb: &KubeTestbed, b_kubelet: &PlayedKubelet) -> Result<()> {
         "A's Endpoints web = the offloaded pods' addresses",
         WAIT,
         || {
-            let mut ips: Vec<String> = json(a, &["get", "endpoints", "-n", "demo", "web"])?
-                ["subsets"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|s| s["addresses"].as_array().cloned().unwrap_or_default())
-                .map(|a| a["ip"].as_str().unwrap_or_default().to_owned())
-                .collect();
-            ips.sort();
+            let ips = ready_ips(&json(a, &["get", "endpoints", "-n", "demo", "web"])?);
             Ok((ips == seen).then_some(()))
         },
     )?;
@@ -500,15 +492,7 @@ fn reflection(kb: &KubeTestbed, b_kubelet: &PlayedKubelet) -> Result<()> {
                 if eps.trim().is_empty() {
                     return Ok(None);
                 }
-                let eps: Value = serde_json::from_str(&eps)?;
-                let mut ips: Vec<String> = eps["subsets"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|s| s["addresses"].as_array().cloned().unwrap_or_default())
-                    .map(|a| a["ip"].as_str().unwrap_or_default().to_owned())
-                    .collect();
-                ips.sort();
+                let ips = ready_ips(&serde_json::from_str(&eps)?);
                 Ok((ips == expected).then_some(()))
             },
         )?;
@@ -810,6 +794,30 @@ fn uids(pods: &[Value]) -> Vec<String> {
     u
 }
 
+/// The ready addresses of an Endpoints object, sorted.
+fn ready_ips(endpoints: &Value) -> Vec<String> {
+    let mut ips: Vec<String> = endpoints["subsets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["addresses"].as_array().cloned().unwrap_or_default())
+        .map(|a| a["ip"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    ips.sort();
+    ips
+}
+
+/// The UIDs of B's copies of `pods`, sorted.
+fn copy_uids(b: &ControlPlane, pods: &[Value]) -> Result<Vec<String>> {
+    let mut u = Vec::new();
+    for p in pods {
+        let copy = copy_of(b, s(p, "/metadata/name"))?.context("no copy")?;
+        u.push(s(&copy, "/metadata/uid").to_owned());
+    }
+    u.sort();
+    Ok(u)
+}
+
 fn ready_endpoints(a: &ControlPlane, service: &str) -> Result<usize> {
     Ok(
         json(a, &["get", "endpoints", "-n", "demo", service])?["subsets"]
@@ -833,21 +841,7 @@ fn provider_outage(kb: &mut KubeTestbed, kubelet: &PlayedKubelet) -> Result<()> 
     a.wait_for("both web pods in the Endpoints", WAIT, || {
         Ok((ready_endpoints(a, "web")? == 2).then_some(()))
     })?;
-    let copies_before: Vec<String> = {
-        let b = &kb.clusters[1];
-        let mut u = Vec::new();
-        for p in &before {
-            u.push(
-                s(
-                    &copy_of(b, s(p, "/metadata/name"))?.context("copy")?,
-                    "/metadata/uid",
-                )
-                .to_owned(),
-            );
-        }
-        u.sort();
-        u
-    };
+    let copies_before = copy_uids(&kb.clusters[1], &before)?;
     let target: Ipv4Addr = s(&before[0], "/status/podIP").parse()?;
 
     kb.clusters[1].stop_apiserver()?;
@@ -924,18 +918,7 @@ fn provider_outage(kb: &mut KubeTestbed, kubelet: &PlayedKubelet) -> Result<()> 
         "all Ready again {:?} after B's API server returned",
         up.elapsed()
     );
-    let b = &kb.clusters[1];
-    let mut copies_after = Vec::new();
-    for p in &before {
-        copies_after.push(
-            s(
-                &copy_of(b, s(p, "/metadata/name"))?.context("copy after")?,
-                "/metadata/uid",
-            )
-            .to_owned(),
-        );
-    }
-    copies_after.sort();
+    let copies_after = copy_uids(&kb.clusters[1], &before)?;
     ensure!(copies_after == copies_before, "B's copies were made anew");
     Ok(())
 }

@@ -78,95 +78,20 @@ impl NamespaceReflection {
         let all = watcher::Config::default;
         let ours = || watcher::Config::default().labels(&format!("{ORIGIN_LABEL}={origin}"));
         let mut w = Vec::new();
-        let config_maps = keep(
-            &mut w,
-            typed_store(
-                Api::namespaced(local.clone(), namespace),
-                all(),
-                strip_config_map,
-                wake,
-            ),
-        );
-        let secrets = keep(
-            &mut w,
-            typed_store(
-                Api::namespaced(local.clone(), namespace),
-                all(),
-                strip_secret,
-                wake,
-            ),
-        );
-        let services = keep(
-            &mut w,
-            typed_store(
-                Api::namespaced(local.clone(), namespace),
-                all(),
-                keep_whole,
-                wake,
-            ),
-        );
-        let endpoints = keep(
-            &mut w,
-            typed_store(
-                Api::namespaced(local.clone(), namespace),
-                all(),
-                keep_whole,
-                wake,
-            ),
-        );
-        let held_config_maps = keep(
-            &mut w,
-            typed_store(
-                Api::namespaced(remote.clone(), namespace),
-                ours(),
-                strip_config_map,
-                wake,
-            ),
-        );
-        let held_secrets = keep(
-            &mut w,
-            typed_store(
-                Api::namespaced(remote.clone(), namespace),
-                ours(),
-                strip_secret,
-                wake,
-            ),
-        );
-        let held_services = keep(
-            &mut w,
-            typed_store(
-                Api::namespaced(remote.clone(), namespace),
-                ours(),
-                keep_whole,
-                wake,
-            ),
-        );
+        let (l, r) = (local, remote);
+        let config_maps = watch_in(&mut w, l, namespace, all(), strip_config_map, wake);
+        let secrets = watch_in(&mut w, l, namespace, all(), strip_secret, wake);
+        let services = watch_in(&mut w, l, namespace, all(), keep_whole, wake);
+        let endpoints = watch_in(&mut w, l, namespace, all(), keep_whole, wake);
+        let held_config_maps = watch_in(&mut w, r, namespace, ours(), strip_config_map, wake);
+        let held_secrets = watch_in(&mut w, r, namespace, ours(), strip_secret, wake);
+        let held_services = watch_in(&mut w, r, namespace, ours(), keep_whole, wake);
         let (held_endpoints, held_slices) = if slices {
-            (
-                None,
-                Some(keep(
-                    &mut w,
-                    typed_store(
-                        Api::namespaced(remote.clone(), namespace),
-                        ours(),
-                        keep_whole,
-                        wake,
-                    ),
-                )),
-            )
+            let s = watch_in(&mut w, r, namespace, ours(), keep_whole, wake);
+            (None, Some(s))
         } else {
-            (
-                Some(keep(
-                    &mut w,
-                    typed_store(
-                        Api::namespaced(remote.clone(), namespace),
-                        ours(),
-                        keep_whole,
-                        wake,
-                    ),
-                )),
-                None,
-            )
+            let e = watch_in(&mut w, r, namespace, ours(), keep_whole, wake);
+            (Some(e), None)
         };
         let watches = w;
         Self {
@@ -395,8 +320,31 @@ impl NamespaceReflection {
     }
 }
 
-/// Keeps a store's guard beside the others; returns the store.
-fn keep<T>(guards: &mut Vec<AbortOnDrop>, (store, guard): (T, AbortOnDrop)) -> T {
+/// A store of `K` in `namespace` of `client`'s cluster, its guard kept
+/// beside the others.
+fn watch_in<K>(
+    guards: &mut Vec<AbortOnDrop>,
+    client: &Client,
+    namespace: &str,
+    config: watcher::Config,
+    strip: fn(&mut K),
+    wake: &Arc<Notify>,
+) -> Store<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, guard) = typed_store(
+        Api::namespaced(client.clone(), namespace),
+        config,
+        strip,
+        wake,
+    );
     guards.push(guard);
     store
 }
