@@ -271,7 +271,22 @@ async fn run(
                 now: k8s_openapi::jiff::Timestamp::now().as_second(),
             };
             let actions = pods::plan(&pods, &copies_now, &ctx);
-            shell.execute(actions).await;
+            let keys = |list: &[Value]| -> BTreeSet<(String, String)> {
+                list.iter()
+                    .map(|o| {
+                        let text = |p: &str| {
+                            o.pointer(p)
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_owned()
+                        };
+                        (text("/metadata/namespace"), text("/metadata/name"))
+                    })
+                    .collect()
+            };
+            shell
+                .execute(actions, &keys(&copies_now), &keys(&pods))
+                .await;
             let mut reflected = 0;
             if let Some(there) = target.our_cidr_there {
                 let addresses = AddressMap {
@@ -438,8 +453,29 @@ impl Shell {
         capacity
     }
 
-    async fn execute(&mut self, actions: Vec<Action>) {
-        self.in_flight.retain(|_, at| at.elapsed() < IN_FLIGHT);
+    /// Carries out `actions`, skipping a create or delete already made
+    /// whose result the watches do not show yet (`copies` and `pods`: the
+    /// keys they show now).
+    async fn execute(
+        &mut self,
+        actions: Vec<Action>,
+        copies: &BTreeSet<(String, String)>,
+        pods: &BTreeSet<(String, String)>,
+    ) {
+        self.in_flight.retain(|(what, ns_name), at| {
+            let key = (
+                what.split_once('/')
+                    .map(|(_, ns)| ns.to_owned())
+                    .unwrap_or_default(),
+                ns_name.clone(),
+            );
+            let shown = match what.split_once('/').map(|(w, _)| w) {
+                Some("create") => copies.contains(&key),
+                Some("delete") => !copies.contains(&key),
+                _ => !pods.contains(&key),
+            };
+            !shown && at.elapsed() < IN_FLIGHT
+        });
         let mut todo = Vec::new();
         for action in actions {
             let key = match &action {
