@@ -139,7 +139,7 @@ fn rss_processes(kb: &KubeTestbed) -> Vec<(String, String)> {
     ]
 }
 
-fn rss_mib(kb: &KubeTestbed, process: &str) -> Result<f64> {
+pub fn rss_mib(kb: &KubeTestbed, process: &str) -> Result<f64> {
     let pid = fs::read_to_string(kb.bed.lab.pid_path(process))
         .with_context(|| format!("pid of {process}"))?;
     let status = fs::read_to_string(format!("/proc/{}/status", pid.trim()))?;
@@ -181,7 +181,7 @@ fn kubectl_write(cp: &ControlPlane, rep: u32) -> Result<f64> {
 }
 
 /// Requests the API server has served (every `apiserver_request_total`).
-fn requests(cp: &ControlPlane) -> Result<f64> {
+pub fn requests(cp: &ControlPlane) -> Result<f64> {
     let metrics = cp.kubectl(&["get", "--raw", "/metrics"])?;
     Ok(metrics
         .lines()

@@ -6,6 +6,7 @@ mod control;
 mod endtoend;
 mod in_traffic;
 mod kubernetes;
+mod offload;
 mod paths;
 mod programs;
 mod report;
@@ -41,6 +42,11 @@ struct Args {
     /// memory with many peers), in a report of its own.
     #[arg(long)]
     kubernetes: bool,
+    /// Measure the big node only (100 and 1,000 pods offloaded at once,
+    /// controller memory per mirrored pod, API requests per pod), in a
+    /// report of its own.
+    #[arg(long)]
+    offload: bool,
 }
 
 struct Settings {
@@ -166,6 +172,9 @@ fn main() -> Result<()> {
     if args.kubernetes {
         return kubernetes_report(&args);
     }
+    if args.offload {
+        return offload_report(&args);
+    }
     let mut paths: Vec<(PathKind, PathFigures)> = PathKind::ALL
         .iter()
         .filter(|k| args.paths.is_empty() || args.paths.iter().any(|p| p == k.name()))
@@ -257,25 +266,57 @@ fn kubernetes_report(args: &Args) -> Result<()> {
     let (repetitions, peers) = if args.quick { (1, 10) } else { (5, 100) };
     let figures = kubernetes::measure(repetitions, peers)?;
     let date = today()?;
-    let quick = if args.quick { " --quick" } else { "" };
     let md = kubernetes::markdown(
         &figures,
-        &format!(
-            "Ligo bench, Kubernetes, {date}{}",
-            if args.quick { " (quick smoke run)" } else { "" }
-        ),
+        &title("Kubernetes", &date, args.quick),
         &machine(),
-        &format!("cargo xtask bench --kubernetes{quick}"),
+        &command("--kubernetes", args.quick),
     );
+    write_report(args, "kubernetes", &date, &md)
+}
+
+/// `--offload`: its own report, `<date>-offload-x86_64-<n>core.md`.
+fn offload_report(args: &Args) -> Result<()> {
+    let (sizes, repetitions): (&[usize], u32) = if args.quick {
+        (&[50], 1)
+    } else {
+        (&[100, 1000], 3)
+    };
+    let figures = offload::measure(sizes, repetitions)?;
+    let date = today()?;
+    let md = offload::markdown(
+        &figures,
+        &title("the big node", &date, args.quick),
+        &machine(),
+        &command("--offload", args.quick),
+    );
+    write_report(args, "offload", &date, &md)
+}
+
+fn title(what: &str, date: &str, quick: bool) -> String {
+    format!(
+        "Ligo bench, {what}, {date}{}",
+        if quick { " (quick smoke run)" } else { "" }
+    )
+}
+
+fn command(flag: &str, quick: bool) -> String {
+    format!(
+        "cargo xtask bench {flag}{}",
+        if quick { " --quick" } else { "" }
+    )
+}
+
+fn write_report(args: &Args, kind: &str, date: &str, md: &str) -> Result<()> {
     fs::create_dir_all(&args.out)?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
     let path = args.out.join(format!(
-        "{date}-kubernetes-x86_64-{cores}core{}.md",
+        "{date}-{kind}-x86_64-{cores}core{}.md",
         if args.quick { "-quick" } else { "" }
     ));
-    fs::write(&path, &md)?;
+    fs::write(&path, md)?;
     println!("{md}");
     eprintln!("bench: report written to {}", path.display());
     Ok(())

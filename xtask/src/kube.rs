@@ -83,6 +83,9 @@ pub struct ControlPlaneOptions {
     /// turn NotReady after the grace period: for tests of a node that does
     /// report, such as a virtual node).
     pub node_lifecycle: bool,
+    /// `--kube-api-qps` for kube-controller-manager and kube-scheduler
+    /// (burst twice that); their defaults (20 and 50) when not given.
+    pub controllers_qps: Option<u32>,
 }
 
 impl ControlPlaneOptions {
@@ -95,6 +98,7 @@ impl ControlPlaneOptions {
             extra_addresses: Vec::new(),
             real_nodes: false,
             node_lifecycle: false,
+            controllers_qps: None,
         }
     }
 }
@@ -263,47 +267,54 @@ impl ControlPlane {
             let kcm = kube_binary("kube-controller-manager")?;
             let scheduler = kube_binary("kube-scheduler")?;
             let kc = local_kubeconfig.to_string_lossy().into_owned();
-            plane.spawn(
-                "kube-controller-manager",
-                &kcm,
-                &[
-                    "--kubeconfig",
-                    &kc,
-                    "--leader-elect=false",
-                    "--port=0",
-                    "--bind-address",
-                    "127.0.0.1",
-                    "--controllers",
-                    controllers,
-                    "--service-account-private-key-file",
-                    &p("sa.key"),
-                    "--root-ca-file",
-                    &p("ca.crt"),
-                    "--cluster-signing-cert-file",
-                    &p("ca.crt"),
-                    "--cluster-signing-key-file",
-                    &p("ca.key"),
-                    "--allocate-node-cidrs",
-                    "--cluster-cidr",
-                    &options.cluster_cidr,
-                    "--node-cidr-mask-size",
-                    "24",
-                    "--service-cluster-ip-range",
-                    &options.service_cidr,
-                ],
-            )?;
-            plane.spawn(
-                "kube-scheduler",
-                &scheduler,
-                &[
-                    "--kubeconfig",
-                    &kc,
-                    "--leader-elect=false",
-                    "--port=0",
-                    "--bind-address",
-                    "127.0.0.1",
-                ],
-            )?;
+            let qps: Vec<String> = options
+                .controllers_qps
+                .map(|q| {
+                    vec![
+                        format!("--kube-api-qps={q}"),
+                        format!("--kube-api-burst={}", 2 * q),
+                    ]
+                })
+                .unwrap_or_default();
+            let qps: Vec<&str> = qps.iter().map(String::as_str).collect();
+            let (sa_key, ca_crt, ca_key) = (p("sa.key"), p("ca.crt"), p("ca.key"));
+            let mut kcm_args = vec![
+                "--kubeconfig",
+                &kc,
+                "--leader-elect=false",
+                "--port=0",
+                "--bind-address",
+                "127.0.0.1",
+                "--controllers",
+                controllers,
+                "--service-account-private-key-file",
+                &sa_key,
+                "--root-ca-file",
+                &ca_crt,
+                "--cluster-signing-cert-file",
+                &ca_crt,
+                "--cluster-signing-key-file",
+                &ca_key,
+                "--allocate-node-cidrs",
+                "--cluster-cidr",
+                &options.cluster_cidr,
+                "--node-cidr-mask-size",
+                "24",
+                "--service-cluster-ip-range",
+                &options.service_cidr,
+            ];
+            kcm_args.extend(&qps);
+            plane.spawn("kube-controller-manager", &kcm, &kcm_args)?;
+            let mut scheduler_args = vec![
+                "--kubeconfig",
+                &kc,
+                "--leader-elect=false",
+                "--port=0",
+                "--bind-address",
+                "127.0.0.1",
+            ];
+            scheduler_args.extend(&qps);
+            plane.spawn("kube-scheduler", &scheduler, &scheduler_args)?;
         }
         Ok(plane)
     }

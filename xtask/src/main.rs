@@ -48,6 +48,10 @@ enum Cmd {
         /// with many peers) instead of the data path's.
         #[arg(long)]
         kubernetes: bool,
+        /// The big node's figures (pods offloaded at once, controller
+        /// memory per mirrored pod, API requests per pod).
+        #[arg(long, conflicts_with = "kubernetes")]
+        offload: bool,
     },
     /// Leave a testbed running for manual debugging (`ligo-dev-*` namespaces), or remove it.
     Testbed {
@@ -263,11 +267,16 @@ fn main() -> Result<()> {
             )?;
             // The bench harness must not rot: a short smoke run, before the
             // tests so that their summary closes the output.
-            bench(true, false)?;
-            bench(true, true)?;
+            bench(true, false, false)?;
+            bench(true, true, false)?;
+            bench(true, false, true)?;
             test_with_summary()
         }
-        Cmd::Bench { quick, kubernetes } => bench(quick, kubernetes),
+        Cmd::Bench {
+            quick,
+            kubernetes,
+            offload,
+        } => bench(quick, kubernetes, offload),
         Cmd::Testbed {
             action: TestbedAction::Down,
             ..
@@ -299,7 +308,7 @@ fn main() -> Result<()> {
 
 /// Builds release binaries and runs the harness; a full run writes its
 /// report to bench/results, a quick one to target/bench.
-fn bench(quick: bool, kubernetes: bool) -> Result<()> {
+fn bench(quick: bool, kubernetes: bool, offload: bool) -> Result<()> {
     cargo(&[
         "build",
         "--release",
@@ -329,6 +338,9 @@ fn bench(quick: bool, kubernetes: bool) -> Result<()> {
     }
     if kubernetes {
         args.push("--kubernetes".to_owned());
+    }
+    if offload {
+        args.push("--offload".to_owned());
     }
     // The testbeds run the release binaries too.
     let status = Command::new(root.join("target/release/ligo-bench"))

@@ -3,8 +3,12 @@
 //! namespaces), `kubectl apply -k manifests/`, Ligo's controller, fabric
 //! daemons and tunnel running as real pods from the image
 //! `xtask/kube/make-image.sh` builds offline; then `ligo-control peer
-//! --wait`, a busybox pod in A pings a busybox pod in B by its view address
-//! and back, `unpeer`, traffic stops and nothing of the peering is left.
+//! --offload out --wait`, a busybox pod in A pings a busybox pod in B by
+//! its view address and back; the big node: a Deployment of A runs in B
+//! through the virtual node and answers A's client through A's Service
+//! (kube-proxy's ClusterIP), and the offloaded pod reaches a Service of A
+//! through its reflection in B; `unpeer`, traffic stops and nothing of the
+//! peering is left.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -262,6 +266,8 @@ fn ligo_installs_from_the_manifests_on_real_nodes_and_peers() {
         &a.kubeconfig.to_string_lossy(),
         "--remote-kubeconfig",
         &b.kubeconfig.to_string_lossy(),
+        "--offload",
+        "out",
         "--wait",
         "--timeout",
         "90s",
@@ -289,6 +295,10 @@ fn ligo_installs_from_the_manifests_on_real_nodes_and_peers() {
             ),
             Err(e) => panic!("{what} ({to}): {e:#}\n{}", logs(&clusters)),
         }
+    }
+
+    if let Err(e) = big_node(a, b) {
+        panic!("the big node: {e:#}\n{}", logs(&clusters));
     }
 
     // What a tunnel upgrade costs where DaemonSets cannot surge (1.20,
@@ -369,4 +379,144 @@ fn ligo_installs_from_the_manifests_on_real_nodes_and_peers() {
     assert!(ping(a, b_from_a).is_err(), "A still reaches B after unpeer");
     assert_eq!(a.peering_objects("b"), Vec::<String>::new());
     assert_eq!(b.peering_objects("a"), Vec::<String>::new());
+    let gone = |cp: &ControlPlane, kind: &str, name: &str| {
+        cp.wait_for(&format!("{kind} {name} gone"), POD_WAIT, || {
+            let out = cp.kubectl(&["get", kind, name, "--ignore-not-found", "-o", "name"])?;
+            Ok(out.trim().is_empty().then_some(()))
+        })
+    };
+    gone(a, "node", "ligo-b").expect("the virtual node removed");
+    gone(b, "namespace", "demo").expect("B's copy of demo removed");
+}
+
+/// A web server in A's namespace `demo`: `greeting` at / on port 8080.
+fn web(name: &str, greeting: &str, placement: &str) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      {placement}
+      terminationGracePeriodSeconds: 0
+      containers:
+      - name: web
+        image: localhost/busybox:kt
+        imagePullPolicy: Never
+        command: [sh, -c, 'mkdir -p /www && echo {greeting} > /www/index.html && exec httpd -f -p 8080 -h /www']
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: demo}}
+spec:
+  selector: {{app: {name}}}
+  ports: [{{port: 80, targetPort: 8080}}]
+"
+    )
+}
+
+/// `wget -qO- URL` in pod `pod` of namespace `ns`.
+fn fetch(cp: &ControlPlane, ns: &str, pod: &str, url: &str) -> Result<String> {
+    cp.kubectl(&[
+        "exec", "-n", ns, pod, "--", "wget", "-q", "-T", "3", "-O", "-", url,
+    ])
+}
+
+/// A's Deployment `far` runs in B through the virtual node and answers
+/// A's client at its Service's ClusterIP (A's kube-proxy to the address
+/// in A's view, the fabric to B); B's copy reaches A's `near` through
+/// its reflection in B (B's kube-proxy to B's view of A).
+fn big_node(a: &ControlPlane, b: &ControlPlane) -> Result<()> {
+    a.kubectl(&["create", "namespace", "demo"])?;
+    let (ok, out) = KubeTestbed::ligo_control(&[
+        "offload",
+        "namespace",
+        "demo",
+        "--wait",
+        "--kubeconfig",
+        &a.kubeconfig.to_string_lossy(),
+    ])?;
+    anyhow::ensure!(ok, "offload: {out}");
+    let toleration = "tolerations: [{key: virtual-node.ligo.io/not-allowed, operator: Exists, effect: NoSchedule}]\n      nodeSelector: {type: virtual-kubelet}";
+    a.apply(&web("far", "hello-from-b", toleration))?;
+    a.apply(&web(
+        "near",
+        "hello-from-a",
+        "nodeSelector: {kubernetes.io/hostname: n1}",
+    ))?;
+    let timeout = format!("--timeout={}s", POD_WAIT.as_secs());
+    for d in ["deployment/far", "deployment/near"] {
+        a.kubectl(&["rollout", "status", "-n", "demo", d, &timeout])?;
+    }
+    let far_pod = a.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        "demo",
+        "-l",
+        "app=far",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
+    let node = a.kubectl(&[
+        "get",
+        "pod",
+        "-n",
+        "demo",
+        &far_pod,
+        "-o",
+        "jsonpath={.spec.nodeName}",
+    ])?;
+    anyhow::ensure!(
+        node == "ligo-b",
+        "far runs on {node:?}, not the virtual node"
+    );
+    let cluster_ip = a.kubectl(&[
+        "get",
+        "service",
+        "-n",
+        "demo",
+        "far",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    let answer = a.wait_for(
+        "A's client fetches far through its Service",
+        POD_WAIT,
+        || Ok(fetch(a, "default", "client", &format!("http://{cluster_ip}/")).ok()),
+    )?;
+    anyhow::ensure!(answer.trim() == "hello-from-b", "far answered {answer:?}");
+    println!(
+        "A's client -> Service far ({cluster_ip}) -> B: {}",
+        answer.trim()
+    );
+
+    // B's copy of far reaches A's Service near by its reflection in B.
+    let reflected_ip = b.wait_for("near reflected into B", POD_WAIT, || {
+        let ip = b.kubectl(&[
+            "get",
+            "service",
+            "-n",
+            "demo",
+            "near",
+            "--ignore-not-found",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])?;
+        Ok((!ip.trim().is_empty()).then_some(ip))
+    })?;
+    let answer = b.wait_for(
+        "B's copy fetches near through the reflected Service",
+        POD_WAIT,
+        || Ok(fetch(b, "demo", &far_pod, &format!("http://{reflected_ip}/")).ok()),
+    )?;
+    anyhow::ensure!(answer.trim() == "hello-from-a", "near answered {answer:?}");
+    println!(
+        "B's copy of far -> reflected Service near ({reflected_ip}) -> A: {}",
+        answer.trim()
+    );
+    Ok(())
 }

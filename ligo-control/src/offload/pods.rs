@@ -401,7 +401,14 @@ pub fn plan(pods: &[Value], copies: &[Value], ctx: &Context) -> Vec<Action> {
                 actions.push(delete_copy(c, None));
             }
             if text(pod, "/status/reason") != Some(refusal.reason.as_str()) {
-                actions.push(Action::Refuse(namespace, name, refusal));
+                // A pod that ran there (its namespace was un-offloaded)
+                // fails, so its controller places it anew; one that never
+                // ran waits, refused.
+                if phase(pod) == Some("Running") {
+                    actions.push(Action::Bounce(namespace, name, refusal));
+                } else if !terminal(pod) {
+                    actions.push(Action::Refuse(namespace, name, refusal));
+                }
             }
             continue;
         }

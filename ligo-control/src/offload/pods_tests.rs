@@ -314,3 +314,22 @@ fn an_unreadable_provider_turns_ready_pods_not_ready_and_nothing_else() {
         json!({"phase": "Succeeded", "conditions": [{"type": "Ready", "status": "True"}]});
     assert_eq!(not_ready_patch(&done, "x", "t"), None);
 }
+
+#[test]
+fn a_running_pod_whose_namespace_is_no_longer_offloaded_fails_and_its_copy_goes() {
+    let mut running = pod();
+    running["status"] = json!({"phase": "Running", "podIP": "10.245.1.20"});
+    let none = BTreeMap::new();
+    let actions = plan(
+        &[running.clone()],
+        &[copy_running("10.244.1.20")],
+        &ctx(&none),
+    );
+    assert!(
+        matches!(&actions[..], [Action::DeleteRemote { .. }, Action::Bounce(_, _, r)] if r.reason == "NamespaceNotOffloaded"),
+        "{actions:?}"
+    );
+    // Failed once: nothing more.
+    running["status"] = json!({"phase": "Failed", "reason": "NamespaceNotOffloaded"});
+    assert_eq!(plan(&[running], &[], &ctx(&none)), vec![]);
+}
