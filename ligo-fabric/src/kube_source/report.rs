@@ -269,12 +269,10 @@ async fn write(
         .with_context(|| format!("creating NodeFabric/{name}"))?;
     }
     let mut status_json = serde_json::to_value(status).context("encoding the status")?;
-    // An emptied list is sent as [], not left out: a 1.20 server turns the
-    // last entry of a map-list removed by apply into null and refuses it.
-    for list in ["peers", "programmedPeers"] {
-        if let Some(fields) = status_json.as_object_mut() {
-            fields.entry(list).or_insert_with(|| json!([]));
-        }
+    // An emptied map-list is sent as [], not left out: a 1.20 server turns
+    // the last entry removed by apply into null and refuses it.
+    if let Some(fields) = status_json.as_object_mut() {
+        fields.entry("peers").or_insert_with(|| json!([]));
     }
     let patch = json!({
         "apiVersion": NodeFabric::api_version(&()),
