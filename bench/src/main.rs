@@ -278,7 +278,7 @@ fn kubernetes_report(args: &Args) -> Result<()> {
 /// `--offload`: its own report, `<date>-offload-x86_64-<n>core.md`.
 fn offload_report(args: &Args) -> Result<()> {
     let (sizes, repetitions): (&[usize], u32) = if args.quick {
-        (&[50], 1)
+        (&[20], 1)
     } else {
         (&[100, 1000], 3)
     };
