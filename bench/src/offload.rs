@@ -289,13 +289,13 @@ fn measure_on(kb: &mut KubeTestbed, sizes: &[usize], repetitions: u32) -> Result
         for rep in 0..repetitions {
             eprintln!("bench: offload: {n} pods, {}/{repetitions}", rep + 1);
             let before = crate::kubernetes::requests(a)?;
-            base.push(run_until_running(a, "base", n, baseline)?);
+            base.push(run_until_running(a, "baseline", n, baseline)?);
             let base_requests = crate::kubernetes::requests(a)? - before;
-            remove(a, "base", &[])?;
+            remove(a, "baseline", &[])?;
 
             let rss_before = crate::kubernetes::rss_mib(kb, "a-control")?;
             let before = crate::kubernetes::requests(a)? + crate::kubernetes::requests(b)?;
-            off.push(run_until_running(a, "off", n, offloaded)?);
+            off.push(run_until_running(a, "offloaded", n, offloaded)?);
             let off_requests =
                 crate::kubernetes::requests(a)? + crate::kubernetes::requests(b)? - before;
             thread::sleep(Duration::from_secs(2));
@@ -304,7 +304,7 @@ fn measure_on(kb: &mut KubeTestbed, sizes: &[usize], repetitions: u32) -> Result
                 f.rss_mib.push((n, rss_before, rss_after));
                 f.requests.push((n, off_requests, base_requests));
             }
-            remove(a, "off", &[b])?;
+            remove(a, "offloaded", &[b])?;
         }
         f.offloaded_s.push((n, off));
         f.baseline_s.push((n, base));
