@@ -121,6 +121,52 @@ pub fn refusal(pod: &Value, namespaces: &BTreeMap<String, NamespaceState>) -> Op
             );
         }
     }
+    // What would give a pod the provider's node: never asked of a peer.
+    let containers = || {
+        ["containers", "initContainers"].into_iter().flat_map(|l| {
+            pod.pointer(&format!("/spec/{l}"))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+        })
+    };
+    if let Some(c) =
+        containers().find(|c| c.pointer("/securityContext/privileged") == Some(&Value::Bool(true)))
+    {
+        return refused(
+            "PrivilegedNotOffloaded",
+            format!("container {} is privileged: a peer does not run privileged pods for us; schedule it on a real node", text(c, "/name").unwrap_or("?")),
+        );
+    }
+    if let Some(v) = pod
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|v| v.get("hostPath").is_some())
+    {
+        return refused(
+            "HostPathNotOffloaded",
+            format!("volume {} is a hostPath: a peer's node files are not ours to mount; schedule it on a real node", text(v, "/name").unwrap_or("?")),
+        );
+    }
+    if containers().any(|c| {
+        c.get("ports")
+            .and_then(Value::as_array)
+            .is_some_and(|ports| {
+                ports.iter().any(|p| {
+                    p.get("hostPort")
+                        .and_then(Value::as_i64)
+                        .is_some_and(|h| h != 0)
+                })
+            })
+    }) {
+        return refused(
+            "HostPortNotOffloaded",
+            "a container asks for a hostPort: a peer's node ports are not ours; use a Service"
+                .to_owned(),
+        );
+    }
     let owners = pod
         .pointer("/metadata/ownerReferences")
         .and_then(Value::as_array);
@@ -392,6 +438,8 @@ pub fn plan(pods: &[Value], copies: &[Value], ctx: &Context) -> Vec<Action> {
                         .and_then(Value::as_i64),
                 )),
                 Some(_) => {}
+                // Its copies are not known yet: a copy may still run.
+                None if ctx.namespaces.get(&namespace) == Some(&NamespaceState::Waiting) => {}
                 None => actions.push(Action::FinishDelete(namespace, name, uid.to_owned())),
             }
             continue;
@@ -445,7 +493,16 @@ pub fn plan(pods: &[Value], copies: &[Value], ctx: &Context) -> Vec<Action> {
                     ));
                 }
                 let status = status_from_copy(c, ctx.remote_cidr, ctx.view);
-                let diff = differing(pod.get("status"), &status);
+                let mut diff = differing(pod.get("status"), &status);
+                // A reason left by an earlier refusal goes with it.
+                for field in ["reason", "message"] {
+                    let stale = pod
+                        .pointer(&format!("/status/{field}"))
+                        .is_some_and(|v| !v.is_null());
+                    if stale && status.get(field).is_none() {
+                        diff.insert(field.into(), Value::Null);
+                    }
+                }
                 if !diff.is_empty() {
                     actions.push(Action::PatchStatus(namespace, name, Value::Object(diff)));
                 }

@@ -333,3 +333,58 @@ fn a_running_pod_whose_namespace_is_no_longer_offloaded_fails_and_its_copy_goes(
     running["status"] = json!({"phase": "Failed", "reason": "NamespaceNotOffloaded"});
     assert_eq!(plan(&[running], &[], &ctx(&none)), vec![]);
 }
+
+#[test]
+fn what_would_give_a_pod_the_providers_node_is_refused() {
+    let ns = ready();
+    let mut privileged = pod();
+    privileged["spec"]["containers"][0]["securityContext"] = json!({"privileged": true});
+    assert_eq!(
+        refusal(&privileged, &ns).map(|r| r.reason),
+        Some("PrivilegedNotOffloaded".into())
+    );
+    let mut host_path = pod();
+    host_path["spec"]["volumes"] = json!([{"name": "root", "hostPath": {"path": "/"}}]);
+    assert_eq!(
+        refusal(&host_path, &ns).map(|r| r.reason),
+        Some("HostPathNotOffloaded".into())
+    );
+    let mut host_port = pod();
+    host_port["spec"]["containers"][0]["ports"] = json!([{"containerPort": 80, "hostPort": 8080}]);
+    assert_eq!(
+        refusal(&host_port, &ns).map(|r| r.reason),
+        Some("HostPortNotOffloaded".into())
+    );
+    let mut plain_port = pod();
+    plain_port["spec"]["containers"][0]["ports"] = json!([{"containerPort": 80}]);
+    assert_eq!(refusal(&plain_port, &ns), None);
+}
+
+#[test]
+fn a_deleted_pod_waits_while_its_copies_are_not_known() {
+    let waiting = BTreeMap::from([("demo".to_owned(), NamespaceState::Waiting)]);
+    let mut gone = pod();
+    gone["metadata"]["deletionTimestamp"] = json!("2027-01-15T08:00:00Z");
+    assert_eq!(
+        plan(&[gone], &[], &ctx(&waiting)),
+        vec![],
+        "not finished before the copies are listed"
+    );
+}
+
+#[test]
+fn a_reason_left_by_a_refusal_is_cleared_once_the_pod_runs() {
+    let ns = ready();
+    let mut once_refused = pod();
+    once_refused["status"] =
+        json!({"phase": "Pending", "reason": "NamespaceNotOffloaded", "message": "x"});
+    let actions = plan(&[once_refused], &[copy_running("10.244.1.20")], &ctx(&ns));
+    let [Action::PatchStatus(_, _, patch)] = &actions[..] else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(
+        (patch["reason"].clone(), patch["message"].clone()),
+        (Value::Null, Value::Null)
+    );
+    assert_eq!(patch["phase"], json!("Running"));
+}

@@ -308,8 +308,14 @@ pub enum ReflectAction {
     Conflict(Key),
 }
 
-/// Brings the provider's copies to `wanted` (key → the copy to hold).
-pub fn plan(wanted: &BTreeMap<Key, Value>, held: &BTreeMap<Key, Held>) -> Vec<ReflectAction> {
+/// Brings the provider's copies to `wanted` (key → the copy to hold);
+/// `keep` are copies whose source could not be read this time: neither
+/// written nor deleted (a failed read is not a deletion).
+pub fn plan(
+    wanted: &BTreeMap<Key, Value>,
+    held: &BTreeMap<Key, Held>,
+    keep: &BTreeSet<Key>,
+) -> Vec<ReflectAction> {
     let mut actions = Vec::new();
     for (key, copy) in wanted {
         let hash = text(
@@ -329,7 +335,7 @@ pub fn plan(wanted: &BTreeMap<Key, Value>, held: &BTreeMap<Key, Held>) -> Vec<Re
         }
     }
     for (key, h) in held {
-        if h.ours && !wanted.contains_key(key) {
+        if h.ours && !wanted.contains_key(key) && !keep.contains(key) {
             actions.push(ReflectAction::Delete(key.clone()));
         }
     }

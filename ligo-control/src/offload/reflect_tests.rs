@@ -162,7 +162,7 @@ fn copies_are_written_when_missing_or_stale_and_others_objects_are_left_alone() 
     let k = key(Kind::ConfigMap, "cfg");
     let wanted = BTreeMap::from([(k.clone(), copy.clone())]);
     assert_eq!(
-        plan(&wanted, &BTreeMap::new()),
+        plan(&wanted, &BTreeMap::new(), &BTreeSet::new()),
         vec![ReflectAction::Put(k.clone(), copy.clone())]
     );
     let fresh = BTreeMap::from([(
@@ -172,7 +172,7 @@ fn copies_are_written_when_missing_or_stale_and_others_objects_are_left_alone() 
             hash: hash.clone(),
         },
     )]);
-    assert_eq!(plan(&wanted, &fresh), vec![]);
+    assert_eq!(plan(&wanted, &fresh, &BTreeSet::new()), vec![]);
     let stale = BTreeMap::from([(
         k.clone(),
         Held {
@@ -181,7 +181,7 @@ fn copies_are_written_when_missing_or_stale_and_others_objects_are_left_alone() 
         },
     )]);
     assert_eq!(
-        plan(&wanted, &stale),
+        plan(&wanted, &stale, &BTreeSet::new()),
         vec![ReflectAction::Put(k.clone(), copy)]
     );
     let theirs = BTreeMap::from([(
@@ -192,13 +192,19 @@ fn copies_are_written_when_missing_or_stale_and_others_objects_are_left_alone() 
         },
     )]);
     assert_eq!(
-        plan(&wanted, &theirs),
+        plan(&wanted, &theirs, &BTreeSet::new()),
         vec![ReflectAction::Conflict(k.clone())]
     );
     // No longer referenced: ours goes, theirs stays.
+    let none = BTreeSet::new();
     assert_eq!(
-        plan(&BTreeMap::new(), &fresh),
+        plan(&BTreeMap::new(), &fresh, &none),
         vec![ReflectAction::Delete(k.clone())]
     );
-    assert_eq!(plan(&BTreeMap::new(), &theirs), vec![]);
+    assert_eq!(plan(&BTreeMap::new(), &theirs, &none), vec![]);
+    // Its source could not be read this time: left as it is.
+    assert_eq!(
+        plan(&BTreeMap::new(), &fresh, &BTreeSet::from([k.clone()])),
+        vec![]
+    );
 }

@@ -124,6 +124,8 @@ struct Shell {
     last_lease: Option<Instant>,
     last_summary: Option<VirtualNodeStatus>,
     metrics: Arc<OffloadMetrics>,
+    /// The error count the metrics already hold.
+    errors_recorded: u64,
     in_flight: BTreeMap<(String, String), Instant>,
     errors: u64,
 }
@@ -179,6 +181,7 @@ async fn run(
         last_lease: None,
         last_summary: None,
         metrics,
+        errors_recorded: 0,
         in_flight: BTreeMap::new(),
         errors: 0,
     };
@@ -642,12 +645,9 @@ impl Shell {
 
     /// The virtual node's line in our `Peer` for the provider.
     async fn summarize(&mut self, summary: VirtualNodeStatus, ready: bool) {
-        let errors_before = self
-            .last_summary
-            .as_ref()
-            .map_or(0, |s| s.reflection_errors);
         self.metrics
-            .record(&self.target.peer, &summary, ready, errors_before);
+            .record(&self.target.peer, &summary, ready, self.errors_recorded);
+        self.errors_recorded = summary.reflection_errors;
         if self.last_summary.as_ref() == Some(&summary) {
             return;
         }

@@ -38,6 +38,8 @@ pub struct Offloading {
     /// Each provider's last answer (grants, offer): kept while it cannot be
     /// read, so an outage changes nothing but the node's Ready condition.
     last_answer: BTreeMap<String, (Vec<NamespaceGrant>, BTreeMap<String, String>)>,
+    /// How each provider sees our pod CIDR, once known.
+    views_of_us: BTreeMap<String, ipnetwork::Ipv4Network>,
     /// Virtual nodes removed by this process whose pods may not all be gone
     /// yet (the scheduler may bind one just before the node goes).
     removed_nodes: BTreeSet<String>,
@@ -50,6 +52,7 @@ impl Offloading {
             consumers: BTreeMap::new(),
             provider: provider::ProviderState::default(),
             last_answer: BTreeMap::new(),
+            views_of_us: BTreeMap::new(),
             removed_nodes: BTreeSet::new(),
         }
     }
@@ -120,6 +123,8 @@ pub async fn pass(
             view,
             our_name: resolved.cluster_name.clone(),
             our_cidr: resolved.pod_cidr,
+            // The last one known: an outage of the provider does not
+            // restart the task (a view never changes once allocated).
             our_cidr_there: outcome
                 .peer
                 .status
@@ -129,7 +134,9 @@ pub async fn pass(
                     Remote::Read(facts) => facts.view_of_us.as_deref(),
                     _ => None,
                 })
-                .and_then(|v| v.parse().ok()),
+                .and_then(|v| v.parse().ok())
+                .map(|v| *state.views_of_us.entry(peer.clone()).or_insert(v))
+                .or_else(|| state.views_of_us.get(&peer).copied()),
         };
         match state.consumers.get(&peer) {
             Some(task) if task.target == target => {
@@ -152,6 +159,7 @@ pub async fn pass(
     }
     state.consumers.retain(|peer, _| consuming.contains(peer));
     state.last_answer.retain(|peer, _| consuming.contains(peer));
+    state.views_of_us.retain(|peer, _| consuming.contains(peer));
     sweep(client, stores, &consuming, &mut state.removed_nodes).await;
 }
 

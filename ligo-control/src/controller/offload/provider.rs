@@ -132,6 +132,13 @@ pub async fn pass(
                             labels: Some(BTreeMap::from([
                                 (ORIGIN_LABEL.to_owned(), peer.clone()),
                                 (MANAGED_BY_LABEL.to_owned(), FIELD_MANAGER.to_owned()),
+                                // A peer's pods get no more of our nodes
+                                // than the baseline Pod Security level
+                                // allows (enforced from Kubernetes 1.23).
+                                (
+                                    "pod-security.kubernetes.io/enforce".to_owned(),
+                                    "baseline".to_owned(),
+                                ),
                             ])),
                             ..ObjectMeta::default()
                         },

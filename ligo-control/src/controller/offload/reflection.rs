@@ -149,6 +149,7 @@ impl NamespaceReflection {
             info!(namespace = %self.namespace, endpoint_slices = self.slices, "reflecting the namespace's Services and the objects its offloaded pods refer to");
         }
         let mut wanted: BTreeMap<Key, Value> = BTreeMap::new();
+        let mut unread: BTreeSet<Key> = BTreeSet::new();
         let referenced: BTreeSet<Key> = pods.iter().flat_map(|p| reflect::references(p)).collect();
         self.read.retain(|k, _| referenced.contains(k));
         for key in referenced {
@@ -166,6 +167,16 @@ impl NamespaceReflection {
                     Err(e) => {
                         warn!(object = %describe(&key), error = %e, "cannot read an object an offloaded pod refers to; retrying");
                         outcome.errors += 1;
+                        // The copy there stays as it is (the last one read
+                        // is kept, or, unread yet, it is not deleted).
+                        match self.read.get(&key) {
+                            Some((_, Some(copy))) => {
+                                wanted.insert(key, copy.clone());
+                            }
+                            _ => {
+                                unread.insert(key);
+                            }
+                        }
                         continue;
                     }
                 }
@@ -215,7 +226,7 @@ impl NamespaceReflection {
         }
         // A same-named object that is not ours is seen only on a write:
         // the held stores list ours alone.
-        let actions = reflect::plan(&wanted, &held);
+        let actions = reflect::plan(&wanted, &held, &unread);
         tracing::debug!(namespace = %self.namespace, pods = pods.len(), wanted = wanted.len(), held = held.len(), actions = actions.len(), "reflection pass");
         let fresh = wanted.len() as u32;
         let mut failed = 0u32;
