@@ -270,17 +270,7 @@ fn measure_on(kb: &mut KubeTestbed, sizes: &[usize], repetitions: u32) -> Result
     let _a_kubelet = FastKubelet::start(&a.kubeconfig, &["n1"], most + 50, [10, 244])?;
     a.kubectl(&["label", "node", "n1", "bench/baseline=true"])?;
     kb.peer_with(&["--offload", "out", "--wait", "--timeout", "60s"])?;
-    a.kubectl(&["create", "namespace", "demo"])?;
-    let kubeconfig = a.kubeconfig.to_string_lossy().into_owned();
-    let (ok, out) = KubeTestbed::ligo_control(&[
-        "offload",
-        "namespace",
-        "demo",
-        "--wait",
-        "--kubeconfig",
-        &kubeconfig,
-    ])?;
-    anyhow::ensure!(ok, "offload: {out}");
+    KubeTestbed::offload_namespace(a, "demo")?;
     let offloaded = "nodeSelector: {type: virtual-kubelet}\n      tolerations: [{key: virtual-node.ligo.io/not-allowed, operator: Exists, effect: NoSchedule}]";
     let baseline = "nodeSelector: {bench/baseline: \"true\"}";
     let mut f = OffloadFigures::default();

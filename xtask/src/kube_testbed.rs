@@ -209,6 +209,25 @@ impl KubeTestbed {
         Ok((out.status.success(), text))
     }
 
+    /// Creates namespace `ns` in `cp` and offloads it with `ligo-control
+    /// offload namespace NS --wait`; returns its output.
+    pub fn offload_namespace(cp: &ControlPlane, ns: &str) -> Result<String> {
+        cp.kubectl(&["create", "namespace", ns])?;
+        let kubeconfig = cp.kubeconfig.to_string_lossy().into_owned();
+        let (ok, out) = Self::ligo_control(&[
+            "offload",
+            "namespace",
+            ns,
+            "--wait",
+            "--kubeconfig",
+            &kubeconfig,
+        ])?;
+        if !ok {
+            bail!("ligo-control offload namespace {ns} failed:\n{out}");
+        }
+        Ok(out)
+    }
+
     /// `ligo-control peer --wait` from A's side; returns its output and how
     /// long it took.
     pub fn peer(&self) -> Result<(String, Duration)> {

@@ -431,16 +431,7 @@ fn fetch(cp: &ControlPlane, ns: &str, pod: &str, ip: &str, port: u16) -> Result<
 /// in A's view, the fabric to B); B's copy reaches A's `near` through
 /// its reflection in B (B's kube-proxy to B's view of A).
 fn big_node(a: &ControlPlane, b: &ControlPlane) -> Result<()> {
-    a.kubectl(&["create", "namespace", "demo"])?;
-    let (ok, out) = KubeTestbed::ligo_control(&[
-        "offload",
-        "namespace",
-        "demo",
-        "--wait",
-        "--kubeconfig",
-        &a.kubeconfig.to_string_lossy(),
-    ])?;
-    anyhow::ensure!(ok, "offload: {out}");
+    KubeTestbed::offload_namespace(a, "demo")?;
     // B's workloads go to its node; its gateway is left to the tunnel
     // (pods on a gateway node across a peering are not tried here).
     b.kubectl(&["taint", "node", "gw", "ligo.io/gateway=:NoSchedule"])?;

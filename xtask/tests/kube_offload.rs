@@ -265,17 +265,7 @@ fn offload_and_run(kb: &KubeTestbed, kubelet: &PlayedKubelet) -> Result<Vec<Valu
         "the Lease of ligo-b is held by {holder:?}"
     );
 
-    a.kubectl(&["create", "namespace", "demo"])?;
-    let a_kubeconfig = a.kubeconfig.to_string_lossy().into_owned();
-    let (ok, out) = KubeTestbed::ligo_control(&[
-        "offload",
-        "namespace",
-        "demo",
-        "--wait",
-        "--kubeconfig",
-        &a_kubeconfig,
-    ])?;
-    ensure!(ok, "offload failed: {out}");
+    let out = KubeTestbed::offload_namespace(a, "demo")?;
     println!("{out}");
     let origin = b.jsonpath("namespace", "demo", "{.metadata.labels.ligo\\.io/origin}")?;
     ensure!(
