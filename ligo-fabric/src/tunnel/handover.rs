@@ -17,9 +17,10 @@
 //!    device: both have queues on it).
 //! 3. The new process handshakes with every peer (responses reach it over
 //!    the channel), then asks the old one to switch: the old process's
-//!    workers stop reading after the batch in hand, it says so, and the new
-//!    process's workers start. Packets that arrived meanwhile wait in the
-//!    socket buffers.
+//!    workers stop reading after the batch in hand, it says so with the
+//!    number of datagrams it passed over the channel, and the new process's
+//!    workers start once all of those are written out (so none is
+//!    overtaken). Packets that arrived meanwhile wait in the socket buffers.
 //! 4. For a while the old process still decrypts what peers had in flight
 //!    on its sessions (passed over the channel); once the channel has been
 //!    quiet for two seconds the new process says it is done, and the old
@@ -57,12 +58,19 @@ use super::{Inherited, Shared, StatusSource, Tunnel};
 
 /// The new process asks the old one to stop reading the sockets.
 const SWITCH: u8 = b'S';
-/// The old process has stopped reading.
+/// The old process has stopped reading; followed by how many datagrams
+/// it passed over the channel (u64, little-endian).
 const PAUSED: u8 = b'P';
 /// The new process no longer needs the old one.
 const DONE: u8 = b'D';
 /// How long the new process waits for its handshakes before switching.
 const HANDSHAKES_WAIT: Duration = Duration::from_secs(5);
+/// How long the new process waits to write out what the old one passed
+/// before the switch.
+const PASSED_WAIT: Duration = Duration::from_secs(1);
+/// Time for the kernel's per-CPU queues to pass on what the old process
+/// sent and wrote before the new one starts.
+const SETTLE: Duration = Duration::from_millis(5);
 /// The channel must be quiet this long before the old process may go.
 const DRAIN_QUIET: Duration = Duration::from_secs(2);
 const DRAIN_MAX: Duration = Duration::from_secs(15);
@@ -135,7 +143,12 @@ fn give(mut conn: UnixStream, source: &StatusSource, done: &AtomicBool) -> Resul
         bail!("the new process went away before switching");
     }
     shared.pause_and_wait();
-    if conn.write_all(&[PAUSED]).is_err() {
+    // Our workers are parked: nothing more is passed on, so this count is
+    // final. The new process writes all of it out before it reads the
+    // sockets, or its own decryptions would overtake what we passed.
+    let mut paused = [PAUSED; 9];
+    paused[1..].copy_from_slice(&shared.forwarded.load(Ordering::SeqCst).to_le_bytes());
+    if conn.write_all(&paused).is_err() {
         abandon(&shared);
         bail!("the new process went away at the switch");
     }
@@ -239,13 +252,25 @@ impl Handover {
         self.control
             .write_all(&[SWITCH])
             .context("asking the old tunnel process to switch")?;
-        let mut byte = [0u8; 1];
+        let mut paused = [0u8; 9];
         self.control
-            .read_exact(&mut byte)
+            .read_exact(&mut paused)
             .context("waiting for the old tunnel process to switch")?;
-        if byte[0] != PAUSED {
-            bail!("the old tunnel process answered {byte:?} to the switch");
+        let [answer, count @ ..] = paused;
+        if answer != PAUSED {
+            bail!("the old tunnel process answered {answer} to the switch");
         }
+        let passed = u64::from_le_bytes(count);
+        if !tunnel.wait_partner_delivered(passed, PASSED_WAIT) {
+            warn!(
+                passed,
+                "what the old tunnel process passed on was not all written out in time; switching anyway (a few packets may arrive out of order)"
+            );
+        }
+        // What either process wrote may still sit in the kernel's per-CPU
+        // receive queues of the next hop; ours would overtake it from
+        // another CPU. Meanwhile arrivals wait in the socket buffers.
+        std::thread::sleep(SETTLE);
         tunnel.resume();
         let switched = Instant::now();
         while tunnel.partner_quiet_for() < DRAIN_QUIET && switched.elapsed() < DRAIN_MAX {

@@ -57,6 +57,7 @@ pub(super) fn from_partner(shared: &Shared, queue: usize) {
         };
         refresh(shared, &mut table, &mut generation);
         if n < 6 {
+            shared.partner_delivered.fetch_add(1, Ordering::SeqCst);
             continue;
         }
         shared
@@ -76,6 +77,7 @@ pub(super) fn from_partner(shared: &Shared, queue: usize) {
             &shared.wireguard[0],
         );
         coalescer.flush(&mut write);
+        shared.partner_delivered.fetch_add(1, Ordering::SeqCst);
     }
 }
 

@@ -175,6 +175,8 @@ impl Tunnel {
             partner: Mutex::new(partner),
             partner_changed: Condvar::new(),
             last_forward_ms: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            partner_delivered: AtomicU64::new(0),
             started: Instant::now(),
             table: Mutex::new(Arc::new(PeerTable::default())),
             generation: AtomicU64::new(0),
@@ -281,6 +283,19 @@ impl Tunnel {
     /// Lets paused workers read the sockets.
     pub fn resume(&self) {
         self.shared.resume();
+    }
+
+    /// Waits until the partner thread has written out `count` datagrams
+    /// the partner passed; false if that took longer than `limit`.
+    pub fn wait_partner_delivered(&self, count: u64, limit: Duration) -> bool {
+        let started = Instant::now();
+        while self.shared.partner_delivered.load(Ordering::SeqCst) < count {
+            if started.elapsed() >= limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
     }
 
     /// Time since a datagram last crossed the hand-over channel.

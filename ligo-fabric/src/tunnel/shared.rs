@@ -47,6 +47,11 @@ pub(super) struct Shared {
     pub(super) partner_changed: Condvar,
     /// When a datagram last crossed the partner channel.
     pub(super) last_forward_ms: AtomicU64,
+    /// Datagrams passed to the current partner: said with PAUSED, so the
+    /// new process delivers them all before it reads the sockets itself.
+    pub(super) forwarded: AtomicU64,
+    /// Datagrams received from a partner and written out (or dropped).
+    pub(super) partner_delivered: AtomicU64,
     pub(super) started: Instant,
     pub(super) table: Mutex<Arc<PeerTable>>,
     pub(super) generation: AtomicU64,
@@ -98,6 +103,7 @@ impl Shared {
         message.extend_from_slice(datagram);
         let sent = partner.send(&message).is_ok();
         if sent {
+            self.forwarded.fetch_add(1, Ordering::SeqCst);
             self.last_forward_ms.store(self.now_ms(), Ordering::Relaxed);
         }
         sent
@@ -150,7 +156,10 @@ impl Shared {
     }
 
     pub(super) fn set_partner(&self, partner: Option<UnixDatagram>) {
-        *self.partner.lock().unwrap_or_else(|e| e.into_inner()) = partner.map(Arc::new);
+        let mut current = self.partner.lock().unwrap_or_else(|e| e.into_inner());
+        self.forwarded.store(0, Ordering::SeqCst);
+        *current = partner.map(Arc::new);
+        drop(current);
         self.partner_changed.notify_all();
     }
 
