@@ -691,6 +691,61 @@ fn bounced(kb: &KubeTestbed) -> Result<()> {
     Ok(())
 }
 
+/// B's operator deletes the namespace it holds for A: the provider makes
+/// it again with the peer's binding, and the copies come back into it.
+fn provider_namespace_deleted(kb: &KubeTestbed) -> Result<()> {
+    let (a, b) = (&kb.clusters[0], &kb.clusters[1]);
+    let before = running(a, "web", 2)?;
+    let first = b.jsonpath("namespace", "demo", "{.metadata.uid}")?;
+    b.kubectl(&["delete", "namespace", "demo", "--wait=false"])?;
+    b.wait_for(
+        "B's namespace demo made again",
+        Duration::from_secs(90),
+        || {
+            let ns = b.kubectl(&[
+                "get",
+                "namespace",
+                "demo",
+                "--ignore-not-found",
+                "-o",
+                "json",
+            ])?;
+            if ns.trim().is_empty() {
+                return Ok(None);
+            }
+            let ns: Value = serde_json::from_str(&ns)?;
+            Ok((s(&ns, "/metadata/uid") != first
+                && ns.pointer("/metadata/deletionTimestamp").is_none())
+            .then_some(()))
+        },
+    )?;
+    b.wait_for("A's identity bound again in it", WAIT, || {
+        let subjects = b.kubectl(&[
+            "get",
+            "rolebindings",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.items[*].roleRef.name}",
+        ])?;
+        Ok(subjects.contains("ligo-offload-guest").then_some(()))
+    })?;
+    for pod in &before {
+        let name = s(pod, "/metadata/name");
+        b.wait_for(&format!("{name}'s copy made again"), WAIT, || {
+            Ok(copy_of(b, name)?.filter(|c| c.pointer("/metadata/deletionTimestamp").is_none()))
+        })?;
+    }
+    let after = running(a, "web", 2)?;
+    ensure!(
+        uids(&after) == uids(&before),
+        "A's pods were made anew: {:?} -> {:?}",
+        uids(&before),
+        uids(&after)
+    );
+    Ok(())
+}
+
 fn unpeer_leaves_nothing(kb: &KubeTestbed) -> Result<()> {
     let (a, b) = (&kb.clusters[0], &kb.clusters[1]);
     let (out, took) = kb.unpeer()?;
@@ -759,6 +814,7 @@ fn the_big_node_runs_pods_in_the_peer_with_identical_cidrs() {
         capacity_and_refusals(&kb).context("capacity and refusals")?;
         deletion_and_edits(&kb).context("deletion and edits")?;
         bounced(&kb).context("bounce")?;
+        provider_namespace_deleted(&kb).context("the provider's namespace deleted")?;
         unpeer_leaves_nothing(&kb).context("unpeer")?;
         Ok(())
     };

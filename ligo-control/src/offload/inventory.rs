@@ -3,7 +3,10 @@
 //! consumer's (the consumer's own pods are already counted by its
 //! scheduler against the virtual node, so they must not be counted twice).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    borrow::Borrow,
+    collections::{BTreeMap, BTreeSet},
+};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
@@ -84,16 +87,20 @@ fn add(total: &mut Resources, more: Resources, sign: i128) {
 }
 
 /// What `consumer` may still use here, never below zero.
-pub fn offered(nodes: &[Node], pods: &[Pod], consumer: &str) -> Resources {
+pub fn offered<N: Borrow<Node>, P: Borrow<Pod>>(
+    nodes: &[N],
+    pods: &[P],
+    consumer: &str,
+) -> Resources {
     let mut free = Resources::new();
     let mut usable = BTreeSet::new();
-    for node in nodes.iter().filter(|n| schedulable(n)) {
+    for node in nodes.iter().map(Borrow::borrow).filter(|n| schedulable(n)) {
         usable.insert(node.name_any());
         if let Some(allocatable) = node.status.as_ref().and_then(|s| s.allocatable.as_ref()) {
             add(&mut free, parse_all(allocatable), 1);
         }
     }
-    for pod in pods {
+    for pod in pods.iter().map(Borrow::borrow) {
         let on_usable = pod
             .spec
             .as_ref()

@@ -377,6 +377,26 @@ fn restoration(pod: &Value, copy_now: &Value, origin: &str) -> Option<Value> {
     (!patch.is_empty()).then_some(Value::Object(patch))
 }
 
+/// A copy's spec reduced to what [`plan`] reads of it (the containers'
+/// names and images): the watch of the copies keeps no more, so a
+/// mirrored pod costs one full pod in memory, not two.
+pub fn strip_copy_spec(data: &mut Value) {
+    let Some(spec) = data.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let mut kept = Map::new();
+    for list in ["containers", "initContainers"] {
+        if let Some(Value::Array(entries)) = spec.remove(list) {
+            let entries = entries
+                .iter()
+                .map(|c| json!({"name": c.get("name"), "image": c.get("image")}))
+                .collect();
+            kept.insert(list.into(), Value::Array(entries));
+        }
+    }
+    *spec = kept;
+}
+
 /// The copy's scheduling failure, once it has lasted long enough.
 fn unschedulable_for_too_long(copy: &Value, now: i64) -> Option<String> {
     let condition = copy

@@ -388,3 +388,34 @@ fn a_reason_left_by_a_refusal_is_cleared_once_the_pod_runs() {
     );
     assert_eq!(patch["phase"], json!("Running"));
 }
+
+#[test]
+fn a_copy_kept_stripped_plans_what_the_whole_copy_plans() {
+    let ns = ready();
+    let whole = copy_running("10.244.1.20");
+    let mut stripped = whole.clone();
+    strip_copy_spec(&mut stripped);
+    assert_eq!(
+        stripped["spec"],
+        json!({"containers": [{"name": "c", "image": "busybox:1"}]}),
+        "only the containers' names and images stay"
+    );
+    assert_eq!(
+        plan(&[pod()], &[stripped], &ctx(&ns)),
+        plan(&[pod()], std::slice::from_ref(&whole), &ctx(&ns))
+    );
+    // An edited image is still seen, and only it is restored.
+    let mut edited = whole;
+    edited["spec"]["containers"][0]["image"] = json!("evil:latest");
+    strip_copy_spec(&mut edited);
+    let restore = plan(&[pod()], &[edited], &ctx(&ns))
+        .into_iter()
+        .find_map(|a| match a {
+            Action::RestoreRemote(_, _, p) => Some(p),
+            _ => None,
+        });
+    assert_eq!(
+        restore,
+        Some(json!({"spec": {"containers": [{"name": "c", "image": "busybox:1"}]}}))
+    );
+}

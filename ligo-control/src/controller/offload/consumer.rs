@@ -159,6 +159,8 @@ async fn run(
     let (local_pods, _local_watch) = pod_store(
         Api::all_with(local.clone(), &pod_resource),
         watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+        // Whole: a copy is made from it.
+        |_| {},
         &wake,
     );
     let mut copies: BTreeMap<String, (Store<DynamicObject>, AbortOnDrop)> = BTreeMap::new();
@@ -203,6 +205,7 @@ async fn run(
                     Api::namespaced_with(shell.remote.clone(), ns, &shell.pod_resource),
                     watcher::Config::default()
                         .labels(&format!("{ORIGIN_LABEL}={}", target.our_name)),
+                    pods::strip_copy_spec,
                     &wake,
                 );
                 copies.insert(ns.clone(), store);

@@ -63,8 +63,9 @@ pub async fn pass(
     state: &mut ProviderState,
 ) {
     let namespaces = stores.namespaces.state();
-    let nodes: Vec<_> = stores.nodes.state().iter().map(|n| (**n).clone()).collect();
-    let pods: Vec<_> = stores.pods.state().iter().map(|p| (**p).clone()).collect();
+    // Shared, not copied: the store's pods are a cluster's worth.
+    let nodes = stores.nodes.state();
+    let pods = stores.pods.state();
     let ns_api: Api<Namespace> = Api::all(client.clone());
     let mut providing = BTreeSet::new();
 
@@ -117,13 +118,20 @@ pub async fn pass(
                     continue;
                 }
                 Some(ns) if ns.metadata.deletion_timestamp.is_some() => {
+                    // Made again once gone, with its binding.
+                    state.created.remove(name);
+                    state.bound.retain(|(_, n)| n != name);
                     grants.push(grant(
                         "Terminating",
                         format!("namespace {name} is being deleted in the provider; it is made again once gone"),
                     ));
                     continue;
                 }
-                Some(_) => {}
+                // The store shows it: should it vanish (deleted by
+                // someone), it is made again.
+                Some(_) => {
+                    state.created.remove(name);
+                }
                 None if state.created.contains(name) => {}
                 None => {
                     let object = Namespace {
@@ -148,6 +156,8 @@ pub async fn pass(
                         Ok(_) => {
                             info!(peer = %peer, namespace = %name, "created namespace for the peer's pods");
                             state.created.insert(name.clone());
+                            // A namespace made anew has no binding yet.
+                            state.bound.retain(|(_, n)| n != name);
                         }
                         Err(e) => {
                             warn!(peer = %peer, namespace = %name, error = %e, "cannot create the namespace the peer asked for; retrying");

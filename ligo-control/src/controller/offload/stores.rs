@@ -62,17 +62,22 @@ where
 }
 
 /// Pods as JSON (so fields this client does not know pass through),
-/// without their managed fields (most of an object's size, of no use here).
+/// without their managed fields (most of an object's size, of no use
+/// here), each passed through `strip` (its `data`: spec and status).
 pub fn pod_store(
     api: Api<DynamicObject>,
     config: watcher::Config,
+    strip: fn(&mut serde_json::Value),
     wake: &Arc<Notify>,
 ) -> (Store<DynamicObject>, AbortOnDrop) {
     let writer = Writer::new(ApiResource::erase::<Pod>(&()));
     let reader = writer.as_reader();
     let stream = watcher(api, config)
         .backoff(crate::controller::backoff::WatchBackoff::default())
-        .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None);
+        .modify(move |o: &mut DynamicObject| {
+            o.metadata.managed_fields = None;
+            strip(&mut o.data);
+        });
     (reader, drive(writer, stream, "pods", wake))
 }
 
