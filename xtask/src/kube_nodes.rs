@@ -118,6 +118,15 @@ impl RealNode {
     }
 }
 
+/// Stops every process a run of node `name` left (an interrupted demo).
+pub fn stop_leftover(name: &str, netns: &str, dir: PathBuf) {
+    drop(RealNode {
+        name: name.to_owned(),
+        netns: netns.to_owned(),
+        dir,
+    });
+}
+
 impl Drop for RealNode {
     fn drop(&mut self) {
         let _ = self.script("stop").output();

@@ -11,6 +11,7 @@ pub mod netns;
 pub mod played_kubelet;
 pub mod privileged;
 pub mod prometheus;
+pub mod real_cluster;
 pub mod testbed;
 pub mod traffic;
 pub mod wire;
