@@ -3,6 +3,12 @@
 
 use std::path::PathBuf;
 
+/// mimalloc gives memory a watch's burst freed back to the system within
+/// milliseconds; with glibc's per-thread arenas the controller's RSS kept
+/// every pass's high-water mark (`bench/results/*-offload-*.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ligo_control::cli::{

@@ -691,6 +691,56 @@ fn bounced(kb: &KubeTestbed) -> Result<()> {
     Ok(())
 }
 
+/// B's operator caps A's namespace with a ResourceQuota: B's quota
+/// admission refuses a new copy, and A's pod says so (reason and Event)
+/// instead of staying Pending without one; once the quota goes it runs.
+fn provider_refuses_a_copy(kb: &KubeTestbed) -> Result<()> {
+    let (a, b) = (&kb.clusters[0], &kb.clusters[1]);
+    b.apply("apiVersion: v1\nkind: ResourceQuota\nmetadata: {name: cap, namespace: demo}\nspec: {hard: {pods: \"0\"}}\n")?;
+    // Until the quota controller has counted the namespace, admission
+    // lets pods through.
+    b.wait_for("B's quota counted", WAIT, || {
+        let used = b.kubectl(&[
+            "get",
+            "resourcequota",
+            "-n",
+            "demo",
+            "cap",
+            "-o",
+            "jsonpath={.status.used.pods}",
+        ])?;
+        Ok((!used.trim().is_empty()).then_some(()))
+    })?;
+    a.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: capped, namespace: demo, labels: {app: capped}}\nspec:\n  nodeSelector: {type: virtual-kubelet}\n  tolerations: [{key: virtual-node.ligo.io/not-allowed, operator: Exists, effect: NoSchedule}]\n  containers: [{name: c, image: busybox:1.36}]\n")?;
+    let pod = a.wait_for("capped refused with a reason", WAIT, || {
+        Ok(Some(json(a, &["get", "pod", "-n", "demo", "capped"])?)
+            .filter(|p| s(p, "/status/reason") == "OffloadRejected"))
+    })?;
+    let message = s(&pod, "/status/message");
+    ensure!(
+        message.contains("exceeded quota") && s(&pod, "/status/phase") == "Pending",
+        "capped: {} {message}",
+        s(&pod, "/status/phase")
+    );
+    ensure!(
+        event_reasons(a, "capped")?.contains(&"OffloadRejected".to_owned()),
+        "no Event for the refusal"
+    );
+    ensure!(copy_of(b, "capped")?.is_none(), "a copy past the quota");
+    b.kubectl(&["delete", "resourcequota", "-n", "demo", "cap"])?;
+    let pod = a.wait_for("capped Running once the quota is gone", WAIT, || {
+        Ok(Some(json(a, &["get", "pod", "-n", "demo", "capped"])?)
+            .filter(|p| s(p, "/status/phase") == "Running"))
+    })?;
+    ensure!(
+        s(&pod, "/status/reason").is_empty(),
+        "the refusal's reason stayed: {}",
+        s(&pod, "/status/reason")
+    );
+    a.kubectl(&["delete", "pod", "-n", "demo", "capped", "--wait=false"])?;
+    Ok(())
+}
+
 /// B's operator deletes the namespace it holds for A: the provider makes
 /// it again with the peer's binding, and the copies come back into it.
 fn provider_namespace_deleted(kb: &KubeTestbed) -> Result<()> {
@@ -814,6 +864,7 @@ fn the_big_node_runs_pods_in_the_peer_with_identical_cidrs() {
         capacity_and_refusals(&kb).context("capacity and refusals")?;
         deletion_and_edits(&kb).context("deletion and edits")?;
         bounced(&kb).context("bounce")?;
+        provider_refuses_a_copy(&kb).context("a copy refused by the provider")?;
         provider_namespace_deleted(&kb).context("the provider's namespace deleted")?;
         unpeer_leaves_nothing(&kb).context("unpeer")?;
         Ok(())

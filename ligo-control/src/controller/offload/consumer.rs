@@ -128,6 +128,9 @@ struct Shell {
     errors_recorded: u64,
     in_flight: BTreeMap<(String, String), Instant>,
     errors: u64,
+    /// Pods whose copy the provider refuses to create, with what it said
+    /// (reported on the pod once per new answer, not on every retry).
+    rejected: std::sync::Mutex<BTreeMap<(String, String), String>>,
 }
 
 async fn run(
@@ -186,6 +189,7 @@ async fn run(
         errors_recorded: 0,
         in_flight: BTreeMap::new(),
         errors: 0,
+        rejected: Default::default(),
     };
     info!(peer = %target.peer, node = %shell.node, "running pods on the peer through a virtual node");
     let mut unreadable_since: Option<Instant> = None;
@@ -482,6 +486,8 @@ impl Shell {
             };
             !shown && at.elapsed() < IN_FLIGHT
         });
+        self.rejections()
+            .retain(|key, _| pods.contains(key) && !copies.contains(key));
         let mut todo = Vec::new();
         for action in actions {
             let key = match &action {
@@ -524,9 +530,36 @@ impl Shell {
         match action {
             Action::CreateRemote(ns, name, object) => {
                 let object: DynamicObject = serde_json::from_value(object).map_err(|e| e.to_string())?;
+                let key = (ns.clone(), name.clone());
                 match remote(&ns).create(&PostParams::default(), &object).await {
-                    Ok(_) => Ok(()),
+                    Ok(_) => {
+                        self.rejections().remove(&key);
+                        Ok(())
+                    }
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                    // The provider's admission said no (quota, Pod
+                    // Security, a webhook): the pod shows why, and the
+                    // copy is tried again (quota frees up, policies
+                    // change). A terminating namespace is only waited for.
+                    Err(kube::Error::Api(e))
+                        if matches!(e.code, 400 | 403 | 422)
+                            && !e.message.contains("being terminated") =>
+                    {
+                        let message = format!(
+                            "the provider refused the copy ({} {}): {}; retrying",
+                            e.code, e.reason, e.message
+                        );
+                        let new = self.rejections().insert(key, message.clone()) != Some(message.clone());
+                        if new {
+                            warn!(pod = %format!("{ns}/{name}"), "{message}");
+                            self.event(&ns, &name, "OffloadRejected", &message).await;
+                            let status = json!({"reason": "OffloadRejected", "message": message});
+                            let _ = local(&ns)
+                                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": status })))
+                                .await;
+                        }
+                        Err(format!("creating pod {ns}/{name} in the provider: {message}"))
+                    }
                     Err(e) => Err(format!("creating pod {ns}/{name} in the provider: {e}")),
                 }
             }
@@ -619,6 +652,10 @@ impl Shell {
                 }
             }
         }
+    }
+
+    fn rejections(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), String>> {
+        self.rejected.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A Warning Event on a pod, as `kubectl describe` shows it.
