@@ -184,8 +184,8 @@ fn deployment(name: &str, n: usize, placement: &str) -> String {
     )
 }
 
-/// Pods of `app` in A's `demo` that are Running.
-fn running(cp: &ControlPlane, app: &str) -> Result<usize> {
+/// The phases of the pods of `app` in `demo`, one per pod.
+fn phases(cp: &ControlPlane, app: &str) -> Result<Vec<String>> {
     let phases = cp.kubectl(&[
         "get",
         "pods",
@@ -196,21 +196,16 @@ fn running(cp: &ControlPlane, app: &str) -> Result<usize> {
         "-o",
         "jsonpath={range .items[*]}{.status.phase}{\"\\n\"}{end}",
     ])?;
-    Ok(phases.lines().filter(|l| *l == "Running").count())
+    Ok(phases.lines().map(str::to_owned).collect())
+}
+
+/// Pods of `app` in `demo` that are Running.
+fn running(cp: &ControlPlane, app: &str) -> Result<usize> {
+    Ok(phases(cp, app)?.iter().filter(|p| *p == "Running").count())
 }
 
 fn count(cp: &ControlPlane, app: &str) -> Result<usize> {
-    let names = cp.kubectl(&[
-        "get",
-        "pods",
-        "-n",
-        "demo",
-        "-l",
-        &format!("app={app}"),
-        "-o",
-        "name",
-    ])?;
-    Ok(names.lines().count())
+    Ok(phases(cp, app)?.len())
 }
 
 /// Applies a Deployment of `n` pods and returns the seconds until all run.
