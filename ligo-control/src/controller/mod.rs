@@ -13,6 +13,7 @@ pub mod metrics;
 mod offload;
 mod peer;
 mod remote;
+pub(crate) mod stores;
 
 pub use offload::GUEST_ROLE;
 
@@ -22,7 +23,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
 use kube::{
     api::{Api, DynamicObject, GroupVersionKind},
     discovery::ApiResource,
@@ -35,7 +36,11 @@ use kube::{
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::crd::{ClusterFabric, NodeFabric, Peer};
+use crate::{
+    crd::{ClusterFabric, NodeFabric, Peer},
+    offload::inventory::PodUsage,
+};
+use stores::{kept_store, Kept};
 
 /// The field manager of everything this controller writes.
 pub const FIELD_MANAGER: &str = "ligo-control";
@@ -62,13 +67,20 @@ pub struct Stores {
     /// Every namespace (a provider creates the ones its peers ask for, and
     /// never takes one that is not theirs).
     pub namespaces: Store<Namespace>,
-    /// Every pod, reduced to what the provider's offer needs.
-    pub pods: Store<Pod>,
+    /// Every pod, as much as the provider's offer reads of it.
+    pub pods: Kept<PodUsage>,
 }
 
 /// Runs until the process is stopped.
 pub async fn run(client: Client, options: Options) -> Result<()> {
     let wake = Arc::new(Notify::new());
+    let (pods, _pods_watch) = kept_store(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        PodUsage::of,
+        "pods",
+        &wake,
+    );
     let stores = Stores {
         fabrics: watch(Api::all(client.clone()), watcher::Config::default(), &wake),
         peers: watch(Api::all(client.clone()), watcher::Config::default(), &wake),
@@ -80,7 +92,7 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
         ),
         node_fabrics: watch(Api::all(client.clone()), watcher::Config::default(), &wake),
         namespaces: watch(Api::all(client.clone()), watcher::Config::default(), &wake),
-        pods: watch_pods(Api::all(client.clone()), &wake),
+        pods,
     };
     for (what, ready) in [
         ("ClusterFabric", stores.fabrics.wait_until_ready().await),
@@ -89,10 +101,10 @@ pub async fn run(client: Client, options: Options) -> Result<()> {
         ("Secret", stores.secrets.wait_until_ready().await),
         ("NodeFabric", stores.node_fabrics.wait_until_ready().await),
         ("Namespace", stores.namespaces.wait_until_ready().await),
-        ("Pod", stores.pods.wait_until_ready().await),
     ] {
         ready.map_err(|_| anyhow::anyhow!("the {what} watch stopped before it listed"))?;
     }
+    stores.pods.wait_listed().await;
     let cluster_uid = Api::<Namespace>::all(client.clone())
         .get("kube-system")
         .await
@@ -172,59 +184,6 @@ where
                     Err(e) => {
                         warn!(kind = %kind, error = %e, "watch failed; retrying with backoff")
                     }
-                }
-                futures::future::ready(())
-            })
-            .await;
-    });
-    reader
-}
-
-/// Every pod, kept as little as the provider's offer needs (its node,
-/// phase, origin label and containers' requests): a cluster's pods are the
-/// largest list this controller holds.
-fn watch_pods(api: Api<Pod>, wake: &Arc<Notify>) -> Store<Pod> {
-    let (reader, writer) = reflector::store();
-    let wake = wake.clone();
-    let stream = watcher(api, watcher::Config::default())
-        .backoff(backoff::WatchBackoff::default())
-        .modify(|pod: &mut Pod| {
-            let meta = &mut pod.metadata;
-            meta.managed_fields = None;
-            meta.annotations = None;
-            meta.owner_references = None;
-            if let Some(spec) = pod.spec.as_mut() {
-                spec.volumes = None;
-                spec.affinity = None;
-                spec.tolerations = None;
-                for c in spec
-                    .containers
-                    .iter_mut()
-                    .chain(spec.init_containers.iter_mut().flatten())
-                {
-                    c.env = None;
-                    c.env_from = None;
-                    c.volume_mounts = None;
-                    c.command = None;
-                    c.args = None;
-                    c.liveness_probe = None;
-                    c.readiness_probe = None;
-                    c.startup_probe = None;
-                }
-            }
-            if let Some(status) = pod.status.as_mut() {
-                status.conditions = None;
-                status.container_statuses = None;
-                status.init_container_statuses = None;
-            }
-        });
-    let stream = reflector::reflector(writer, stream);
-    tokio::spawn(async move {
-        stream
-            .for_each(|event| {
-                match event {
-                    Ok(_) => wake.notify_one(),
-                    Err(e) => warn!(error = %e, "the Pod watch failed; retrying with backoff"),
                 }
                 futures::future::ready(())
             })

@@ -86,8 +86,33 @@ fn add(total: &mut Resources, more: Resources, sign: i128) {
     }
 }
 
+/// What the offer reads of a pod (a cluster's pods are the largest list
+/// the controller watches: this is all it keeps of each).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodUsage {
+    pub node: Option<String>,
+    pub terminal: bool,
+    /// The consumer it is a copy for, if it is one.
+    pub origin: Option<String>,
+    pub requests: Resources,
+}
+
+impl PodUsage {
+    pub fn of(pod: &Pod) -> PodUsage {
+        PodUsage {
+            node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+            terminal: matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ),
+            origin: pod.labels().get(ORIGIN_LABEL).cloned(),
+            requests: requests(pod),
+        }
+    }
+}
+
 /// What `consumer` may still use here, never below zero.
-pub fn offered<N: Borrow<Node>, P: Borrow<Pod>>(
+pub fn offered<N: Borrow<Node>, P: Borrow<PodUsage>>(
     nodes: &[N],
     pods: &[P],
     consumer: &str,
@@ -101,18 +126,10 @@ pub fn offered<N: Borrow<Node>, P: Borrow<Pod>>(
         }
     }
     for pod in pods.iter().map(Borrow::borrow) {
-        let on_usable = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.as_ref())
-            .is_some_and(|n| usable.contains(n));
-        let terminal = matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        );
-        let theirs = pod.labels().get(ORIGIN_LABEL).map(String::as_str) == Some(consumer);
-        if on_usable && !terminal && !theirs {
-            add(&mut free, requests(pod), -1);
+        let on_usable = pod.node.as_ref().is_some_and(|n| usable.contains(n));
+        let theirs = pod.origin.as_deref() == Some(consumer);
+        if on_usable && !pod.terminal && !theirs {
+            add(&mut free, pod.requests.clone(), -1);
         }
     }
     free.into_iter().map(|(k, v)| (k, v.max(0))).collect()
@@ -223,7 +240,7 @@ mod tests {
             pod("n1", "3", "1Gi", "Running", Some("a")),
             pod("down", "3", "1Gi", "Running", None),
         ];
-        let free = offered(&nodes, &pods, "a");
+        let free = offered(&nodes, &pods.each_ref().map(PodUsage::of), "a");
         assert_eq!(free["cpu"], 4500, "6 CPUs minus 1.5");
         assert_eq!(
             free["memory"],
@@ -259,6 +276,6 @@ mod tests {
             json!({"cpu": "1", "pods": "1"}),
             json!({}),
         )];
-        assert_eq!(offered(&nodes, &[p], "a")["cpu"], 0);
+        assert_eq!(offered(&nodes, &[PodUsage::of(&p)], "a")["cpu"], 0);
     }
 }

@@ -4,6 +4,7 @@
 //! and their copies there (`pods`).
 
 pub mod inventory;
+pub mod pod_facts;
 pub mod pods;
 pub mod quantity;
 pub mod reflect;

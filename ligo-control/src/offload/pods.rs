@@ -3,12 +3,12 @@
 //! pass through untouched): what the copy is, what comes back as the
 //! pod's status, and what to do to bring both sides together.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{borrow::Borrow, collections::BTreeMap, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 use serde_json::{json, Map, Value};
 
-use super::virtual_node::TAINT_KEY;
+use super::{pod_facts::PodFacts, virtual_node::TAINT_KEY};
 use crate::crd::ORIGIN_LABEL;
 
 /// The consumer pod a copy is of (its UID): a copy of an older pod of the
@@ -51,8 +51,9 @@ pub struct Refusal {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Create the copy (namespace, name, object).
-    CreateRemote(String, String, Value),
+    /// Create the copy of the pod (namespace, name, UID): made from the pod
+    /// read whole, only if it is still this pod.
+    CreateRemote(String, String, String),
     /// Delete the copy, with the pod's grace period when it has one; the
     /// UID is a precondition, so a newer copy is never deleted.
     DeleteRemote {
@@ -79,30 +80,27 @@ fn text<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
     v.pointer(pointer).and_then(Value::as_str)
 }
 
-fn key(pod: &Value) -> (String, String) {
-    (
-        text(pod, "/metadata/namespace")
-            .unwrap_or_default()
-            .to_owned(),
-        text(pod, "/metadata/name").unwrap_or_default().to_owned(),
-    )
-}
-
-fn phase(pod: &Value) -> Option<&str> {
-    text(pod, "/status/phase")
-}
-
-fn terminal(pod: &Value) -> bool {
-    matches!(phase(pod), Some("Succeeded" | "Failed"))
-}
-
-fn deleting(pod: &Value) -> bool {
-    pod.pointer("/metadata/deletionTimestamp")
-        .is_some_and(|t| !t.is_null())
-}
-
 /// Why `pod` may not run in the provider, if it may not.
-pub fn refusal(pod: &Value, namespaces: &BTreeMap<String, NamespaceState>) -> Option<Refusal> {
+pub fn refusal(pod: &PodFacts, namespaces: &BTreeMap<String, NamespaceState>) -> Option<Refusal> {
+    if let Some(unfit) = &pod.unfit {
+        return Some(unfit.clone());
+    }
+    let namespace = &pod.namespace;
+    match namespaces.get(namespace) {
+        None => Some(Refusal {
+            reason: "NamespaceNotOffloaded".to_owned(),
+            message: format!("namespace {namespace} is not offloaded to this peer: run `ligo-control offload namespace {namespace}`"),
+        }),
+        Some(NamespaceState::Refused(reason, message)) => Some(Refusal {
+            reason: reason.clone(),
+            message: message.clone(),
+        }),
+        Some(_) => None,
+    }
+}
+
+/// Why `pod`'s spec or owner keeps it off any peer, if anything does.
+pub fn unfit(pod: &Value) -> Option<Refusal> {
     let refused = |reason: &str, message: String| {
         Some(Refusal {
             reason: reason.to_owned(),
@@ -183,15 +181,7 @@ pub fn refusal(pod: &Value, namespaces: &BTreeMap<String, NamespaceState>) -> Op
             ),
         );
     }
-    let (namespace, _) = key(pod);
-    match namespaces.get(&namespace) {
-        None => refused(
-            "NamespaceNotOffloaded",
-            format!("namespace {namespace} is not offloaded to this peer: run `ligo-control offload namespace {namespace}`"),
-        ),
-        Some(NamespaceState::Refused(reason, message)) => refused(reason, message.clone()),
-        Some(_) => None,
-    }
+    None
 }
 
 /// The provider's copy of `pod`: its spec with the scheduling fields that
@@ -297,11 +287,19 @@ pub fn translate(ip: &str, remote: Ipv4Network, view: Ipv4Network) -> Option<Str
 /// The pod's status as the copy's, with its addresses in our view and
 /// the provider's node address left out.
 pub fn status_from_copy(copy: &Value, remote: Ipv4Network, view: Ipv4Network) -> Value {
-    let mut status = copy
+    let status = copy
         .get("status")
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
+    Value::Object(translated_status(status, remote, view))
+}
+
+fn translated_status(
+    mut status: Map<String, Value>,
+    remote: Ipv4Network,
+    view: Ipv4Network,
+) -> Map<String, Value> {
     for field in ["hostIP", "hostIPs", "nominatedNodeName"] {
         status.remove(field);
     }
@@ -319,51 +317,33 @@ pub fn status_from_copy(copy: &Value, remote: Ipv4Network, view: Ipv4Network) ->
             status.remove("podIPs");
         }
     }
-    Value::Object(status)
-}
-
-/// The fields of `wanted` that `current` does not hold as is.
-fn differing(current: Option<&Value>, wanted: &Value) -> Map<String, Value> {
-    let mut out = Map::new();
-    if let Some(wanted) = wanted.as_object() {
-        for (k, v) in wanted {
-            if current.and_then(|c| c.get(k)) != Some(v) {
-                out.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    out
+    status
 }
 
 /// A merge patch restoring what was edited in the copy out of band (its
 /// containers' images and our labels), if anything was.
-fn restoration(pod: &Value, copy_now: &Value, origin: &str) -> Option<Value> {
-    let wanted = self::copy(pod, origin);
-    let labels = differing(
-        copy_now.pointer("/metadata/labels"),
-        &wanted["metadata"]["labels"],
-    );
-    let images = |v: &Value, list: &str| -> Vec<(String, String)> {
-        v.pointer(&format!("/spec/{list}"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .map(|c| {
-                (
-                    text(c, "/name").unwrap_or_default().to_owned(),
-                    text(c, "/image").unwrap_or_default().to_owned(),
-                )
-            })
-            .collect()
-    };
+fn restoration(pod: &PodFacts, copy_now: &PodFacts, origin: &str) -> Option<Value> {
+    let mut wanted_labels = pod.labels.clone();
+    wanted_labels.insert(ORIGIN_LABEL.into(), origin.into());
+    let labels: Map<String, Value> = wanted_labels
+        .into_iter()
+        .filter(|(k, v)| copy_now.labels.get(k) != Some(v))
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
     let mut patch = Map::new();
     if !labels.is_empty() {
         patch.insert("metadata".into(), json!({ "labels": labels }));
     }
     let mut spec = Map::new();
-    for list in ["containers", "initContainers"] {
-        let want = images(&wanted, list);
-        if want != images(copy_now, list) {
+    for (list, want, now) in [
+        ("containers", &pod.containers, &copy_now.containers),
+        (
+            "initContainers",
+            &pod.init_containers,
+            &copy_now.init_containers,
+        ),
+    ] {
+        if want != now {
             let entries: Vec<Value> = want
                 .iter()
                 .map(|(n, i)| json!({"name": n, "image": i}))
@@ -377,31 +357,14 @@ fn restoration(pod: &Value, copy_now: &Value, origin: &str) -> Option<Value> {
     (!patch.is_empty()).then_some(Value::Object(patch))
 }
 
-/// A copy's spec reduced to what [`plan`] reads of it (the containers'
-/// names and images): the watch of the copies keeps no more, so a
-/// mirrored pod costs one full pod in memory, not two.
-pub fn strip_copy_spec(data: &mut Value) {
-    let Some(spec) = data.get_mut("spec").and_then(Value::as_object_mut) else {
-        return;
-    };
-    let mut kept = Map::new();
-    for list in ["containers", "initContainers"] {
-        if let Some(Value::Array(entries)) = spec.remove(list) {
-            let entries = entries
-                .iter()
-                .map(|c| json!({"name": c.get("name"), "image": c.get("image")}))
-                .collect();
-            kept.insert(list.into(), Value::Array(entries));
-        }
-    }
-    *spec = kept;
-}
-
 /// The copy's scheduling failure, once it has lasted long enough.
-fn unschedulable_for_too_long(copy: &Value, now: i64) -> Option<String> {
-    let condition = copy
-        .pointer("/status/conditions")
-        .and_then(Value::as_array)?
+fn unschedulable_for_too_long(copy: &PodFacts, now: i64) -> Option<String> {
+    if copy.phase().as_deref() != Some("Pending") {
+        return None;
+    }
+    let conditions = copy.status_field("conditions")?;
+    let condition = conditions
+        .as_array()?
         .iter()
         .find(|c| text(c, "/type") == Some("PodScheduled"))?;
     if text(condition, "/status") != Some("False")
@@ -421,42 +384,37 @@ fn unschedulable_for_too_long(copy: &Value, now: i64) -> Option<String> {
 /// Everything to do so that each pod bound to the virtual node runs once
 /// in the provider with its status back home, and nothing runs there that
 /// no pod here stands for.
-pub fn plan(pods: &[Value], copies: &[Value], ctx: &Context) -> Vec<Action> {
-    let copies_by_key: BTreeMap<(String, String), &Value> =
-        copies.iter().map(|c| (key(c), c)).collect();
+pub fn plan<P: Borrow<PodFacts>, C: Borrow<PodFacts>>(
+    pods: &[P],
+    copies: &[C],
+    ctx: &Context,
+) -> Vec<Action> {
+    let copies_by_key: BTreeMap<(&str, &str), &PodFacts> = copies
+        .iter()
+        .map(Borrow::borrow)
+        .map(|c| ((c.namespace.as_str(), c.name.as_str()), c))
+        .collect();
     let mut actions = Vec::new();
     let mut wanted = std::collections::BTreeSet::new();
-    for pod in pods {
-        let (namespace, name) = key(pod);
-        let uid = text(pod, "/metadata/uid").unwrap_or_default();
+    for pod in pods.iter().map(Borrow::borrow) {
+        let (namespace, name) = pod.key();
+        let uid = pod.uid.as_str();
         let copy = copies_by_key
-            .get(&(namespace.clone(), name.clone()))
+            .get(&(namespace.as_str(), name.as_str()))
             .copied();
-        let delete_copy = |c: &Value, grace: Option<i64>| Action::DeleteRemote {
+        let delete_copy = |c: &PodFacts, grace: Option<i64>| Action::DeleteRemote {
             namespace: namespace.clone(),
             name: name.clone(),
-            uid: text(c, "/metadata/uid").unwrap_or_default().to_owned(),
+            uid: c.uid.clone(),
             grace_seconds: grace,
         };
-        let ours = copy.filter(|c| {
-            text(
-                c,
-                &format!(
-                    "/metadata/annotations/{}",
-                    ORIGIN_UID_ANNOTATION.replace('/', "~1")
-                ),
-            ) == Some(uid)
-        });
+        let ours = copy.filter(|c| c.origin_uid.as_deref() == Some(uid));
         if ours.is_some() {
             wanted.insert((namespace.clone(), name.clone()));
         }
-        if deleting(pod) {
+        if let Some(grace) = pod.deletion {
             match ours {
-                Some(c) if !deleting(c) => actions.push(delete_copy(
-                    c,
-                    pod.pointer("/metadata/deletionGracePeriodSeconds")
-                        .and_then(Value::as_i64),
-                )),
+                Some(c) if !c.deleting() => actions.push(delete_copy(c, grace)),
                 Some(_) => {}
                 // Its copies are not known yet: a copy may still run.
                 None if ctx.namespaces.get(&namespace) == Some(&NamespaceState::Waiting) => {}
@@ -468,13 +426,13 @@ pub fn plan(pods: &[Value], copies: &[Value], ctx: &Context) -> Vec<Action> {
             if let Some(c) = ours {
                 actions.push(delete_copy(c, None));
             }
-            if text(pod, "/status/reason") != Some(refusal.reason.as_str()) {
+            if pod.status_text("reason").as_deref() != Some(refusal.reason.as_str()) {
                 // A pod that ran there (its namespace was un-offloaded)
                 // fails, so its controller places it anew; one that never
                 // ran waits, refused.
-                if phase(pod) == Some("Running") {
+                if pod.phase().as_deref() == Some("Running") {
                     actions.push(Action::Bounce(namespace, name, refusal));
-                } else if !terminal(pod) {
+                } else if !pod.terminal() {
                     actions.push(Action::Refuse(namespace, name, refusal));
                 }
             }
@@ -485,11 +443,11 @@ pub fn plan(pods: &[Value], copies: &[Value], ctx: &Context) -> Vec<Action> {
         }
         match ours {
             // A terminal phase is final: never run again.
-            _ if terminal(pod) => {}
+            _ if pod.terminal() => {}
             // A copy of an older pod of this name: created once it is gone.
             None if copy.is_some() => {}
-            None => actions.push(Action::CreateRemote(namespace, name, copy_of(pod, ctx))),
-            Some(c) if deleting(c) => {} // being deleted there: re-created once gone
+            None => actions.push(Action::CreateRemote(namespace, name, uid.to_owned())),
+            Some(c) if c.deleting() => {} // being deleted there: re-created once gone
             Some(c) => {
                 if let Some(message) = unschedulable_for_too_long(c, ctx.now) {
                     actions.push(delete_copy(c, None));
@@ -512,14 +470,15 @@ pub fn plan(pods: &[Value], copies: &[Value], ctx: &Context) -> Vec<Action> {
                         patch,
                     ));
                 }
-                let status = status_from_copy(c, ctx.remote_cidr, ctx.view);
-                let mut diff = differing(pod.get("status"), &status);
+                let status = translated_status(c.status_map(), ctx.remote_cidr, ctx.view);
+                let mut diff: Map<String, Value> = status
+                    .iter()
+                    .filter(|(k, v)| !pod.status_holds(k, v))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
                 // A reason left by an earlier refusal goes with it.
                 for field in ["reason", "message"] {
-                    let stale = pod
-                        .pointer(&format!("/status/{field}"))
-                        .is_some_and(|v| !v.is_null());
-                    if stale && status.get(field).is_none() {
+                    if pod.status.contains_key(field) && !status.contains_key(field) {
                         diff.insert(field.into(), Value::Null);
                     }
                 }
@@ -531,13 +490,12 @@ pub fn plan(pods: &[Value], copies: &[Value], ctx: &Context) -> Vec<Action> {
     }
     // Copies no pod here stands for (its pod is gone, or it is a copy of
     // an older pod of the same name).
-    for c in copies {
-        if !wanted.contains(&key(c)) && !deleting(c) {
-            let (namespace, name) = key(c);
+    for c in copies.iter().map(Borrow::borrow) {
+        if !wanted.contains(&c.key()) && !c.deleting() {
             actions.push(Action::DeleteRemote {
-                namespace,
-                name,
-                uid: text(c, "/metadata/uid").unwrap_or_default().to_owned(),
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+                uid: c.uid.clone(),
                 grace_seconds: None,
             });
         }
@@ -554,13 +512,12 @@ pub const PROVIDER_GRACE_SECONDS: u64 = 40;
 /// The status patch that reports `pod` NotReady because the provider
 /// cannot be read, if it is Ready now (its containers may well still run:
 /// nothing else changes, and the next read of the provider restores it).
-pub fn not_ready_patch(pod: &Value, why: &str, now: &str) -> Option<Value> {
-    if terminal(pod) || deleting(pod) {
+pub fn not_ready_patch(pod: &PodFacts, why: &str, now: &str) -> Option<Value> {
+    if pod.terminal() || pod.deleting() {
         return None;
     }
-    let conditions = pod
-        .pointer("/status/conditions")
-        .and_then(Value::as_array)?;
+    let conditions = pod.status_field("conditions")?;
+    let conditions = conditions.as_array()?;
     let ready = |c: &Value| matches!(text(c, "/type"), Some("Ready" | "ContainersReady"));
     if !conditions
         .iter()
@@ -580,10 +537,6 @@ pub fn not_ready_patch(pod: &Value, why: &str, now: &str) -> Option<Value> {
         })
         .collect();
     Some(json!({ "conditions": updated }))
-}
-
-fn copy_of(pod: &Value, ctx: &Context) -> Value {
-    copy(pod, ctx.origin)
 }
 
 #[cfg(test)]

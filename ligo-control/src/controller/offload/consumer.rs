@@ -19,22 +19,25 @@ use k8s_openapi::api::{
 use kube::{
     api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions},
     discovery::ApiResource,
-    runtime::{reflector::Store, watcher},
+    runtime::watcher,
     Client,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
-use super::super::{metrics::OffloadMetrics, remote::Target, FIELD_MANAGER};
-use super::{
-    reflection::NamespaceReflection,
-    stores::{listed, pod_store, AbortOnDrop},
+use super::super::{
+    metrics::OffloadMetrics,
+    remote::Target,
+    stores::{kept_store, AbortOnDrop, Kept},
+    FIELD_MANAGER,
 };
+use super::reflection::NamespaceReflection;
 use crate::{
     crd::{NamespaceGrant, VirtualNodeStatus, ORIGIN_LABEL},
     offload::{
         inventory,
+        pod_facts::PodFacts,
         pods::{self, Action, NamespaceState},
         reflect::AddressMap,
         virtual_node::{self, Health},
@@ -159,14 +162,14 @@ async fn run(
     let wake = Arc::new(Notify::new());
     let pod_resource = ApiResource::erase::<Pod>(&());
     let node = virtual_node::node_name(&target.peer);
-    let (local_pods, _local_watch) = pod_store(
+    let (local_pods, _local_watch) = kept_store(
         Api::all_with(local.clone(), &pod_resource),
         watcher::Config::default().fields(&format!("spec.nodeName={node}")),
-        // Whole: a copy is made from it.
-        |_| {},
+        facts_of,
+        "pods on the virtual node",
         &wake,
     );
-    let mut copies: BTreeMap<String, (Store<DynamicObject>, AbortOnDrop)> = BTreeMap::new();
+    let mut copies: BTreeMap<String, (Kept<PodFacts>, AbortOnDrop)> = BTreeMap::new();
     let mut reflections: BTreeMap<String, NamespaceReflection> = BTreeMap::new();
     // discovery.k8s.io/v1 where the provider serves it; core/v1 Endpoints
     // otherwise (1.20 and older).
@@ -205,11 +208,12 @@ async fn run(
         reflections.retain(|ns, _| granted.contains(ns));
         for ns in &granted {
             if !copies.contains_key(ns) {
-                let store = pod_store(
+                let store = kept_store(
                     Api::namespaced_with(shell.remote.clone(), ns, &shell.pod_resource),
                     watcher::Config::default()
                         .labels(&format!("{ORIGIN_LABEL}={}", target.our_name)),
-                    pods::strip_copy_spec,
+                    facts_of,
+                    "the pods' copies",
                     &wake,
                 );
                 copies.insert(ns.clone(), store);
@@ -233,7 +237,7 @@ async fn run(
                 let grant = now_inputs.grants.iter().find(|g| g.name == *ns);
                 let state = match grant {
                     Some(g) if g.state == "Granted" => match copies.get(ns) {
-                        Some((store, _)) if listed(store) => NamespaceState::Ready,
+                        Some((store, _)) if store.listed() => NamespaceState::Ready,
                         _ => NamespaceState::Waiting,
                     },
                     Some(g) if g.state == "Waiting" || g.state == "Terminating" => {
@@ -256,23 +260,16 @@ async fn run(
             Err(why) => {
                 let since = *unreadable_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= Duration::from_secs(pods::PROVIDER_GRACE_SECONDS)
-                    && listed(&local_pods)
+                    && local_pods.listed()
                 {
                     shell.report_not_ready(&local_pods, why).await;
                 }
             }
         }
-        if listed(&local_pods) && now_inputs.provider.is_ok() {
-            let pods: Vec<Value> = local_pods
-                .state()
-                .iter()
-                .filter_map(|p| serde_json::to_value(&**p).ok())
-                .collect();
-            let copies_now: Vec<Value> = copies
-                .values()
-                .flat_map(|(s, _)| s.state())
-                .filter_map(|p| serde_json::to_value(&*p).ok())
-                .collect();
+        if local_pods.listed() && now_inputs.provider.is_ok() {
+            let pods = local_pods.items();
+            let copies_now: Vec<Arc<PodFacts>> =
+                copies.values().flat_map(|(s, _)| s.items()).collect();
             let ctx = pods::Context {
                 origin: &target.our_name,
                 namespaces: &namespaces,
@@ -281,18 +278,8 @@ async fn run(
                 now: k8s_openapi::jiff::Timestamp::now().as_second(),
             };
             let actions = pods::plan(&pods, &copies_now, &ctx);
-            let keys = |list: &[Value]| -> BTreeSet<(String, String)> {
-                list.iter()
-                    .map(|o| {
-                        let text = |p: &str| {
-                            o.pointer(p)
-                                .and_then(Value::as_str)
-                                .unwrap_or_default()
-                                .to_owned()
-                        };
-                        (text("/metadata/namespace"), text("/metadata/name"))
-                    })
-                    .collect()
+            let keys = |list: &[Arc<PodFacts>]| -> BTreeSet<(String, String)> {
+                list.iter().map(|p| p.key()).collect()
             };
             shell
                 .execute(actions, &keys(&copies_now), &keys(&pods))
@@ -306,12 +293,10 @@ async fn run(
                     remote_cidr: target.remote_cidr,
                 };
                 for (ns, reflection) in reflections.iter_mut() {
-                    let running_there: Vec<&Value> = pods
+                    let running_there: Vec<&PodFacts> = pods
                         .iter()
-                        .filter(|p| {
-                            p.pointer("/metadata/namespace").and_then(Value::as_str)
-                                == Some(ns.as_str())
-                        })
+                        .map(|p| &**p)
+                        .filter(|p| p.namespace == *ns)
                         .filter(|p| pods::refusal(p, &namespaces).is_none())
                         .collect();
                     let outcome = reflection
@@ -325,15 +310,7 @@ async fn run(
                 .iter()
                 .filter(|p| pods::refusal(p, &namespaces).is_some())
                 .count();
-            let finished = pods
-                .iter()
-                .filter(|p| {
-                    matches!(
-                        p.pointer("/status/phase").and_then(Value::as_str),
-                        Some("Succeeded" | "Failed")
-                    )
-                })
-                .count();
+            let finished = pods.iter().filter(|p| p.terminal()).count();
             shell
                 .summarize(
                     VirtualNodeStatus {
@@ -528,8 +505,23 @@ impl Shell {
             Api::<DynamicObject>::namespaced_with(self.remote.clone(), ns, &self.pod_resource)
         };
         match action {
-            Action::CreateRemote(ns, name, object) => {
-                let object: DynamicObject = serde_json::from_value(object).map_err(|e| e.to_string())?;
+            Action::CreateRemote(ns, name, uid) => {
+                // Made from the pod read whole (only its facts are kept),
+                // if it is still this pod and not going.
+                let pod = match local(&ns).get_opt(&name).await {
+                    Ok(Some(pod)) => pod,
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(format!("reading pod {ns}/{name} to copy it: {e}")),
+                };
+                if pod.metadata.uid.as_deref() != Some(uid.as_str())
+                    || pod.metadata.deletion_timestamp.is_some()
+                {
+                    return Ok(());
+                }
+                let whole = serde_json::to_value(&pod).map_err(|e| e.to_string())?;
+                let object: DynamicObject =
+                    serde_json::from_value(pods::copy(&whole, &self.target.our_name))
+                        .map_err(|e| e.to_string())?;
                 let key = (ns.clone(), name.clone());
                 match remote(&ns).create(&PostParams::default(), &object).await {
                     Ok(_) => {
@@ -622,17 +614,13 @@ impl Shell {
 
     /// Reports every Ready pod bound to the virtual node NotReady (the
     /// provider has not been readable for the grace period).
-    async fn report_not_ready(&mut self, pods: &Store<DynamicObject>, why: &str) {
+    async fn report_not_ready(&mut self, pods: &Kept<PodFacts>, why: &str) {
         let now = crate::controller::now_rfc3339();
-        for pod in pods.state() {
-            let Ok(value) = serde_json::to_value(&*pod) else {
+        for pod in pods.items() {
+            let Some(patch) = pods::not_ready_patch(&pod, why, &now) else {
                 continue;
             };
-            let Some(patch) = pods::not_ready_patch(&value, why, &now) else {
-                continue;
-            };
-            let ns = pod.metadata.namespace.clone().unwrap_or_default();
-            let name = pod.metadata.name.clone().unwrap_or_default();
+            let (ns, name) = pod.key();
             let api =
                 Api::<DynamicObject>::namespaced_with(self.local.clone(), &ns, &self.pod_resource);
             match api
@@ -717,4 +705,9 @@ impl Shell {
             }
         }
     }
+}
+
+/// What is kept of a pod or a copy: its facts, not the object.
+fn facts_of(pod: &DynamicObject) -> PodFacts {
+    PodFacts::of(&serde_json::to_value(pod).unwrap_or_default())
 }

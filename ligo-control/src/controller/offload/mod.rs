@@ -7,7 +7,6 @@
 mod consumer;
 mod provider;
 mod reflection;
-mod stores;
 
 use std::collections::{BTreeMap, BTreeSet};
 

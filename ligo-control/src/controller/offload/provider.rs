@@ -65,7 +65,7 @@ pub async fn pass(
     let namespaces = stores.namespaces.state();
     // Shared, not copied: the store's pods are a cluster's worth.
     let nodes = stores.nodes.state();
-    let pods = stores.pods.state();
+    let pods = stores.pods.items();
     let ns_api: Api<Namespace> = Api::all(client.clone());
     let mut providing = BTreeSet::new();
 

@@ -23,11 +23,14 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::stores::{listed, typed_store, AbortOnDrop};
+use crate::controller::stores::{listed, typed_store, AbortOnDrop};
 use crate::{
     controller::FIELD_MANAGER,
     crd::ORIGIN_LABEL,
-    offload::reflect::{self, AddressMap, Held, Key, Kind, ReflectAction, ORIGIN_HASH_ANNOTATION},
+    offload::{
+        pod_facts::PodFacts,
+        reflect::{self, AddressMap, Held, Key, Kind, ReflectAction, ORIGIN_HASH_ANNOTATION},
+    },
 };
 
 /// What one namespace's reflection did in a pass.
@@ -132,7 +135,7 @@ impl NamespaceReflection {
     /// that run there) and our Services need.
     pub async fn reconcile(
         &mut self,
-        pods: &[&Value],
+        pods: &[&PodFacts],
         origin: &str,
         addresses: &AddressMap,
     ) -> Outcome {
@@ -150,7 +153,10 @@ impl NamespaceReflection {
         }
         let mut wanted: BTreeMap<Key, Value> = BTreeMap::new();
         let mut unread: BTreeSet<Key> = BTreeSet::new();
-        let referenced: BTreeSet<Key> = pods.iter().flat_map(|p| reflect::references(p)).collect();
+        let referenced: BTreeSet<Key> = pods
+            .iter()
+            .flat_map(|p| p.references.iter().cloned())
+            .collect();
         self.read.retain(|k, _| referenced.contains(k));
         for key in referenced {
             let version = match key.0 {
