@@ -246,6 +246,9 @@ fn remove(cp: &ControlPlane, name: &str, others: &[&ControlPlane]) -> Result<()>
     Ok(())
 }
 
+/// Pods offloaded once before anything is measured.
+const WARM_UP: usize = 20;
+
 pub fn measure(sizes: &[usize], repetitions: u32) -> Result<OffloadFigures> {
     let qps = |_: usize, o: &mut xtask::kube::ControlPlaneOptions| o.controllers_qps = Some(200);
     let mut kb = KubeTestbed::up_with("lb-off", Scenario::identical_cidrs(), 245, qps)?;
@@ -268,6 +271,12 @@ fn measure_on(kb: &mut KubeTestbed, sizes: &[usize], repetitions: u32) -> Result
     KubeTestbed::offload_namespace(a, "demo")?;
     let offloaded = "nodeSelector: {type: virtual-kubelet}\n      tolerations: [{key: virtual-node.ligo.io/not-allowed, operator: Exists, effect: NoSchedule}]";
     let baseline = "nodeSelector: {bench/baseline: \"true\"}";
+    // One warm-up, not counted: what the controller sets up once for
+    // offloading (connections to the provider, each thread's heap) is not
+    // a cost per pod.
+    eprintln!("bench: offload: warm-up, {WARM_UP} pods");
+    run_until_running(a, "offloaded", WARM_UP, offloaded)?;
+    remove(a, "offloaded", &[b])?;
     let mut f = OffloadFigures::default();
     for &n in sizes {
         let (mut off, mut base) = (Samples::default(), Samples::default());
@@ -278,13 +287,12 @@ fn measure_on(kb: &mut KubeTestbed, sizes: &[usize], repetitions: u32) -> Result
             let base_requests = crate::kubernetes::requests(a)? - before;
             remove(a, "baseline", &[])?;
 
-            let rss_before = crate::kubernetes::rss_mib(kb, "a-control")?;
+            let rss_before = settled_rss_mib(kb)?;
             let before = crate::kubernetes::requests(a)? + crate::kubernetes::requests(b)?;
             off.push(run_until_running(a, "offloaded", n, offloaded)?);
             let off_requests =
                 crate::kubernetes::requests(a)? + crate::kubernetes::requests(b)? - before;
-            thread::sleep(Duration::from_secs(2));
-            let rss_after = crate::kubernetes::rss_mib(kb, "a-control")?;
+            let rss_after = settled_rss_mib(kb)?;
             if rep == 0 {
                 f.rss_mib.push((n, rss_before, rss_after));
                 f.requests.push((n, off_requests, base_requests));
@@ -297,9 +305,27 @@ fn measure_on(kb: &mut KubeTestbed, sizes: &[usize], repetitions: u32) -> Result
     Ok(f)
 }
 
+/// The controller's RSS at rest: the median of samples over 5 s, taken
+/// 3 s after the last change (a pass in flight holds transient copies).
+fn settled_rss_mib(kb: &KubeTestbed) -> Result<f64> {
+    thread::sleep(Duration::from_secs(3));
+    let mut samples = Samples::default();
+    for _ in 0..5 {
+        samples.push(crate::kubernetes::rss_mib(kb, "a-control")?);
+        thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!(
+        "bench: offload: controller RSS {:.1} MiB ({:.1}–{:.1})",
+        samples.median(),
+        samples.min(),
+        samples.max()
+    );
+    Ok(samples.median())
+}
+
 pub fn markdown(f: &OffloadFigures, title: &str, machine: &str, command: &str) -> String {
     let mut md = format!("# {title}\n\n{machine}\n\nCommand: `{command}`\n\n");
-    md.push_str("Two simulated 1.20 clusters (identical pod CIDRs), Ligo installed from the manifests; kube-controller-manager and kube-scheduler at `--kube-api-qps=200` in both. Every kubelet is played by the bench (`FastKubelet`: the nodes Ready, each bound pod's status written Running with an address at once, no containers): 1,000 real containers do not fit this machine. The baseline is the same Deployment on a node of the consumer, in the same run: the consumer's ReplicaSet controller, scheduler and a kubelet without Ligo.\n\n");
+    md.push_str(&format!("Two simulated 1.20 clusters (identical pod CIDRs), Ligo installed from the manifests; kube-controller-manager and kube-scheduler at `--kube-api-qps=200` in both. Every kubelet is played by the bench (`FastKubelet`: the nodes Ready, each bound pod's status written Running with an address at once, no containers): 1,000 real containers do not fit this machine. The baseline is the same Deployment on a node of the consumer, in the same run: the consumer's ReplicaSet controller, scheduler and a kubelet without Ligo. Before anything is measured, {WARM_UP} pods are offloaded and removed once (what the controller sets up once, such as its connections to the provider and its threads' heaps, is not a cost per pod); memory and requests are each size's first run; the controller's RSS is the median of 5 samples over 5 s, taken 3 s after the last change, before and with the pods.\n\n"));
     md.push_str("| pods | offloaded: until all Running in the consumer, s (median, min–max) | baseline on a node of the consumer, s | ratio |\n|---|---|---|---|\n");
     for ((n, off), (_, base)) in f.offloaded_s.iter().zip(&f.baseline_s) {
         md.push_str(&format!(

@@ -257,38 +257,54 @@ pub fn endpoints_copy(local: &Value, origin: &str, map: &AddressMap) -> Value {
     copy
 }
 
-/// The same endpoints as one discovery.k8s.io/v1 EndpointSlice, for
-/// providers that serve it (named after the Service, owned by us).
-pub fn endpoint_slice_copy(local: &Value, origin: &str, map: &AddressMap) -> Value {
+/// The same endpoints as discovery.k8s.io/v1 EndpointSlices, for
+/// providers that serve them: one per port set (a slice has one list of
+/// ports; an Endpoints subset is one port set), named after the Service
+/// (`<service>-ligo`, then `-ligo-1`, …) and owned by us. A Service with
+/// no endpoints gets one empty slice.
+pub fn endpoint_slice_copies(local: &Value, origin: &str, map: &AddressMap) -> Vec<Value> {
     let service = text(local, "/metadata/name").unwrap_or_default();
-    let mut endpoints = Vec::new();
-    let mut ports = Value::Null;
+    let mut slices: Vec<(Vec<Value>, Value)> = Vec::new();
     for s in local["subsets"].as_array().into_iter().flatten() {
+        let mut endpoints = Vec::new();
         for (list, ready) in [("addresses", true), ("notReadyAddresses", false)] {
             for a in translated_addresses(s.get(list), map) {
                 endpoints.push(json!({"addresses": [a["ip"]], "conditions": {"ready": ready}}));
             }
         }
-        if ports.is_null() {
-            ports = s["ports"].clone();
+        if !endpoints.is_empty() {
+            let ports = s.get("ports").cloned().unwrap_or_else(|| json!([]));
+            slices.push((endpoints, ports));
         }
     }
-    let body = json!({"addressType": "IPv4", "endpoints": endpoints, "ports": if ports.is_null() { json!([]) } else { ports }});
-    let hash = hash_of(&body);
-    let mut copy = body;
-    copy["apiVersion"] = json!("discovery.k8s.io/v1");
-    copy["kind"] = json!("EndpointSlice");
-    copy["metadata"] = meta(
-        local,
-        origin,
-        &[
-            ("kubernetes.io/service-name", service),
-            ("endpointslice.kubernetes.io/managed-by", SLICE_MANAGER),
-        ],
-        &hash,
-    );
-    copy["metadata"]["name"] = json!(format!("{service}-ligo"));
-    copy
+    if slices.is_empty() {
+        slices.push((Vec::new(), json!([])));
+    }
+    slices
+        .into_iter()
+        .enumerate()
+        .map(|(i, (endpoints, ports))| {
+            let body = json!({"addressType": "IPv4", "endpoints": endpoints, "ports": ports});
+            let hash = hash_of(&body);
+            let mut copy = body;
+            copy["apiVersion"] = json!("discovery.k8s.io/v1");
+            copy["kind"] = json!("EndpointSlice");
+            copy["metadata"] = meta(
+                local,
+                origin,
+                &[
+                    ("kubernetes.io/service-name", service),
+                    ("endpointslice.kubernetes.io/managed-by", SLICE_MANAGER),
+                ],
+                &hash,
+            );
+            copy["metadata"]["name"] = json!(match i {
+                0 => format!("{service}-ligo"),
+                i => format!("{service}-ligo-{i}"),
+            });
+            copy
+        })
+        .collect()
 }
 
 /// What a provider holds under a key, as its metadata says.

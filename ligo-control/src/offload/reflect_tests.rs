@@ -117,7 +117,13 @@ fn endpoints_are_given_in_the_providers_terms() {
         json!([{"addresses": [{"ip": "10.246.1.10"}],
         "notReadyAddresses": [{"ip": "10.244.2.101"}], "ports": [{"port": 80, "protocol": "TCP"}]}])
     );
-    let slice = endpoint_slice_copy(&eps, "a", &m);
+    let slices = endpoint_slice_copies(&eps, "a", &m);
+    assert_eq!(
+        slices.len(),
+        1,
+        "the second port set has no address in the view"
+    );
+    let slice = &slices[0];
     assert_eq!(slice["metadata"]["name"], json!("web-ligo"));
     assert_eq!(
         slice["metadata"]["labels"]["kubernetes.io/service-name"],
@@ -129,6 +135,47 @@ fn endpoints_are_given_in_the_providers_terms() {
             {"addresses": ["10.246.1.10"], "conditions": {"ready": true}},
             {"addresses": ["10.244.2.101"], "conditions": {"ready": false}}
         ])
+    );
+    // Pods whose named port differs: a slice per port set, each with its
+    // own ports (one slice would send one set's clients to the wrong port).
+    let mut two = eps.clone();
+    two["subsets"][1]["addresses"] = json!([{"ip": "10.244.1.11"}]);
+    two["subsets"][1]["ports"] = json!([{"name": "http", "port": 8080}]);
+    let slices = endpoint_slice_copies(&two, "a", &m);
+    let summary: Vec<(Value, Value, Value)> = slices
+        .iter()
+        .map(|s| {
+            (
+                s["metadata"]["name"].clone(),
+                s["ports"].clone(),
+                s["endpoints"][0]["addresses"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (
+                json!("web-ligo"),
+                json!([{"port": 80, "protocol": "TCP"}]),
+                json!(["10.246.1.10"])
+            ),
+            (
+                json!("web-ligo-1"),
+                json!([{"name": "http", "port": 8080}]),
+                json!(["10.246.1.11"])
+            ),
+        ]
+    );
+    // No endpoints at all: one empty slice, so the Service has one.
+    let none = endpoint_slice_copies(&json!({"metadata": {"name": "web"}}), "a", &m);
+    assert_eq!(
+        (
+            none.len(),
+            none[0]["endpoints"].clone(),
+            none[0]["ports"].clone()
+        ),
+        (1, json!([]), json!([]))
     );
 }
 

@@ -208,12 +208,14 @@ impl NamespaceReflection {
             );
             if let Some(eps) = endpoints.get(&name) {
                 if self.slices {
-                    let key = (
-                        Kind::EndpointSlice,
-                        self.namespace.clone(),
-                        format!("{name}-ligo"),
-                    );
-                    wanted.insert(key, reflect::endpoint_slice_copy(eps, origin, addresses));
+                    for slice in reflect::endpoint_slice_copies(eps, origin, addresses) {
+                        let slice_name = slice["metadata"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned();
+                        let key = (Kind::EndpointSlice, self.namespace.clone(), slice_name);
+                        wanted.insert(key, slice);
+                    }
                 } else {
                     let key = (Kind::Endpoints, self.namespace.clone(), name.clone());
                     wanted.insert(key, reflect::endpoints_copy(eps, origin, addresses));
