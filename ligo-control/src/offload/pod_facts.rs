@@ -5,7 +5,10 @@
 //! in memory (a 2.6 KB object as parsed JSON), its facts ~2 KiB. A copy is
 //! made from the pod read whole when it is needed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{DefaultHasher, Hash, Hasher},
+};
 
 use serde_json::{Map, Value};
 
@@ -136,6 +139,13 @@ impl PodFacts {
             .keys()
             .filter_map(|k| Some((k.clone(), self.status_field(k)?)))
             .collect()
+    }
+
+    /// A digest of its whole status (equal statuses, equal digests).
+    pub fn status_digest(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.status.hash(&mut h);
+        h.finish()
     }
 
     /// Whether its status holds `value` at `field` as is.

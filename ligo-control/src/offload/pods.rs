@@ -503,6 +503,29 @@ pub fn plan<P: Borrow<PodFacts>, C: Borrow<PodFacts>>(
     actions
 }
 
+/// A status patch written to a pod, and the pod's status as the server
+/// answered it (what it kept of the patch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub patch: u64,
+    pub status_after: u64,
+}
+
+pub fn patch_digest(patch: &Value) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    patch.to_string().hash(&mut h);
+    h.finish()
+}
+
+/// Whether `patch` was written already and the pod's status is still what
+/// the server made of it: a server that drops a field (older than the
+/// provider's, or a webhook's rule) would otherwise be sent the same patch
+/// on every pass. A change on either side sends it again.
+pub fn already_written(pod: &PodFacts, patch: &Value, written: Option<&Written>) -> bool {
+    written.is_some_and(|w| w.patch == patch_digest(patch) && w.status_after == pod.status_digest())
+}
+
 /// How long a provider may stay unreadable before its pods are reported
 /// NotReady here: the node lifecycle controller's default grace period
 /// (`--node-monitor-grace-period`), after which it would act on a silent

@@ -468,3 +468,45 @@ fn an_edited_image_is_restored_from_what_is_kept_of_the_copy() {
         Some(json!({"spec": {"containers": [{"name": "c", "image": "busybox:1"}]}}))
     );
 }
+
+#[test]
+fn a_status_field_the_server_drops_is_not_written_again_until_something_changes() {
+    let ns = ready();
+    let mut copy = copy_running("10.244.1.20");
+    copy["status"]["fieldFromANewerServer"] = json!({"x": 1});
+    // The pod as our server keeps it after the patch: all but that field.
+    let mut pod = pod();
+    let mut kept = status_from_copy(&copy, ctx(&ns).remote_cidr, ctx(&ns).view);
+    kept.as_object_mut()
+        .expect("map")
+        .remove("fieldFromANewerServer");
+    pod["status"] = kept;
+    let patch = match &plan(&[pod.clone()], std::slice::from_ref(&copy), &ctx(&ns))[..] {
+        [Action::PatchStatus(_, _, patch)] => patch.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(patch, json!({"fieldFromANewerServer": {"x": 1}}));
+    let written = Written {
+        patch: patch_digest(&patch),
+        status_after: PodFacts::of(&pod).status_digest(),
+    };
+    assert!(already_written(&PodFacts::of(&pod), &patch, Some(&written)));
+    assert!(
+        !already_written(&PodFacts::of(&pod), &patch, None),
+        "never written"
+    );
+    // Someone else changed the pod's status: written again.
+    let mut changed = pod.clone();
+    changed["status"]["phase"] = json!("Pending");
+    assert!(!already_written(
+        &PodFacts::of(&changed),
+        &patch,
+        Some(&written)
+    ));
+    // The copy's status changed: another patch.
+    assert!(!already_written(
+        &PodFacts::of(&pod),
+        &json!({"fieldFromANewerServer": {"x": 2}}),
+        Some(&written)
+    ));
+}

@@ -10,14 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{Node, NodeCondition, NodeStatus, Pod},
 };
 use kube::{
-    api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions},
+    api::{Api, DynamicObject, Patch, PatchParams},
     discovery::ApiResource,
     runtime::watcher,
     Client,
@@ -38,11 +37,13 @@ use crate::{
     offload::{
         inventory,
         pod_facts::PodFacts,
-        pods::{self, Action, NamespaceState},
+        pods::{self, NamespaceState},
         reflect::AddressMap,
         virtual_node::{self, Health},
     },
 };
+
+mod writes;
 
 /// As the kubelet: a Lease renewal every 10 s, a status at least every
 /// minute even when nothing changed.
@@ -134,6 +135,9 @@ struct Shell {
     /// Pods whose copy the provider refuses to create, with what it said
     /// (reported on the pod once per new answer, not on every retry).
     rejected: std::sync::Mutex<BTreeMap<(String, String), String>>,
+    /// The last status patch written to each pod, and what the server
+    /// made of it (so a field it drops is not written on every pass).
+    written: std::sync::Mutex<BTreeMap<(String, String), pods::Written>>,
 }
 
 async fn run(
@@ -193,6 +197,7 @@ async fn run(
         in_flight: BTreeMap::new(),
         errors: 0,
         rejected: Default::default(),
+        written: Default::default(),
     };
     info!(peer = %target.peer, node = %shell.node, "running pods on the peer through a virtual node");
     let mut unreadable_since: Option<Instant> = None;
@@ -277,7 +282,8 @@ async fn run(
                 view: target.view,
                 now: k8s_openapi::jiff::Timestamp::now().as_second(),
             };
-            let actions = pods::plan(&pods, &copies_now, &ctx);
+            let mut actions = pods::plan(&pods, &copies_now, &ctx);
+            shell.skip_written(&mut actions, &pods);
             let keys = |list: &[Arc<PodFacts>]| -> BTreeSet<(String, String)> {
                 list.iter().map(|p| p.key()).collect()
             };
@@ -438,237 +444,6 @@ impl Shell {
             }
         }
         capacity
-    }
-
-    /// Carries out `actions`, skipping a create or delete already made
-    /// whose result the watches do not show yet (`copies` and `pods`: the
-    /// keys they show now).
-    async fn execute(
-        &mut self,
-        actions: Vec<Action>,
-        copies: &BTreeSet<(String, String)>,
-        pods: &BTreeSet<(String, String)>,
-    ) {
-        self.in_flight.retain(|(what, ns_name), at| {
-            let key = (
-                what.split_once('/')
-                    .map(|(_, ns)| ns.to_owned())
-                    .unwrap_or_default(),
-                ns_name.clone(),
-            );
-            let shown = match what.split_once('/').map(|(w, _)| w) {
-                Some("create") => copies.contains(&key),
-                Some("delete") => !copies.contains(&key),
-                _ => !pods.contains(&key),
-            };
-            !shown && at.elapsed() < IN_FLIGHT
-        });
-        self.rejections()
-            .retain(|key, _| pods.contains(key) && !copies.contains(key));
-        let mut todo = Vec::new();
-        for action in actions {
-            let key = match &action {
-                Action::CreateRemote(ns, name, _) => Some(("create", ns, name)),
-                Action::DeleteRemote {
-                    namespace, name, ..
-                } => Some(("delete", namespace, name)),
-                Action::FinishDelete(ns, name, _) => Some(("finish", ns, name)),
-                _ => None,
-            };
-            if let Some((what, ns, name)) = key {
-                let k = (format!("{what}/{ns}"), name.clone());
-                if self.in_flight.contains_key(&k) {
-                    continue;
-                }
-                self.in_flight.insert(k, Instant::now());
-            }
-            todo.push(action);
-        }
-        let this = &*self;
-        let failures: Vec<String> = futures::stream::iter(todo)
-            .map(|action| async move { this.apply(action).await.err() })
-            .buffer_unordered(CONCURRENT_WRITES)
-            .filter_map(futures::future::ready)
-            .collect()
-            .await;
-        for failure in &failures {
-            warn!(peer = %self.target.peer, error = %failure, "an offloading write failed; retrying");
-        }
-        self.errors += failures.len() as u64;
-    }
-
-    async fn apply(&self, action: Action) -> Result<(), String> {
-        let local = |ns: &str| {
-            Api::<DynamicObject>::namespaced_with(self.local.clone(), ns, &self.pod_resource)
-        };
-        let remote = |ns: &str| {
-            Api::<DynamicObject>::namespaced_with(self.remote.clone(), ns, &self.pod_resource)
-        };
-        match action {
-            Action::CreateRemote(ns, name, uid) => {
-                // Made from the pod read whole (only its facts are kept),
-                // if it is still this pod and not going.
-                let pod = match local(&ns).get_opt(&name).await {
-                    Ok(Some(pod)) => pod,
-                    Ok(None) => return Ok(()),
-                    Err(e) => return Err(format!("reading pod {ns}/{name} to copy it: {e}")),
-                };
-                if pod.metadata.uid.as_deref() != Some(uid.as_str())
-                    || pod.metadata.deletion_timestamp.is_some()
-                {
-                    return Ok(());
-                }
-                let whole = serde_json::to_value(&pod).map_err(|e| e.to_string())?;
-                let object: DynamicObject =
-                    serde_json::from_value(pods::copy(&whole, &self.target.our_name))
-                        .map_err(|e| e.to_string())?;
-                let key = (ns.clone(), name.clone());
-                match remote(&ns).create(&PostParams::default(), &object).await {
-                    Ok(_) => {
-                        self.rejections().remove(&key);
-                        Ok(())
-                    }
-                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-                    // The provider's admission said no (quota, Pod
-                    // Security, a webhook): the pod shows why, and the
-                    // copy is tried again (quota frees up, policies
-                    // change). A terminating namespace is only waited for.
-                    Err(kube::Error::Api(e))
-                        if matches!(e.code, 400 | 403 | 422)
-                            && !e.message.contains("being terminated") =>
-                    {
-                        let message = format!(
-                            "the provider refused the copy ({} {}): {}; retrying",
-                            e.code, e.reason, e.message
-                        );
-                        let new = self.rejections().insert(key, message.clone()) != Some(message.clone());
-                        if new {
-                            warn!(pod = %format!("{ns}/{name}"), "{message}");
-                            self.event(&ns, &name, "OffloadRejected", &message).await;
-                            let status = json!({"reason": "OffloadRejected", "message": message});
-                            let _ = local(&ns)
-                                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": status })))
-                                .await;
-                        }
-                        Err(format!("creating pod {ns}/{name} in the provider: {message}"))
-                    }
-                    Err(e) => Err(format!("creating pod {ns}/{name} in the provider: {e}")),
-                }
-            }
-            Action::DeleteRemote { namespace, name, uid, grace_seconds } => {
-                let params = DeleteParams {
-                    grace_period_seconds: grace_seconds.and_then(|g| u32::try_from(g).ok()),
-                    preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
-                    ..DeleteParams::default()
-                };
-                match remote(&namespace).delete(&name, &params).await {
-                    Ok(_) => Ok(()),
-                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-                    Err(e) => Err(format!("deleting pod {namespace}/{name} in the provider: {e}")),
-                }
-            }
-            Action::RestoreRemote(ns, name, patch) => remote(&ns)
-                .patch(&name, &PatchParams::default(), &Patch::Strategic(&patch))
-                .await
-                .map(|_| info!(pod = %format!("{ns}/{name}"), "restored the copy edited in the provider"))
-                .map_err(|e| format!("restoring pod {ns}/{name} in the provider: {e}")),
-            Action::PatchStatus(ns, name, status) => local(&ns)
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": status })))
-                .await
-                .map(drop)
-                .map_err(|e| format!("writing the status of pod {ns}/{name}: {e}")),
-            Action::FinishDelete(ns, name, uid) => {
-                let params = DeleteParams {
-                    grace_period_seconds: Some(0),
-                    preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
-                    ..DeleteParams::default()
-                };
-                match local(&ns).delete(&name, &params).await {
-                    Ok(_) => Ok(()),
-                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-                    Err(e) => Err(format!("finishing the deletion of pod {ns}/{name}: {e}")),
-                }
-            }
-            Action::Refuse(ns, name, refusal) => {
-                let status = json!({"reason": refusal.reason, "message": refusal.message});
-                warn!(pod = %format!("{ns}/{name}"), reason = %refusal.reason, "{}", refusal.message);
-                self.event(&ns, &name, &refusal.reason, &refusal.message).await;
-                local(&ns)
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": status })))
-                    .await
-                    .map(drop)
-                    .map_err(|e| format!("recording the refusal of pod {ns}/{name}: {e}"))
-            }
-            Action::Bounce(ns, name, refusal) => {
-                warn!(pod = %format!("{ns}/{name}"), reason = %refusal.reason, "{}", refusal.message);
-                self.event(&ns, &name, &refusal.reason, &refusal.message).await;
-                let status = json!({"phase": "Failed", "reason": refusal.reason, "message": refusal.message});
-                local(&ns)
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": status })))
-                    .await
-                    .map(drop)
-                    .map_err(|e| format!("failing pod {ns}/{name}: {e}"))
-            }
-        }
-    }
-
-    /// Reports every Ready pod bound to the virtual node NotReady (the
-    /// provider has not been readable for the grace period).
-    async fn report_not_ready(&mut self, pods: &Kept<PodFacts>, why: &str) {
-        let now = crate::controller::now_rfc3339();
-        for pod in pods.items() {
-            let Some(patch) = pods::not_ready_patch(&pod, why, &now) else {
-                continue;
-            };
-            let (ns, name) = pod.key();
-            let api =
-                Api::<DynamicObject>::namespaced_with(self.local.clone(), &ns, &self.pod_resource);
-            match api
-                .patch_status(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(&json!({ "status": patch })),
-                )
-                .await
-            {
-                Ok(_) => {
-                    info!(pod = %format!("{ns}/{name}"), "reported NotReady: the provider has not answered for the grace period")
-                }
-                Err(e) => {
-                    self.errors += 1;
-                    warn!(pod = %format!("{ns}/{name}"), error = %e, "cannot report the pod NotReady; retrying");
-                }
-            }
-        }
-    }
-
-    fn rejections(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), String>> {
-        self.rejected.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A Warning Event on a pod, as `kubectl describe` shows it.
-    async fn event(&self, ns: &str, pod: &str, reason: &str, message: &str) {
-        let now = crate::controller::now_rfc3339();
-        let event = json!({
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": format!("{pod}."), "namespace": ns},
-            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod, "namespace": ns},
-            "reason": reason,
-            "message": message,
-            "type": "Warning",
-            "source": {"component": "ligo-control", "host": self.node},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        });
-        let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(self.local.clone(), ns);
-        let Ok(event) = serde_json::from_value(event) else {
-            return;
-        };
-        if let Err(e) = api.create(&PostParams::default(), &event).await {
-            warn!(pod = %format!("{ns}/{pod}"), error = %e, "cannot record an Event");
-        }
     }
 
     /// The virtual node's line in our `Peer` for the provider.
