@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 /// mimalloc gives memory a watch's burst freed back to the system within
 /// milliseconds; with glibc's per-thread arenas the controller's RSS kept
-/// every pass's high-water mark (`bench/results/*-offload-*.md`).
+/// every pass's high-water mark (`bench/results/*-offload-*.md`). `Cap`
+/// counts the bytes it holds (no limit): `ligo_control_heap_bytes`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: cap::Cap<mimalloc::MiMalloc> = cap::Cap::new(mimalloc::MiMalloc, usize::MAX);
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -97,6 +98,7 @@ fn run_controller(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    ligo_control::controller::metrics::count_heap_with(|| ALLOCATOR.allocated());
     block_on(async {
         let cluster = cli::connect_with(
             access.kubeconfig.as_ref(),

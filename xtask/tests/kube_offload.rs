@@ -539,6 +539,7 @@ fn status_and_metrics(kb: &KubeTestbed) -> Result<()> {
         "ligo_offload_reflected_objects{peer=\"b\"} 6",
         "ligo_offload_pods{peer=\"b\",state=\"offloaded\"}",
         "ligo_virtual_node_capacity{peer=\"b\",resource=\"pods\"}",
+        "ligo_control_heap_bytes ",
     ] {
         ensure!(body.contains(needle), "/metrics lacks {needle:?}:\n{body}");
     }

@@ -2,10 +2,11 @@
 //! the virtual node's readiness and capacity, pods offloaded and refused,
 //! objects reflected and failed writes. Labels are the peer's name and,
 //! for capacity, one of cpu, memory or pods: bounded by the peerings.
+//! And the bytes the controller's heap holds, where its allocator counts.
 
 use std::{
     net::SocketAddr,
-    sync::{atomic::AtomicU64, Arc},
+    sync::{atomic::AtomicU64, Arc, OnceLock},
 };
 
 use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
@@ -42,6 +43,20 @@ pub struct OffloadMetrics {
     pods: Family<PodsLabel, Gauge>,
     reflected: Family<PeerLabel, Gauge>,
     errors: Family<PeerLabel, Counter>,
+}
+
+/// The heap's size in bytes, from the binary's counting allocator.
+static HEAP_BYTES: OnceLock<fn() -> usize> = OnceLock::new();
+
+/// Where `ligo_control_heap_bytes` reads from (set once, by `main`).
+pub fn count_heap_with(bytes: fn() -> usize) {
+    let _ = HEAP_BYTES.set(bytes);
+}
+
+/// What `/metrics` serves.
+struct Served {
+    registry: Registry,
+    heap: Gauge,
 }
 
 /// Capacity resources exported (others would make the label unbounded).
@@ -143,11 +158,19 @@ impl OffloadMetrics {
 /// Serves `/metrics` and `/healthz` on `address`. A port already taken is
 /// reported, not fatal: the controller's work does not depend on it.
 pub async fn serve(address: SocketAddr, metrics: Arc<OffloadMetrics>) {
-    let registry = Arc::new(metrics.registry());
+    let mut registry = metrics.registry();
+    let heap = Gauge::default();
+    if HEAP_BYTES.get().is_some() {
+        registry.register(
+            "control_heap_bytes",
+            "Bytes the controller's heap holds (allocated, not yet freed)",
+            heap.clone(),
+        );
+    }
     let app = Router::new()
         .route("/metrics", get(render))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(registry);
+        .with_state(Arc::new(Served { registry, heap }));
     match tokio::net::TcpListener::bind(address).await {
         Ok(listener) => {
             info!(%address, "serving /metrics and /healthz");
@@ -163,9 +186,12 @@ pub async fn serve(address: SocketAddr, metrics: Arc<OffloadMetrics>) {
     }
 }
 
-async fn render(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+async fn render(State(served): State<Arc<Served>>) -> impl IntoResponse {
+    if let Some(bytes) = HEAP_BYTES.get() {
+        served.heap.set(i64::try_from(bytes()).unwrap_or(i64::MAX));
+    }
     let mut body = String::new();
-    if let Err(e) = encode(&mut body, &registry) {
+    if let Err(e) = encode(&mut body, &served.registry) {
         body = format!("# encoding failed: {e}\n");
     }
     (
