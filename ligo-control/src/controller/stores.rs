@@ -1,5 +1,7 @@
-//! The watches offloading keeps: each a reflector store fed in its own
-//! task (stopped when its guard drops) that wakes the consumer's loop.
+//! Watches fed in their own task (stopped when its guard drops) that wake
+//! a loop: a reflector store of stripped objects (`typed_store`), or a
+//! store of only what each object comes to (`kept_store`), for the lists
+//! that grow with the cluster's pods.
 
 use std::{
     collections::BTreeMap,

@@ -284,17 +284,8 @@ pub fn translate(ip: &str, remote: Ipv4Network, view: Ipv4Network) -> Option<Str
     Some(Ipv4Addr::from(u32::from(view.network()) + offset).to_string())
 }
 
-/// The pod's status as the copy's, with its addresses in our view and
-/// the provider's node address left out.
-pub fn status_from_copy(copy: &Value, remote: Ipv4Network, view: Ipv4Network) -> Value {
-    let status = copy
-        .get("status")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    Value::Object(translated_status(status, remote, view))
-}
-
+/// The pod's status as the copy's (`status`), with its addresses in our
+/// view and the provider's node address left out.
 fn translated_status(
     mut status: Map<String, Value>,
     remote: Ipv4Network,

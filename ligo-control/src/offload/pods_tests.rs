@@ -14,6 +14,11 @@ fn refusal(pod: &Value, namespaces: &BTreeMap<String, NamespaceState>) -> Option
     super::refusal(&PodFacts::of(pod), namespaces)
 }
 
+fn status_from_copy(copy: &Value, remote: Ipv4Network, view: Ipv4Network) -> Value {
+    let status = copy["status"].as_object().cloned().unwrap_or_default();
+    Value::Object(translated_status(status, remote, view))
+}
+
 fn not_ready_patch(pod: &Value, why: &str, now: &str) -> Option<Value> {
     super::not_ready_patch(&PodFacts::of(pod), why, now)
 }

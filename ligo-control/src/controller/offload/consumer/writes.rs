@@ -140,16 +140,10 @@ impl Shell {
                 }
             }
             Action::DeleteRemote { namespace, name, uid, grace_seconds } => {
-                let params = DeleteParams {
-                    grace_period_seconds: grace_seconds.and_then(|g| u32::try_from(g).ok()),
-                    preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
-                    ..DeleteParams::default()
-                };
-                match remote(&namespace).delete(&name, &params).await {
-                    Ok(_) => Ok(()),
-                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-                    Err(e) => Err(format!("deleting pod {namespace}/{name} in the provider: {e}")),
-                }
+                let grace = grace_seconds.and_then(|g| u32::try_from(g).ok());
+                delete_if_still(&remote(&namespace), &name, uid, grace)
+                    .await
+                    .map_err(|e| format!("deleting pod {namespace}/{name} in the provider: {e}"))
             }
             Action::RestoreRemote(ns, name, patch) => remote(&ns)
                 .patch(&name, &PatchParams::default(), &Patch::Strategic(&patch))
@@ -168,18 +162,9 @@ impl Shell {
                 self.written_patches().insert((ns, name), written);
                 Ok(())
             }
-            Action::FinishDelete(ns, name, uid) => {
-                let params = DeleteParams {
-                    grace_period_seconds: Some(0),
-                    preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
-                    ..DeleteParams::default()
-                };
-                match local(&ns).delete(&name, &params).await {
-                    Ok(_) => Ok(()),
-                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-                    Err(e) => Err(format!("finishing the deletion of pod {ns}/{name}: {e}")),
-                }
-            }
+            Action::FinishDelete(ns, name, uid) => delete_if_still(&local(&ns), &name, uid, Some(0))
+                .await
+                .map_err(|e| format!("finishing the deletion of pod {ns}/{name}: {e}")),
             Action::Refuse(ns, name, refusal) => {
                 let status = json!({"reason": refusal.reason, "message": refusal.message});
                 warn!(pod = %format!("{ns}/{name}"), reason = %refusal.reason, "{}", refusal.message);
@@ -287,5 +272,28 @@ impl Shell {
         if let Err(e) = api.create(&PostParams::default(), &event).await {
             warn!(pod = %format!("{ns}/{pod}"), error = %e, "cannot record an Event");
         }
+    }
+}
+
+/// Deletes pod `name` if it is still the one with `uid` (gone already, or
+/// another pod of that name now: nothing to do).
+async fn delete_if_still(
+    api: &Api<DynamicObject>,
+    name: &str,
+    uid: String,
+    grace_seconds: Option<u32>,
+) -> Result<(), kube::Error> {
+    let params = DeleteParams {
+        grace_period_seconds: grace_seconds,
+        preconditions: Some(Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e),
     }
 }
